@@ -1,0 +1,193 @@
+"""The ``bloodseg`` command. Each subcommand is a thin layer over a library function.
+
+Errors a user can cause print one clear line (no traceback) and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import BloodsegError
+
+
+def _profile(args):
+    from .profiles import get_profile
+    return get_profile(getattr(args, "profile", None))
+
+
+def _dump(obj, path: str | None) -> None:
+    text = json.dumps(obj, indent=1, default=float)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+    print(text)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+def cmd_synth(args) -> int:
+    from .synthetic import write_synthetic
+    size = tuple(args.size) if args.size else (519, 775)
+    t0 = time.perf_counter()
+    pairs = write_synthetic(args.out, args.n, seed=args.seed, size=size)
+    print(f"wrote {len(pairs)} image/mask pairs ({size[1]}x{size[0]}) to {args.out}/images and "
+          f"{args.out}/masks in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_prepare_bccd(args) -> int:
+    from .datasets import prepare_bccd
+    report = prepare_bccd(args.src, args.out, limit=args.limit)
+    _dump(report, None)
+    return 0
+
+
+def cmd_train(args) -> int:
+    import torch
+    from .datasets import SegmentationDataset, load_splits
+    from .models import build_model
+    from .train import TrainConfig, evaluate, fit, load_model, setup_distributed
+
+    prof = _profile(args)
+    info = setup_distributed()
+    torch.manual_seed(args.seed)
+    splits = load_splits(args.data, prof, seed=args.seed)
+    options = {"width": args.width or prof.width}
+    if args.rtol is not None:
+        options["rtol"] = args.rtol
+    if args.adjoint:
+        options["adjoint"] = True
+    model = build_model(args.model, **options)
+    cfg = TrainConfig(epochs=args.epochs or prof.epochs, batch_size=args.batch_size or prof.batch_size,
+                      lr=args.lr or prof.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                      seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
+                      scale_lr=args.scale_lr)
+    if info.is_main:
+        print(f"profile {prof.name}: {len(splits['train'])} train / {len(splits['val'])} val / "
+              f"{len(splits['test'])} test patches, model {args.model} {options}, world size "
+              f"{info.world_size}", flush=True)
+    history = fit(model, SegmentationDataset(splits["train"]), SegmentationDataset(splits["val"]),
+                  args.out, cfg, resume=not args.restart,
+                  on_epoch=lambda r: print(json.dumps(r), flush=True))
+    if info.is_main and splits["test"]:
+        best = load_model(Path(args.out) / "best.pt")
+        metrics = evaluate(best, SegmentationDataset(splits["test"]))
+        metrics["epochs_trained"] = len(history)
+        _dump(metrics, str(Path(args.out) / "metrics.json"))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .datasets import SegmentationDataset, load_splits
+    from .train import evaluate, load_model
+    model = load_model(args.ckpt, **({"rtol": args.rtol} if args.rtol is not None else {}))
+    if args.rtol is not None:
+        from .ode import set_tolerance
+        set_tolerance(model, args.rtol)
+    splits = load_splits(args.data, _profile(args), seed=args.seed)
+    metrics = evaluate(model, SegmentationDataset(splits[args.split]), per_image=args.per_image)
+    metrics.update({"checkpoint": str(args.ckpt), "data": str(args.data), "split": args.split})
+    _dump(metrics, args.json)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .infer import predict_files
+    from .train import load_model
+    model = load_model(args.ckpt)
+    rows = predict_files(model, args.images, args.out, tile=args.tile, overlap=args.overlap,
+                         overlays=not args.no_overlay)
+    for r in rows:
+        print(f"{r['image']} -> {r['mask']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bloodseg", description=(
+        "Blood smear segmentation (background / white cell / red cell) with U-Nets and neural "
+        "ODE blocks, after Li et al. 2021 (NODEs-UNet)."))
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("synth", help="write synthetic smears with exact masks")
+    s.add_argument("--out", required=True, help="folder; gets images/ and masks/")
+    s.add_argument("-n", type=int, default=10, help="number of smears (default 10)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="default 519 775")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("prepare-bccd", help="turn the BCCD dataset into 3-class masks per split")
+    s.add_argument("--src", required=True, help="BCCD folder (images/, wbc_masks/, annotations/, splits/)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
+    s.set_defaults(func=cmd_prepare_bccd)
+
+    from .models import MODEL_NAMES
+    s = sub.add_parser("train", help="train a model; writes best.pt, last.pt, history.json, metrics.json")
+    s.add_argument("--model", required=True, choices=MODEL_NAMES)
+    s.add_argument("--data", default="synthetic",
+                   help="'synthetic' (default), a folder with images/ + masks/, a prepare-bccd "
+                        "output (train/ val/ test/), or a folder of LabelMe .json files")
+    s.add_argument("--out", required=True, help="run folder (resumes if it holds last.pt)")
+    s.add_argument("--profile", choices=("smoke", "quick", "full"))
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--width", type=int, help="channels of the first level (paper: 32)")
+    s.add_argument("--rtol", type=float, help="ODE tolerance for ode-unet-K (paper: 1e-3)")
+    s.add_argument("--adjoint", action="store_true", help="adjoint backprop through ODE-blocks")
+    s.add_argument("--optimizer", choices=("adam", "adamw"), default="adam")
+    s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    s.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    s.add_argument("--scale-lr", action="store_true", help="multiply lr by the number of processes")
+    s.add_argument("--restart", action="store_true", help="ignore an existing last.pt")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="PA / CPA / MIoU and time of a checkpoint on a split")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--data", default="synthetic")
+    s.add_argument("--split", default="test", choices=("train", "val", "test"))
+    s.add_argument("--profile", choices=("smoke", "quick", "full"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--rtol", type=float, help="test-time ODE tolerance")
+    s.add_argument("--per-image", action="store_true")
+    s.add_argument("--json", help="also write the metrics to this file")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("predict", help="masks and overlays for images of any size")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("images", nargs="+", help="image files or folders")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tile", type=int, default=512)
+    s.add_argument("--overlap", type=int, default=64)
+    s.add_argument("--no-overlay", action="store_true")
+    s.set_defaults(func=cmd_predict)
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BloodsegError as exc:
+        print(f"bloodseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
