@@ -12,7 +12,7 @@ from .errors import BloodsegError, CheckpointError, DataError, SolverError, Trai
 from .profiles import PROFILES, Profile, get_profile
 from .preprocess import clahe_on_luma, image_to_tensor
 from .synthetic import colour_threshold_baseline, colourise_mask, make_smear, overlay, write_synthetic
-from .datasets import (Sample, SegmentationDataset, augment, bccd_sample_dir, extract_patches,
+from .datasets import (Sample, SegmentationDataset, augment, bccd_sample_dir, extract_patches, training_splits,
                        labelme_to_mask, load_folder, load_labelme_folder, load_splits, make_splits,
                        prepare_bccd, read_image, read_mask, synthetic_splits)
 from .ode import ODEBlock, ODEFunc, ResidualBlock, nfe_report, ode_blocks, set_tolerance

@@ -47,14 +47,14 @@ def cmd_prepare_bccd(args) -> int:
 
 def cmd_train(args) -> int:
     import torch
-    from .datasets import SegmentationDataset, load_splits
+    from .datasets import SegmentationDataset, training_splits
     from .models import build_model
     from .train import TrainConfig, evaluate, fit, load_model, setup_distributed
 
     prof = _profile(args)
     info = setup_distributed()
     torch.manual_seed(args.seed)
-    splits = load_splits(args.data, prof, seed=args.seed)
+    splits = training_splits(args.data, prof, seed=args.seed)
     options = {"width": args.width or prof.width}
     if args.rtol is not None:
         options["rtol"] = args.rtol
@@ -81,13 +81,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .datasets import SegmentationDataset, load_splits
+    from .datasets import SegmentationDataset, training_splits
     from .train import evaluate, load_model
     model = load_model(args.ckpt, **({"rtol": args.rtol} if args.rtol is not None else {}))
     if args.rtol is not None:
         from .ode import set_tolerance
         set_tolerance(model, args.rtol)
-    splits = load_splits(args.data, _profile(args), seed=args.seed)
+    splits = training_splits(args.data, _profile(args), seed=args.seed)
     metrics = evaluate(model, SegmentationDataset(splits[args.split]), per_image=args.per_image)
     metrics.update({"checkpoint": str(args.ckpt), "data": str(args.data), "split": args.split})
     _dump(metrics, args.json)

@@ -145,7 +145,7 @@ def save_checkpoint(path, model, optimizer=None, **state) -> Path:
         "model_options": dict(net.options),
         "model_state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         **state,
     }
     path = Path(path)
@@ -167,12 +167,12 @@ def load_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
-        text = str(exc)
-        if "Weights only load failed" in text or "weights_only" in text:
+        if "GLOBAL" in str(exc):  # the pickle references a Python function or class
             raise CheckpointError(
-                f"refused to load {path}: it contains Python objects other than tensors and plain "
-                "values, which could run code when unpickled. bloodseg only loads weights-only "
-                "checkpoints; re-save the weights with bloodseg.save_checkpoint.") from None
+                f"refused to load {path}: it references Python code or objects other than tensors "
+                "and plain values, which could run code when unpickled. bloodseg only loads "
+                "weights-only checkpoints; if you trust the file, load it yourself and re-save the "
+                "weights with bloodseg.save_checkpoint.") from None
         raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch "
                               f"checkpoint ({type(exc).__name__}). Use a best.pt/last.pt written "
                               "by bloodseg.") from None

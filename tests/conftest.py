@@ -1,0 +1,47 @@
+"""Shared fixtures: small synthetic data and the vendored BCCD sample, built once per session."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bloodseg.datasets import Sample, bccd_sample_dir, prepare_bccd
+from bloodseg.synthetic import make_smear
+
+
+@pytest.fixture(scope="session")
+def full_smears():
+    """Three full-size (519x775) synthetic smears, seeds 0-2, as (image BGR, mask) pairs."""
+    return [make_smear(seed) for seed in range(3)]
+
+
+@pytest.fixture(scope="session")
+def small_samples():
+    """Six small smears (96x128) as Samples from six different sources."""
+    samples = []
+    for seed in range(6):
+        image, mask = make_smear(100 + seed, size=(96, 128))
+        samples.append(Sample(f"small_{seed}", image, mask, f"small_{seed}"))
+    return samples
+
+
+@pytest.fixture(scope="session")
+def bccd_sample():
+    return bccd_sample_dir()
+
+
+@pytest.fixture(scope="session")
+def prepared_bccd(bccd_sample, tmp_path_factory):
+    """The vendored BCCD sample run through prepare_bccd: (output folder, report)."""
+    out = tmp_path_factory.mktemp("bccd_prepared")
+    return out, prepare_bccd(bccd_sample, out)
+
+
+def confusion(truth: np.ndarray, pred: np.ndarray, n: int = 3) -> np.ndarray:
+    """Rows = true class, columns = predicted class (a tiny local helper, independent of metrics.py)."""
+    return np.bincount(truth.ravel().astype(np.int64) * n + pred.ravel(), minlength=n * n).reshape(n, n)
+
+
+def miou(cm: np.ndarray) -> float:
+    inter = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - inter
+    return float(np.mean(inter[union > 0] / union[union > 0]))
