@@ -2,11 +2,13 @@
 "ResNet" baseline, and NODEs-UNet.
 
 Half-width U-Net (paper §3.3). Widths ``w, 2w, 4w, 8w, 16w`` with ``w = 32`` (32..512, half of
-Ronneberger et al.'s 64..1024). Every level is a double conv block (3x3 "same" conv → BatchNorm →
+Ronneberger et al.'s 64..1024). Every level is a double conv block (3x3 "same" conv → GroupNorm →
 ReLU, twice); max-pooling goes down; going up, a feature map is upsampled bilinearly (x2), a 3x3
-conv-BN-ReLU halves its channels, the skip of the same level is concatenated, and a double conv
+conv-norm-ReLU halves its channels, the skip of the same level is concatenated, and a double conv
 block fuses them. A final 1x1 conv gives ``classes`` logits. ``forward`` returns LOGITS: softmax
 (paper eq. 6) belongs to the loss (``F.cross_entropy``) and to prediction, never to ``forward``.
+The paper does not say which normalisation its Keras U-Net used; we default to GroupNorm
+(:func:`make_norm` says why) and offer ``norm="batch"``.
 
 ODE-block positions (paper Fig. 5 / Table 1)::
 
@@ -99,16 +101,39 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
-class DoubleConv(nn.Sequential):
-    """(3x3 "same" conv → BatchNorm → ReLU) x 2: one U-Net level."""
+NORMS = ("group", "batch")
 
-    def __init__(self, in_channels: int, out_channels: int):
+
+def make_norm(channels: int, norm: str = "group") -> nn.Module:
+    """The normalisation after each conv: GroupNorm (default) or BatchNorm.
+
+    GroupNorm is the default because it normalises each image on its own: training and
+    evaluation compute the same thing, small batches are fine, and a DDP step equals a
+    single-process step on the same global batch exactly. With BatchNorm, short CPU runs showed
+    validation scores swinging between epochs (running statistics lagging the weights).
+    """
+    if norm == "group":
+        return nn.GroupNorm(_gn_groups(channels), channels)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    raise BloodsegError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
+
+
+def _gn_groups(channels: int) -> int:
+    """Up to 8 groups, and a divisor of ``channels``."""
+    return max(g for g in range(1, min(8, channels) + 1) if channels % g == 0)
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 "same" conv → norm → ReLU) x 2: one U-Net level."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group"):
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            make_norm(out_channels, norm),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            make_norm(out_channels, norm),
             nn.ReLU(inplace=True),
         )
 
@@ -119,17 +144,17 @@ class BasicBlock(nn.Module):
     The shortcut is the identity when the channels agree, else a 1x1 conv + BN projection.
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn1 = make_norm(out_channels, norm)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = make_norm(out_channels, norm)
         if in_channels == out_channels:
             self.shortcut = nn.Identity()
         else:
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                                          nn.BatchNorm2d(out_channels))
+                                          make_norm(out_channels, norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -157,14 +182,14 @@ class DilatedCentre(nn.Module):
 class Up(nn.Module):
     """Bilinear x2 upsampling → 3x3 conv-BN-ReLU halving the channels → concat skip → DoubleConv."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group"):
         super().__init__()
         self.reduce = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            make_norm(out_channels, norm),
             nn.ReLU(inplace=True),
         )
-        self.fuse = DoubleConv(2 * out_channels, out_channels)
+        self.fuse = DoubleConv(2 * out_channels, out_channels, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
@@ -182,6 +207,7 @@ class UNet(nn.Module):
         ode_blocks: ``{position: rtol}`` (atol = rtol) for ODE-blocks at positions 1..9, or None.
         method, adjoint, max_steps, ode_hidden: passed to every :class:`~bloodseg.ode.ODEBlock`
             (``ode_hidden`` is the inner width of f; None = the block's channels).
+        norm: "group" (default, see :func:`make_norm`) or "batch" after every conv.
 
     ``forward(x)`` takes ``N x in_channels x H x W`` with H and W multiples of 16 and returns
     logits ``N x classes x H x W``. The model keeps ``name`` and ``options`` so that
@@ -190,8 +216,12 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, classes: int = 3, width: int = 32,
                  ode_blocks: dict[int, float] | None = None, method: str = "dopri5",
-                 adjoint: bool = False, max_steps: int = 1000, ode_hidden: int | None = None):
+                 adjoint: bool = False, max_steps: int = 1000, ode_hidden: int | None = None,
+                 norm: str = "group"):
         super().__init__()
+        if norm not in NORMS:
+            raise BloodsegError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
+        self.norm = norm
         self.in_channels = _check_positive_int("in_channels", in_channels)
         self.classes = _check_positive_int("classes", classes)
         self.width = _check_positive_int("width", width)
@@ -202,7 +232,7 @@ class UNet(nn.Module):
         self.encoder = nn.ModuleList(
             self._make_stage(cin, cout) for cin, cout in zip([in_channels] + chs[:-1], chs))
         self.centre = self._make_centre(chs[-1])
-        self.decoder = nn.ModuleList(Up(chs[level + 1], chs[level]) for level in (3, 2, 1, 0))
+        self.decoder = nn.ModuleList(Up(chs[level + 1], chs[level], norm) for level in (3, 2, 1, 0))
         self.head = nn.Conv2d(chs[0], classes, 1)
 
         positions = {_check_position(p): rtol for p, rtol in (ode_blocks or {}).items()}
@@ -216,6 +246,8 @@ class UNet(nn.Module):
 
         # Canonical name/options: build_model(self.name, **self.options) rebuilds this network.
         self.options = dict(in_channels=in_channels, classes=classes, width=width)
+        if norm != "group":  # only non-defaults, so older checkpoints' options stay valid
+            self.options["norm"] = norm
         if not blocks:
             self.name = "unet"
         else:
@@ -231,7 +263,7 @@ class UNet(nn.Module):
 
     # The two things ResUNet changes.
     def _make_stage(self, in_channels: int, out_channels: int) -> nn.Module:
-        return DoubleConv(in_channels, out_channels)
+        return DoubleConv(in_channels, out_channels, self.norm)
 
     def _make_centre(self, channels: int) -> nn.Module:
         return nn.Identity()
@@ -283,19 +315,21 @@ class ResUNet(UNet):
     """The paper's "ResNet" baseline in our reading (see the module docstring): U-Net skeleton,
     residual encoder stages (:class:`BasicBlock`), D-LinkNet dilated centre, U-Net decoder."""
 
-    def __init__(self, in_channels: int = 3, classes: int = 3, width: int = 32):
-        super().__init__(in_channels=in_channels, classes=classes, width=width)
+    def __init__(self, in_channels: int = 3, classes: int = 3, width: int = 32, norm: str = "group"):
+        super().__init__(in_channels=in_channels, classes=classes, width=width, norm=norm)
         self.name = "resunet"
         self.options = dict(in_channels=in_channels, classes=classes, width=width)
+        if norm != "group":
+            self.options["norm"] = norm
 
     def _make_stage(self, in_channels: int, out_channels: int) -> nn.Module:
-        return BasicBlock(in_channels, out_channels)
+        return BasicBlock(in_channels, out_channels, self.norm)
 
     def _make_centre(self, channels: int) -> nn.Module:
         return DilatedCentre(channels)
 
 
-_COMMON_OPTIONS = ("width", "in_channels", "classes")
+_COMMON_OPTIONS = ("width", "in_channels", "classes", "norm")
 _ODE_OPTIONS = ("method", "adjoint", "max_steps", "ode_hidden")
 
 
@@ -310,7 +344,7 @@ def build_model(name: str, **options) -> UNet:
       overrides; string keys such as ``"5"`` from JSON are accepted; option ``rtol`` then sets one
       tolerance for all of its blocks).
 
-    Options: ``width`` (32), ``in_channels`` (3), ``classes`` (3); for models with ODE-blocks also
+    Options: ``width`` (32), ``in_channels`` (3), ``classes`` (3), ``norm`` ("group"); for models with ODE-blocks also
     ``method`` ("dopri5"), ``adjoint`` (False), ``max_steps`` (1000), ``ode_hidden`` (None). The
     ODE options (and ``rtol``) are accepted and ignored by ``unet`` and ``resunet``, so one options
     dict can build every model of a comparison.
