@@ -17,6 +17,13 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@# MathJax for the built book, served locally so equations render offline (falls back to the CDN)
+	-@test -f $(VENV)/mathjax_static/mathjax/tex-chtml.js || ( command -v npm >/dev/null && \
+	  tmp=$$(mktemp -d) && (cd $$tmp && npm pack -q mathjax@3.2.2 >/dev/null 2>&1) && \
+	  tar -xzf $$tmp/mathjax-3.2.2.tgz -C $$tmp package/es5/tex-chtml.js package/es5/output/chtml/fonts && \
+	  mkdir -p $(VENV)/mathjax_static && rm -rf $(VENV)/mathjax_static/mathjax && \
+	  mv $$tmp/package/es5 $(VENV)/mathjax_static/mathjax && rm -rf $$tmp ) || \
+	  echo "note: MathJax not fetched (no npm?); the book will load it from its CDN"
 	touch $(STAMP)
 
 # Executes every chapter (profile: BLOODSEG_PROFILE, default quick on CPU, full on CUDA)

@@ -21,8 +21,12 @@ def _profile(args):
 def _dump(obj, path: str | None) -> None:
     text = json.dumps(obj, indent=1, default=float)
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text + "\n")
+        except OSError as exc:
+            raise BloodsegError(f"cannot write {path}: {exc.strerror or exc}. Choose a file in a "
+                                "folder you can write to.") from None
     print(text)
 
 
@@ -49,7 +53,7 @@ def cmd_train(args) -> int:
     import torch
     from .datasets import SegmentationDataset, training_splits
     from .models import build_model
-    from .train import TrainConfig, evaluate, fit, load_model, setup_distributed
+    from .train import TrainConfig, cleanup_distributed, evaluate, fit, load_model, setup_distributed
 
     prof = _profile(args)
     info = setup_distributed()
@@ -64,11 +68,13 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(epochs=args.epochs or prof.epochs, batch_size=args.batch_size or prof.batch_size,
                       lr=args.lr or prof.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
                       seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
-                      scale_lr=args.scale_lr)
+                      scale_lr=args.scale_lr, sync_bn=not args.no_sync_bn)
     if info.is_main:
+        lr = cfg.lr * (info.world_size if cfg.scale_lr else 1)
         print(f"profile {prof.name}: {len(splits['train'])} train / {len(splits['val'])} val / "
               f"{len(splits['test'])} test patches, model {args.model} {options}, world size "
-              f"{info.world_size}", flush=True)
+              f"{info.world_size}, batch {cfg.batch_size} per process x {info.world_size} = "
+              f"{cfg.batch_size * info.world_size}, lr {lr:g}", flush=True)
     history = fit(model, SegmentationDataset(splits["train"]), SegmentationDataset(splits["val"]),
                   args.out, cfg, resume=not args.restart,
                   on_epoch=lambda r: print(json.dumps(r), flush=True))
@@ -77,13 +83,15 @@ def cmd_train(args) -> int:
         metrics = evaluate(best, SegmentationDataset(splits["test"]))
         metrics["epochs_trained"] = len(history)
         _dump(metrics, str(Path(args.out) / "metrics.json"))
+    cleanup_distributed()
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .datasets import SegmentationDataset, training_splits
     from .train import evaluate, load_model
-    model = load_model(args.ckpt, **({"rtol": args.rtol} if args.rtol is not None else {}))
+    model = load_model(args.ckpt, classes=3,  # bloodseg masks hold 3 classes
+                       **({"rtol": args.rtol} if args.rtol is not None else {}))
     if args.rtol is not None:
         from .ode import set_tolerance
         set_tolerance(model, args.rtol)
@@ -97,11 +105,46 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .infer import predict_files
     from .train import load_model
-    model = load_model(args.ckpt)
+    model = load_model(args.ckpt, classes=3)  # masks are written as 0/1/2
     rows = predict_files(model, args.images, args.out, tile=args.tile, overlap=args.overlap,
                          overlays=not args.no_overlay)
     for r in rows:
         print(f"{r['image']} -> {r['mask']}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import format_bench, run_bench
+    result = run_bench(models=args.models, width=args.width, size=args.size, n_images=args.n_images,
+                       batch=args.batch, device=args.device, ckpt_dir=args.ckpt_dir,
+                       train=not args.no_train, adjoint=not args.no_adjoint, repeats=args.repeats,
+                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_bench(result))
+    if args.json:
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
+        except OSError as exc:
+            raise BloodsegError(f"cannot write {args.json}: {exc.strerror or exc}. Choose a file in a "
+                                "folder you can write to.") from None
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_count(args) -> int:
+    from .count import count_files, write_counts_csv
+    from .train import load_model
+    if args.ckpt is None:
+        from .realdata import shipped_checkpoint
+        args.ckpt = shipped_checkpoint()
+    model = load_model(args.ckpt, classes=3)
+    rows = count_files(model, args.images, tile=args.tile, overlap=args.overlap,
+                       red_radius=args.red_radius, masks_out=args.masks)
+    print("image,n_white,n_red")
+    for r in rows:
+        print(f"{r['image']},{r['n_white']},{r['n_red']}")
+    if args.out:
+        print(f"wrote {write_counts_csv(rows, args.out)}")
     return 0
 
 
@@ -128,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare_bccd)
 
     from .models import MODEL_NAMES
-    s = sub.add_parser("train", help="train a model; writes best.pt, last.pt, history.json, metrics.json")
+    s = sub.add_parser("train", help="train a model; writes best.pt, last.pt, history.json, metrics.json",
+                       epilog="Several processes (GPUs, machines): torchrun --nproc-per-node=N -m "
+                              "bloodseg.cli train ... (or torchrun ... --no-python bloodseg train ...); "
+                              "--batch-size is per process.")
     s.add_argument("--model", required=True, choices=MODEL_NAMES)
     s.add_argument("--data", default="synthetic",
                    help="'synthetic' (default), a folder with images/ + masks/, a prepare-bccd "
@@ -147,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     s.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     s.add_argument("--scale-lr", action="store_true", help="multiply lr by the number of processes")
+    s.add_argument("--no-sync-bn", action="store_true",
+                   help="under torchrun: per-process BatchNorm statistics instead of global-batch ones")
     s.add_argument("--restart", action="store_true", help="ignore an existing last.pt")
     s.set_defaults(func=cmd_train)
 
@@ -169,6 +217,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overlap", type=int, default=64)
     s.add_argument("--no-overlay", action="store_true")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("count", help="count white and red cells per image (CSV)",
+                       description="Predict each image, then count white cells (connected components) "
+                                   "and red cells (distance-transform watershed splits touching cells). "
+                                   "Cells cut by the border count when most of the cell is visible.")
+    s.add_argument("images", nargs="+", help="image files or folders")
+    s.add_argument("--ckpt", help="checkpoint (default: the BCCD checkpoint shipped with bloodseg)")
+    s.add_argument("--out", help="write the counts as CSV here (image, n_white, n_red, ...)")
+    s.add_argument("--masks", help="also write the predicted masks and overlays to this folder")
+    s.add_argument("--red-radius", type=float, help="typical red-cell radius in px (default: measured)")
+    s.add_argument("--tile", type=int, default=512)
+    s.add_argument("--overlap", type=int, default=64)
+    s.set_defaults(func=cmd_count)
+
+    s = sub.add_parser("bench", help="parameters, memory, inference time, NFE and training-step cost "
+                                     "of every model (paper Tables 1-2)")
+    s.add_argument("--models", default=",".join(MODEL_NAMES),
+                   help="comma-separated model names (default: all; unet is always added as the reference)")
+    s.add_argument("--width", type=int, default=32, help="channels of the first level (paper: 32)")
+    s.add_argument("--size", type=int, default=256, help="image side, a multiple of 16 (paper: 256)")
+    s.add_argument("--n-images", type=int, default=20, help="images timed one at a time (paper: 20)")
+    s.add_argument("--batch", type=int, default=2, help="batch of the measured training step")
+    s.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--ckpt-dir", help="folder with <model>/best.pt: bench trained weights instead of random ones")
+    s.add_argument("--repeats", type=int, default=1, help="training steps timed per model (the fastest is kept)")
+    s.add_argument("--no-train", action="store_true", help="skip the training-step measurements")
+    s.add_argument("--no-adjoint", action="store_true", help="skip the adjoint training step")
+    s.add_argument("--json", help="also write the full results to this file")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

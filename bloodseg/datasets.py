@@ -27,7 +27,7 @@ import torch
 
 from .errors import DataError
 from .preprocess import image_to_tensor
-from .profiles import Profile, get_profile
+from .profiles import PROFILES, Profile, get_profile
 from .synthetic import (BACKGROUND, PALETTE_BGR, RED_CELL, WHITE_CELL, _fill_small_holes,
                         _remove_small, make_smear, stain_masks)
 
@@ -717,6 +717,17 @@ def _crop16(s: Sample) -> Sample:
     return Sample(s.name, s.image[:h, :w], s.mask[:h, :w], s.source)
 
 
+def _check_patch_fits(samples: list[Sample], p: Profile, root: Path) -> None:
+    for s in samples:
+        h, w = s.mask.shape
+        if h < p.patch or w < p.patch:
+            sizes = ", ".join(f"{k} {v.patch}" for k, v in PROFILES.items())
+            raise DataError(f"image {s.name!r} in {root.absolute()} is {w}x{h} (WxH), smaller than the "
+                            f"{p.patch}x{p.patch} training patch of the '{p.name}' profile; pick a profile "
+                            f"with smaller patches (--profile or BLOODSEG_PROFILE: {sizes}), use larger "
+                            "images, or leave this image out")
+
+
 def training_splits(data, profile=None, seed: int = 0) -> dict[str, list[Sample]]:
     """``{"train", "val", "test"}`` sample lists for ``data``, sized by ``profile``:
 
@@ -737,6 +748,7 @@ def training_splits(data, profile=None, seed: int = 0) -> dict[str, list[Sample]
                         "images/ and masks/, a prepare-bccd output (train/ val/ test/), or LabelMe files")
     if all((root / s).is_dir() for s in ("train", "val", "test")):
         raw = load_splits(root)
+        _check_patch_fits(raw["train"] + raw["val"], p, root)
         return {"train": augment(extract_patches(raw["train"], p.patch, p.crops_per_image, seed), p.augment, seed),
                 "val": extract_patches(raw["val"], p.patch, p.crops_per_image, seed + 1),
                 "test": [_crop16(s) for s in raw["test"]]}
@@ -747,6 +759,7 @@ def training_splits(data, profile=None, seed: int = 0) -> dict[str, list[Sample]
     else:
         raise DataError(f"{root.absolute()} holds neither images/ + masks/, nor train/ val/ test/, "
                         "nor LabelMe .json files; see `bloodseg train --help`")
+    _check_patch_fits(samples, p, root)
     patches = extract_patches(samples, p.patch, p.crops_per_image, seed)
     n_test = max(1, round(len(patches) * p.n_test / max(1, p.n_source * p.crops_per_image)))
     return make_splits(patches, n_test=n_test, seed=seed, factor=p.augment)

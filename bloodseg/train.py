@@ -41,6 +41,17 @@ CHECKPOINT_FORMAT = "bloodseg-checkpoint/1"
 
 @dataclasses.dataclass
 class TrainConfig:
+    """Every knob of a training run.
+
+    Several processes (``torchrun``, :mod:`bloodseg.distributed`): ``batch_size`` is per process,
+    so N processes train with an effective (global) batch of ``batch_size * N`` and take N times
+    fewer steps per epoch. ``scale_lr=True`` multiplies ``lr`` by N, the linear scaling rule of
+    Goyal et al. (2017) for a batch N times larger; without it the learning rate stays ``lr``.
+    ``sync_bn`` (default) computes BatchNorm statistics over the global batch, so N processes
+    compute the gradients one process would on the whole batch; ``sync_bn=False`` keeps
+    per-process statistics (what Keras' ``multi_gpu_model`` did) and copies rank 0's running
+    statistics to all processes at every step.
+    """
     epochs: int = 50
     batch_size: int = 8            # per process; the effective batch is batch_size * world size
     lr: float = 1e-3
@@ -52,6 +63,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool | None = None   # tqdm bars; None = only when attached to a terminal/notebook
     scale_lr: bool = False         # multiply lr by the world size (linear scaling rule)
+    sync_bn: bool = True           # under DDP: BatchNorm statistics of the global batch
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -75,21 +87,36 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed() -> DistInfo:
+def setup_distributed(backend: str | None = None) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
-    NCCL on CUDA, gloo on CPU. Without ``WORLD_SIZE`` > 1 this is a no-op (one process).
+    ``torchrun`` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` for every process it starts, on one machine or many. Backend: NCCL on CUDA
+    (each process on GPU ``LOCAL_RANK``), gloo on CPU; ``backend`` overrides (e.g. ``"gloo"``
+    to train on CPU on a machine that has GPUs). Without ``WORLD_SIZE`` > 1 this is a no-op (one
+    process). A process group that already exists is used as it is. Leave it with
+    :func:`cleanup_distributed`.
     """
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                        local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend, device_id=torch.device("cuda", local))
+    else:
         dist.init_process_group(backend=backend)
     return DistInfo(rank=rank, world_size=world, local_rank=local)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (if any); call once at the end of a ``torchrun`` process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def default_device(info: DistInfo | None = None) -> torch.device:
@@ -195,7 +222,7 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint", classes: int | None = N
                               f"Pass the checkpoint of a '{name}' run, or drop the model name.")
     if classes is not None and opts.get("classes", 3) != classes:
         raise CheckpointError(f"{path} predicts {opts.get('classes', 3)} classes, but {classes} "
-                              "were asked for. Use a checkpoint trained with the same classes.")
+                              "are needed here. Use a checkpoint trained with the same classes.")
     opts.update(option_overrides)
     model = build_model(ckpt["model_name"], **opts)
     try:
@@ -233,14 +260,18 @@ def _set_rng_state(state: dict) -> None:
 def epoch_order(n: int, seed: int, epoch: int, info: DistInfo) -> list[int]:
     """This process's sample order for one epoch, the same on every machine for a given seed.
 
-    Like ``DistributedSampler``: one seeded permutation per epoch, padded to a multiple of the
-    world size, then dealt out round-robin so ranks see disjoint shards.
+    Like ``DistributedSampler`` with ``set_epoch(epoch)``: one permutation seeded by
+    ``(seed, epoch)``, so the data are reshuffled every epoch and every process draws the same
+    permutation without talking to the others; it is padded (repeating its start) to a multiple
+    of the world size, then dealt out round-robin so ranks see disjoint shards of equal length,
+    hence the same number of steps (DDP needs that: each step is a collective).
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    if info.world_size > 1:
-        pad = (-len(order)) % info.world_size
-        order = order + order[:pad]
+    if info.world_size > 1 and order:
+        target = -(-len(order) // info.world_size) * info.world_size
+        while len(order) < target:
+            order = order + order[:target - len(order)]
         order = order[info.rank::info.world_size]
     return order
 
@@ -264,7 +295,11 @@ def _sum_nfe(model) -> tuple[int, int]:
 
 def validate(model, dataset, device, batch_size=8, info: DistInfo = DistInfo(),
              classes: int = 3) -> dict:
-    """Mean pixel cross-entropy and the confusion-matrix scores over ``dataset`` (sharded by rank)."""
+    """Mean pixel cross-entropy and the confusion-matrix scores over ``dataset`` (sharded by rank).
+
+    Under DDP pass the plain module, not the DDP wrapper: the shards may differ in their number
+    of batches, and a DDP forward can be a collective. The sums are all-reduced at the end.
+    """
     model.eval()
     indices = list(range(len(dataset)))[info.rank::info.world_size]
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, pixels)
@@ -291,12 +326,23 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
     Writes to ``out_dir``: ``last.pt`` (everything needed to resume, rewritten atomically at each
     epoch end and every ``checkpoint_every`` steps), ``best.pt`` (lowest validation loss so far),
     ``history.json``. With ``resume=True`` and an existing ``last.pt`` the run continues where it
-    stopped. Under ``torchrun`` the model is wrapped in DDP; only rank 0 writes files.
+    stopped.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains data-parallel: the model is
+    wrapped in ``DistributedDataParallel`` (NCCL on CUDA, gloo on CPU or when ``device="cpu"``),
+    each process trains on its shard of every epoch (:func:`epoch_order`), gradients are averaged
+    across processes, BatchNorm uses global-batch statistics (``cfg.sync_bn``; the model is given
+    back with plain ``BatchNorm2d`` layers), and the effective batch is ``batch_size`` times the
+    number of processes (see :class:`TrainConfig` for ``scale_lr``). Loss, validation scores and
+    NFE are summed over processes before they enter the history, so every process returns the same
+    history. Only rank 0 writes files and calls ``on_epoch``. An epoch-end ``last.pt`` resumes with
+    any number of processes; a mid-epoch one only with the number that wrote it.
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
-    info = setup_distributed()
-    device = torch.device(device) if device is not None else default_device(info)
+    device = torch.device(device) if device is not None else None
+    info = setup_distributed(backend="gloo" if device is not None and device.type == "cpu" else None)
+    device = device if device is not None else default_device(info)
     out_dir = Path(out_dir)
     if info.is_main:
         try:
@@ -321,19 +367,45 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
+        fresh = "Use another --out folder, or start over with --restart (resume=False)."
         if ckpt["model_name"] != net.name:
             raise CheckpointError(f"{last_path} belongs to a '{ckpt['model_name']}' run, not "
-                                  f"'{net.name}'. Use another --out folder or resume=False.")
-        net.load_state_dict(ckpt["model_state"])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
+                                  f"'{net.name}'. {fresh}")
+        missing = [k for k in ("optimizer_state", "epoch", "step", "history", "best_val_loss", "rng")
+                   if ckpt.get(k) is None]
+        if missing:
+            raise CheckpointError(f"{last_path} cannot resume a run: it lacks {', '.join(missing)} "
+                                  f"(it was not written by fit). {fresh}")
+        try:
+            net.load_state_dict(ckpt["model_state"])
+            optimizer.load_state_dict(ckpt["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError):
+            raise CheckpointError(
+                f"{last_path} holds a '{ckpt['model_name']}' model with options "
+                f"{ckpt['model_options']}; its weights do not fit this model with options "
+                f"{dict(net.options)}. {fresh}") from None
         start_epoch, start_step = ckpt["epoch"], ckpt["step"]
         history, best = list(ckpt["history"]), ckpt["best_val_loss"]
-        partial = ckpt.get("partial")  # running sums of an interrupted epoch
+        if start_step and ckpt.get("world_size", 1) != info.world_size:
+            raise CheckpointError(
+                f"{last_path} was written in the middle of epoch {start_epoch + 1} by a run with "
+                f"{ckpt.get('world_size', 1)} process(es); this run has {info.world_size}. The rest "
+                "of that epoch is sharded for the old number: resume with the same number of "
+                f"processes (at least until the epoch ends). {fresh}")
+        # running sums of an interrupted epoch, already summed over processes: rank 0 carries them
+        partial = ckpt.get("partial") if info.is_main else None
         _set_rng_state(ckpt["rng"])
+    for group in optimizer.param_groups:  # the config decides, not the checkpoint (scale_lr, N)
+        group["lr"] = lr
 
+    sync_bn = 0
     if info.world_size > 1:
-        ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        model = torch.nn.parallel.DistributedDataParallel(net, **ddp_kw)
+        # imported here so that `python -m bloodseg.distributed` finds it not yet imported
+        from .distributed import convert_sync_batchnorm, ddp_options, revert_sync_batchnorm
+        if cfg.sync_bn:
+            sync_bn = convert_sync_batchnorm(net, device)
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, **ddp_options(device, sync_buffers=not sync_bn))
     else:
         model = net
 
@@ -366,10 +438,12 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             if not torch.isfinite(loss):
+                kept = (f"The last good checkpoint is kept in {last_path} (best: {best_path})"
+                        if last_path.exists() else
+                        f"No checkpoint was written before it (none in {out_dir})")
                 raise TrainingError(
                     f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"training stopped. The last good checkpoint is kept in {last_path} "
-                    f"(best: {best_path}). Lower the learning rate (now {lr:g}), add weight "
+                    f"training stopped. {kept}. Lower the learning rate (now {lr:g}), add weight "
                     "decay, or tighten the ODE tolerance, then resume.")
             loss.backward()
             optimizer.step()
@@ -379,10 +453,11 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
             if show:
                 bar.set_postfix(loss=f"{loss.item():.4f}", nfe=nf)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, step, partial=sums.tolist())
+                so_far = _all_reduce_sum(sums.clone().to(device), info).cpu()  # every rank calls it
+                checkpoint(epoch, step, partial=so_far.tolist())
         sums = _all_reduce_sum(sums.to(device), info).cpu()
         n_steps_total = max(1, -(-len(order) // cfg.batch_size)) * info.world_size
-        val = validate(model, val_set, device, cfg.batch_size, info, classes)
+        val = validate(net, val_set, device, cfg.batch_size, info, classes)  # not the DDP wrapper
         record = {
             "epoch": epoch + 1,
             "loss": float(sums[0] / sums[1].clamp(min=1)),
@@ -406,6 +481,8 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
             on_epoch(record)
     if info.world_size > 1:
         dist.barrier()
+        if sync_bn:
+            revert_sync_batchnorm(net)
     return history
 
 
