@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup book test test-fast clean
+.PHONY: setup book test test-fast notebooks clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,14 @@ book: $(STAMP)
 test: $(STAMP)
 	BLOODSEG_PROFILE=smoke $(PY) -m pytest tests -q
 	BLOODSEG_PROFILE=smoke $(PY) -m pytest -q --nbval-lax -p no:cacheprovider book
+
+# Maintainers: re-execute the chapters in place (the outputs that are committed), in TOC order.
+notebooks: $(STAMP)
+	for nb in $$(grep -o 'book/[0-9a-z_]*' _toc.yml); do \
+	  if [ -f $$nb.ipynb ]; then echo "== $$nb"; start=$$(date +%s); \
+	    $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+	      --ExecutePreprocessor.timeout=1800 $$nb.ipynb || exit 1; \
+	    echo "   $$(( $$(date +%s) - start )) s"; fi; done
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -x -m "not slow"

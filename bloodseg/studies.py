@@ -1,0 +1,591 @@
+"""Measurements behind the first chapters of the book: solvers, ODE-blocks, data.
+
+Each function does one study and returns plain rows (lists of dicts) that a notebook turns into a
+table and a figure; plotting helpers import matplotlib lazily, so ``import bloodseg`` stays light.
+
+Chapter 1 (ODEs and Euler steps)
+    :class:`PaperExample` / :class:`GrowthExample` – the paper's f'(x) = 2x (§3.1) as dh/dt = 2t,
+    and dh/dt = 2t·h, whose solution is not a polynomial; :func:`solve_example`,
+    :func:`solver_study` (Euler at several step sizes, dopri5 at several tolerances → error, NFE);
+    :func:`residual_vs_euler`, :func:`euler_convergence`, :func:`euler_trajectories`,
+    :func:`nfe_vs_tolerance` on an ODE-block.
+Chapter 2 (ODE-blocks)
+    :func:`gradient_agreement` (adjoint vs direct backprop), :func:`training_step_cost` (peak
+    memory and time of one training step against tolerance), :func:`nfe_during_training`,
+    :class:`ExplodingFunc` (dynamics that blow up, to show the step cap).
+Chapter 3 (data)
+    :func:`luma_histogram`, :func:`plot_clahe`, :func:`plot_pairs`, :func:`plot_gallery`, :func:`class_fractions`,
+    :func:`split_balance`, :func:`plot_split_balance`, :func:`baseline_scores`.
+
+How memory is measured (:func:`training_step_cost`). On CUDA: ``torch.cuda.max_memory_allocated``
+minus the memory allocated before the step (tensors only, exact). On a CPU there is no allocator
+counter, so the step runs in a fresh Python process and we read the kernel's peak resident set size
+(``VmHWM`` in ``/proc/self/status``, Linux), reset before every step by writing ``5`` to
+``/proc/self/clear_refs``: peak = VmHWM after the step − VmRSS before it. For that to track live
+tensors, the child starts with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every block of
+64 KiB or more with its own mmap and returns it to the kernel when freed, instead of keeping freed
+memory around for reuse (which would hide a later step's peak), and ``MALLOC_TRIM_THRESHOLD_=0``
+gives freed heap tops back at once. What is left is a few MB of noise
+(small allocations, thread stacks). As an exact cross-check we also count the bytes autograd saves
+for backward (``torch.autograd.graph.saved_tensors_hooks``): the activation memory that direct
+backprop keeps for every evaluation of f, and that the adjoint avoids.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import BloodsegError
+from .ode import ODEBlock, ResidualBlock
+
+__all__ = [
+    "PaperExample", "GrowthExample", "EXAMPLES", "solve_example", "solver_study",
+    "seeded_feature_map", "residual_vs_euler", "euler_convergence", "euler_trajectories", "nfe_vs_tolerance",
+    "ExplodingFunc", "gradient_agreement", "STEP_COST_SIZES", "training_step_cost", "nfe_during_training",
+    "luma_histogram", "plot_clahe", "plot_pairs", "plot_gallery", "class_fractions", "split_balance",
+    "plot_split_balance", "baseline_scores",
+]
+
+
+# ============================================================================ chapter 1: ODEs
+
+class PaperExample(nn.Module):
+    """The paper's example f'(x) = 2x (§3.1) as an initial value problem: dh/dt = 2t, h(0) = 0.
+
+    Its solution is h(t) = t² (the general solution t² + C with C fixed by h(0) = 0).
+    """
+
+    def forward(self, t, h):
+        return 2 * t * torch.ones_like(h)
+
+
+class GrowthExample(nn.Module):
+    """dh/dt = 2t·h, h(0) = 1: the same 2t, now scaled by the state; h(t) = exp(t²).
+
+    Unlike t², exp(t²) is no polynomial, so an adaptive solver cannot integrate it exactly and its
+    tolerance decides how many steps it takes.
+    """
+
+    def forward(self, t, h):
+        return 2 * t * h
+
+
+#: name → (f module class, h(0), exact h(t))
+EXAMPLES = {
+    "paper": (PaperExample, 0.0, lambda t: t * t),
+    "growth": (GrowthExample, 1.0, lambda t: math.exp(t * t)),
+}
+
+
+def _example(name: str):
+    if name not in EXAMPLES:
+        raise BloodsegError(f"unknown example {name!r}: choose one of {', '.join(EXAMPLES)}")
+    return EXAMPLES[name]
+
+
+def solve_example(example: str = "paper", method: str = "euler", step_size: float | None = None,
+                  rtol: float = 1e-3, t1: float = 1.0) -> dict:
+    """Solve an :data:`EXAMPLES` problem from 0 to ``t1`` with an :class:`ODEBlock` (float64).
+
+    Returns ``dict(method, step_size, rtol, value, exact, error, nfe)``; ``error`` = |h(t1) − exact|,
+    ``nfe`` = evaluations of f. ``rtol`` (= atol) matters for adaptive methods only, ``step_size``
+    for fixed-grid ones.
+    """
+    func_cls, h0, exact = _example(example)
+    block = ODEBlock(1, rtol=rtol, method=method, step_size=step_size, t1=t1, func=func_cls(),
+                     max_steps=100_000)
+    with torch.no_grad():
+        value = float(block(torch.full((1,), h0, dtype=torch.float64))[0])
+    truth = exact(t1)
+    return dict(method=method, step_size=step_size, rtol=rtol if method != "euler" else None,
+                value=value, exact=truth, error=abs(value - truth), nfe=int(block.nfe_forward))
+
+
+def solver_study(example: str = "paper", steps=(1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128),
+                 tolerances=(1e-2, 1e-4, 1e-6, 1e-8, 1e-10)) -> list[dict]:
+    """Euler at each step size and dopri5 at each tolerance on one example: rows of :func:`solve_example`."""
+    rows = [solve_example(example, "euler", step_size=float(h)) for h in steps]
+    rows += [solve_example(example, "dopri5", rtol=float(tol)) for tol in tolerances]
+    return rows
+
+
+def seeded_feature_map(channels: int = 16, size: int = 32, batch: int = 1, seed: int = 0,
+                       dtype=torch.float32) -> torch.Tensor:
+    """A fixed random feature map ``batch x channels x size x size`` (standard normal, seeded)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn(batch, channels, size, size, generator=gen, dtype=dtype)
+
+
+def residual_vs_euler(block_or_func, x: torch.Tensor) -> float:
+    """Max |ResidualBlock(f)(x) − ODEBlock(f, euler, step 1)(x)| with the same f (weights shared).
+
+    The paper's §4.2 argument: a residual block h + f(h) is one Euler step of size 1.
+    """
+    func = block_or_func.func if isinstance(block_or_func, ODEBlock) else block_or_func
+    euler = ODEBlock(1, method="euler", step_size=1.0, func=func)
+    with torch.no_grad():
+        return float((ResidualBlock(func)(x) - euler(x)).abs().max())
+
+
+def euler_convergence(func: nn.Module, x: torch.Tensor, steps=(1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32),
+                      reference_rtol: float = 1e-7) -> tuple[torch.Tensor, list[dict]]:
+    """Euler with shrinking steps against a tight dopri5 solve of the same f (an ODE-block's f).
+
+    Returns ``(reference, rows)``: the dopri5 solution and one row per step size with ``step``,
+    ``nfe`` and ``max_abs_diff`` / ``rel_diff`` (max |Euler − reference| and its ratio to
+    max |reference|); plus a first row for dopri5 itself (its NFE, difference 0).
+    """
+    with torch.no_grad():
+        ref_block = ODEBlock(1, rtol=reference_rtol, func=func, max_steps=10_000)
+        reference = ref_block(x)
+        scale = float(reference.abs().max())
+        rows = [dict(method="dopri5", step=None, nfe=int(ref_block.nfe_forward), max_abs_diff=0.0, rel_diff=0.0)]
+        for h in steps:
+            block = ODEBlock(1, method="euler", step_size=float(h), func=func)
+            diff = float((block(x) - reference).abs().max())
+            rows.append(dict(method="euler", step=float(h), nfe=int(block.nfe_forward),
+                             max_abs_diff=diff, rel_diff=diff / scale))
+    return reference, rows
+
+
+def euler_trajectories(func: nn.Module, x: torch.Tensor, steps=(1, 1 / 2, 1 / 4, 1 / 8),
+                       index=(0, 0, 0, 0), points: int = 65, reference_rtol: float = 1e-7) -> dict:
+    """h(t) of one entry (``index``) of the state for Euler at each step size and for dopri5.
+
+    Returns ``{"dopri5": (t, h), step: (t, h), ...}`` with numpy arrays: Euler at its grid points
+    (the polygon it walks), dopri5 at ``points`` evenly spaced times from 0 to 1.
+    """
+    from torchdiffeq import odeint
+
+    out = {}
+    with torch.no_grad():
+        t = torch.linspace(0.0, 1.0, points, dtype=x.dtype)
+        h = odeint(func, x, t, rtol=reference_rtol, atol=reference_rtol, method="dopri5")
+        out["dopri5"] = (t.numpy(), h[(slice(None),) + tuple(index)].numpy())
+        for step in steps:
+            n = int(round(1 / float(step)))
+            grid = torch.linspace(0.0, 1.0, n + 1, dtype=x.dtype)
+            h = odeint(func, x, grid, method="euler", options=dict(step_size=1.0 / n))
+            out[float(step)] = (grid.numpy(), h[(slice(None),) + tuple(index)].numpy())
+    return out
+
+
+def nfe_vs_tolerance(block: ODEBlock, x: torch.Tensor, tolerances=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6),
+                     repeats: int = 1) -> list[dict]:
+    """Forward NFE and time of ``block`` at each tolerance (rtol = atol), without gradients.
+
+    ``seconds`` is the fastest of ``repeats`` forwards. ``change`` is max |h(1) − h(1) at the
+    tightest tolerance|: how far the output moves when the tolerance is relaxed. The block's own
+    tolerance is restored afterwards.
+    """
+    saved = (block.rtol, block.atol)
+    rows, outputs = [], []
+    try:
+        with torch.no_grad():
+            for tol in tolerances:
+                block.set_tolerance(float(tol))
+                best = math.inf
+                for _ in range(max(1, int(repeats))):
+                    start = time.perf_counter()
+                    out = block(x)
+                    best = min(best, time.perf_counter() - start)
+                outputs.append(out)
+                rows.append(dict(rtol=float(tol), nfe=int(block.nfe_forward), seconds=best))
+    finally:
+        block.set_tolerance(*saved)
+    tightest = outputs[int(np.argmin([r["rtol"] for r in rows]))]
+    for row, out in zip(rows, outputs):
+        row["change"] = float((out - tightest).abs().max())
+    return rows
+
+
+# ============================================================================ chapter 2: ODE-blocks
+
+class ExplodingFunc(nn.Module):
+    """dh/dt = rate·h³: from h(0) = 1 the solution 1/sqrt(1 − 2·rate·t) blows up at t = 1/(2·rate).
+
+    Stands in for f of a network whose training went wrong: no solver can reach t = 1.
+    """
+
+    def __init__(self, rate: float = 50.0):
+        super().__init__()
+        self.rate = float(rate)
+
+    def forward(self, t, h):
+        return self.rate * h ** 3
+
+
+def gradient_agreement(channels: int = 4, size: int = 8, rtol: float = 1e-7, seed: int = 0) -> dict:
+    """Gradients of one ODE-block by direct backprop and by the adjoint, in float64.
+
+    Same weights, same input, loss = mean(h(1)²). Returns ``max_rel_diff`` (max over the input and
+    every parameter of max|g_adj − g_direct| / max|g_direct|), and both NFE pairs
+    ``nfe_direct`` / ``nfe_adjoint`` as (forward, backward).
+    """
+    grads, nfe = {}, {}
+    for adjoint in (False, True):
+        torch.manual_seed(seed)
+        block = ODEBlock(channels, rtol=rtol, adjoint=adjoint).double()
+        x = seeded_feature_map(channels, size, batch=2, seed=seed, dtype=torch.float64).requires_grad_(True)
+        (block(x) ** 2).mean().backward()
+        grads[adjoint] = [x.grad] + [p.grad for p in block.parameters()]
+        nfe[adjoint] = (int(block.nfe_forward), int(block.nfe_backward))
+    rel = 0.0
+    for direct, adj in zip(grads[False], grads[True]):
+        scale = float(direct.abs().max())
+        if scale > 1e-12:   # conv biases before a GroupNorm have a true gradient of 0: skip them
+            rel = max(rel, float((adj - direct).abs().max()) / scale)
+    return dict(max_rel_diff=rel, nfe_direct=nfe[False], nfe_adjoint=nfe[True])
+
+
+#: Size of the single-ODE-block training step of chapter 2, per profile: channels, side, batch.
+STEP_COST_SIZES = {
+    "smoke": dict(channels=8, size=16, batch=2, tolerances=(1e-2, 1e-3, 1e-4)),
+    "quick": dict(channels=16, size=64, batch=2, tolerances=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)),
+    "full": dict(channels=64, size=64, batch=8, tolerances=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)),
+}
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _one_step(block, x, target, opt, device):
+    """One training step: forward, MSE loss, backward, SGD step. Returns (seconds, saved bytes)."""
+    seen, saved = set(), [0]
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+        except (RuntimeError, NotImplementedError):
+            key = (id(t), t.numel() * t.element_size())
+        if key not in seen:
+            seen.add(key)
+            saved[0] += key[1]
+        return t
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(x)
+    loss = torch.nn.functional.mse_loss(out, target)
+    loss.backward()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, saved[0]
+
+
+def _step_cost_configs(cfg: dict) -> list[dict]:
+    """Run in the measuring process: every (adjoint, tolerance) of ``cfg``, one step each."""
+    device = torch.device(cfg["device"])
+    gen = torch.Generator().manual_seed(int(cfg["seed"]))
+    shape = (cfg["batch"], cfg["channels"], cfg["size"], cfg["size"])
+    x = torch.randn(*shape, generator=gen).to(device)
+    target = torch.randn(*shape, generator=gen).to(device)
+    cpu_peak = device.type == "cpu"
+    if cpu_peak:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            cpu_peak = None   # no way to reset the peak RSS here: report time only
+    rows = []
+    for adjoint in cfg["adjoint"]:
+        torch.manual_seed(int(cfg["seed"]))
+        block = ODEBlock(cfg["channels"], adjoint=adjoint, max_steps=cfg["max_steps"]).to(device)
+        init = {k: v.clone() for k, v in block.state_dict().items()}
+        opt = torch.optim.SGD(block.parameters(), lr=1e-3)
+        block.set_tolerance(max(cfg["tolerances"]))
+        _one_step(block, x, target, opt, device)     # warm-up: thread pools, kernels, first allocations
+        for tol in cfg["tolerances"]:
+            block.load_state_dict(init)              # every tolerance starts from the same weights
+            block.set_tolerance(float(tol))
+            row = dict(adjoint=bool(adjoint), rtol=float(tol))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            elif cpu_peak:
+                before = _status_kib("VmRSS") * 1024
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+            seconds, saved = _one_step(block, x, target, opt, device)
+            if device.type == "cuda":
+                row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+            elif cpu_peak:
+                row["peak_mb"] = (_status_kib("VmHWM") * 1024 - before) / 2 ** 20
+            else:
+                row["peak_mb"] = None
+            times = [seconds]
+            for _ in range(int(cfg["repeats"]) - 1):
+                block.load_state_dict(init)
+                times.append(_one_step(block, x, target, opt, device)[0])
+            row.update(seconds=min(times), saved_mb=saved / 2 ** 20,
+                       nfe_forward=int(block.nfe_forward), nfe_backward=int(block.nfe_backward))
+            rows.append(row)
+    return rows
+
+
+def _step_cost_child() -> None:   # pragma: no cover - runs in the measuring subprocess
+    cfg = json.loads(sys.stdin.read())
+    torch.set_num_threads(int(cfg["threads"]))
+    print("BLOODSEG_ROWS " + json.dumps(_step_cost_configs(cfg)))
+
+
+def training_step_cost(channels: int = 8, size: int = 16, batch: int = 2,
+                       tolerances=(1e-2, 1e-3, 1e-4), adjoint=(False, True), device=None,
+                       repeats: int = 1, seed: int = 0, max_steps: int = 1000,
+                       threads: int = 1, timeout: float = 600) -> list[dict]:
+    """Peak memory and time of one training step of a single ODE-block, per (adjoint, tolerance).
+
+    The block (``ODEBlock(channels)``, dopri5) maps a seeded ``batch x channels x size x size``
+    feature map; the step is forward, MSE loss against a seeded random target, backward and an
+    SGD update, always from the same initial weights. One warm-up step per mode runs first.
+
+    Returns rows ``dict(adjoint, rtol, nfe_forward, nfe_backward, peak_mb, saved_mb, seconds,
+    how)``: ``peak_mb`` is the step's peak memory above what was allocated before it (see the
+    module docstring for how; ``None`` where it cannot be measured), ``saved_mb`` the bytes
+    autograd saved for backward during the forward, ``seconds`` the fastest of ``repeats`` steps.
+
+    On CPU the work runs in a fresh Python process (``sys.executable``) so that the peak RSS
+    belongs to this measurement alone, with ``threads`` intra-op threads (default 1: on a shared
+    machine several OpenMP threads wait for each other and time the crowd, not the step); on
+    CUDA it runs in this process.
+    """
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    cfg = dict(channels=int(channels), size=int(size), batch=int(batch), seed=int(seed),
+               tolerances=[float(t) for t in tolerances], adjoint=[bool(a) for a in adjoint],
+               device=str(device), repeats=int(repeats), max_steps=int(max_steps),
+               threads=int(threads))
+    if device.type == "cuda":
+        rows, how = _step_cost_configs(cfg), "torch.cuda.max_memory_allocated (tensors only)"
+    else:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        proc = subprocess.run([sys.executable, "-c", "from bloodseg.studies import _step_cost_child; "
+                               "_step_cost_child()"], input=json.dumps(cfg), capture_output=True,
+                              text=True, env=env, timeout=timeout)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BLOODSEG_ROWS ")]
+        if proc.returncode != 0 or not lines:
+            raise BloodsegError(f"the measuring process failed (exit {proc.returncode}):\n"
+                                f"{proc.stderr.strip()[-2000:]}")
+        rows = json.loads(lines[-1][len("BLOODSEG_ROWS "):])
+        how = "peak RSS of a fresh process (VmHWM, reset per step; glibc mmap threshold 64 KiB)"
+    for row in rows:
+        row["how"] = how if row["peak_mb"] is not None else "not measurable here"
+    return rows
+
+
+def nfe_during_training(channels: int = 8, size: int = 16, batch: int = 4, steps: int = 40,
+                        lr: float = 0.05, rtol: float = 1e-3, weight_decay: float = 0.0,
+                        seed: int = 0, max_steps: int = 1000) -> list[dict]:
+    """Train one ODE-block to map a seeded feature map to a harder target; log NFE every step.
+
+    The target is the input passed through a fixed random 3x3 convolution and scaled by 3, so the
+    block has to learn stronger dynamics than it starts with: the effect behind torchdiffeq
+    issue 153 (NFE grows as training goes on). Returns rows ``dict(step, loss, nfe_forward,
+    nfe_backward)``; stops early (row ``error`` set) if the solver gives up.
+    """
+    from .errors import SolverError
+
+    torch.manual_seed(seed)
+    block = ODEBlock(channels, rtol=rtol, max_steps=max_steps)
+    x = seeded_feature_map(channels, size, batch, seed)
+    mix = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    with torch.no_grad():
+        target = 3.0 * mix(x)
+    opt = torch.optim.Adam(block.parameters(), lr=lr, weight_decay=weight_decay)
+    rows = []
+    for step in range(int(steps)):
+        opt.zero_grad(set_to_none=True)
+        try:
+            loss = torch.nn.functional.mse_loss(block(x), target)
+            loss.backward()
+        except SolverError as err:
+            rows.append(dict(step=step, loss=None, nfe_forward=None, nfe_backward=None, error=str(err)))
+            break
+        opt.step()
+        rows.append(dict(step=step, loss=float(loss.detach()), nfe_forward=int(block.nfe_forward),
+                         nfe_backward=int(block.nfe_backward)))
+    return rows
+
+
+# ============================================================================ chapter 3: data
+
+def luma_histogram(image_bgr: np.ndarray) -> np.ndarray:
+    """256-bin histogram (fractions of pixels) of the Y (luma) channel of a BGR uint8 image."""
+    import cv2
+
+    y = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2YUV)[..., 0]
+    return np.bincount(y.ravel(), minlength=256).astype(np.float64) / y.size
+
+
+def _rgb(image_bgr: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(image_bgr[..., ::-1])
+
+
+def plot_clahe(image_bgr: np.ndarray, clip_limit: float = 2.0, tile_grid=(8, 8), fig=None, title: str = ""):
+    """Figure: the image before and after :func:`~bloodseg.clahe_on_luma`, and both luma histograms.
+
+    Returns the matplotlib figure (drawn into ``fig`` when given, for an interactive explorer).
+    """
+    import matplotlib.pyplot as plt
+
+    from .preprocess import clahe_on_luma
+
+    after = clahe_on_luma(image_bgr, clip_limit=clip_limit, tile_grid=tuple(tile_grid))
+    if fig is None:
+        fig = plt.figure(figsize=(11, 3.2))
+    fig.clear()
+    axes = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=[1, 1, 1.1]))
+    axes[0].imshow(_rgb(image_bgr))
+    axes[0].set_title("original")
+    axes[1].imshow(_rgb(after))
+    axes[1].set_title(f"CLAHE on Y (clip {clip_limit:g}, tiles {tile_grid[0]}x{tile_grid[1]})")
+    for ax in axes[:2]:
+        ax.axis("off")
+    bins = np.arange(256)
+    axes[2].fill_between(bins, luma_histogram(image_bgr), step="mid", alpha=0.5, label="original")
+    axes[2].fill_between(bins, luma_histogram(after), step="mid", alpha=0.5, label="after CLAHE")
+    axes[2].set_xlabel("luma Y (0-255)")
+    axes[2].set_ylabel("fraction of pixels")
+    axes[2].legend(loc="upper left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pairs(rows, titles=None, overlay_alpha: float | None = None, height: float = 2.6):
+    """A grid with one row per ``(image BGR, mask)`` pair: the image and its colourised mask
+    (and, with ``overlay_alpha``, the mask tinted over the image). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from .synthetic import colourise_mask, overlay
+
+    rows = list(rows)
+    ncol = 3 if overlay_alpha else 2
+    first = rows[0][0]
+    aspect = first.shape[1] / first.shape[0]
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(ncol * height * aspect, len(rows) * height),
+                             squeeze=False)
+    for i, (image, mask) in enumerate(rows):
+        panels = [_rgb(image), _rgb(colourise_mask(mask))]
+        names = ["image", "mask"]
+        if overlay_alpha:
+            panels.append(_rgb(overlay(image, mask, overlay_alpha)))
+            names.append("overlay")
+        for j, (panel, name) in enumerate(zip(panels, names)):
+            axes[i, j].imshow(panel)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            label = f"{titles[i]}: {name}" if titles else name
+            axes[i, j].set_title(label, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gallery(samples, titles=None, height: float = 1.9):
+    """Samples (or ``(image, mask)`` pairs) side by side: images on the top row, masks below."""
+    import matplotlib.pyplot as plt
+
+    from .synthetic import colourise_mask
+
+    samples = list(samples)
+    fig, axes = plt.subplots(2, len(samples), figsize=(len(samples) * height, 2 * height), squeeze=False)
+    for j, item in enumerate(samples):
+        image, mask = (item.image, item.mask) if hasattr(item, "mask") else item
+        axes[0, j].imshow(_rgb(image))
+        axes[1, j].imshow(_rgb(colourise_mask(mask)))
+        if titles:
+            axes[0, j].set_title(titles[j], fontsize=8)
+        for ax in axes[:, j]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("image")
+    axes[1, 0].set_ylabel("mask")
+    fig.tight_layout()
+    return fig
+
+
+def class_fractions(masks) -> np.ndarray:
+    """Fractions of background, white-cell and red-cell pixels over masks (or Samples)."""
+    counts = np.zeros(3, np.int64)
+    for m in masks:
+        m = getattr(m, "mask", m)
+        counts += np.bincount(np.asarray(m).ravel(), minlength=3)[:3]
+    total = counts.sum()
+    return counts / total if total else counts.astype(np.float64)
+
+
+def split_balance(splits: dict) -> list[dict]:
+    """One row per split: ``split``, ``samples``, ``sources``, ``pixels`` and the three class fractions."""
+    from .synthetic import CLASS_NAMES
+
+    rows = []
+    for name, samples in splits.items():
+        frac = class_fractions(samples)
+        row = dict(split=name, samples=len(samples), sources=len({s.source for s in samples}),
+                   pixels=int(sum(s.mask.size for s in samples)))
+        row.update({cls: float(f) for cls, f in zip(CLASS_NAMES, frac)})
+        rows.append(row)
+    return rows
+
+
+def plot_split_balance(rows: list[dict], title: str = ""):
+    """Grouped bar chart of :func:`split_balance` rows (class fractions per split)."""
+    import matplotlib.pyplot as plt
+
+    from .synthetic import CLASS_NAMES, PALETTE_BGR
+
+    colours = [tuple(c / 255 for c in PALETTE_BGR[i][::-1]) for i in range(3)]
+    colours[0] = (0.6, 0.6, 0.6)   # black bars are hard to read: grey for background
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    width = 0.26
+    for k, (cls, colour) in enumerate(zip(CLASS_NAMES, colours)):
+        xs = np.arange(len(rows)) + (k - 1) * width
+        ax.bar(xs, [r[cls] for r in rows], width, label=cls, color=colour)
+    ax.set_xticks(np.arange(len(rows)), [f"{r['split']}\n({r['samples']} patches)" for r in rows])
+    ax.set_ylabel("fraction of pixels")
+    top = max(max(r[c] for c in CLASS_NAMES) for r in rows) if rows else 1.0
+    ax.set_ylim(0, 1.3 * top)
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def baseline_scores(pairs) -> dict:
+    """Scores (:func:`bloodseg.metrics.scores`) of :func:`~bloodseg.colour_threshold_baseline` on
+    ``(image BGR, mask)`` pairs (or Samples), from one confusion matrix over all of them, plus
+    ``per_image_miou``."""
+    from .metrics import ConfusionMatrix, confusion_matrix, scores
+    from .synthetic import colour_threshold_baseline
+
+    cm = ConfusionMatrix(3)
+    per_image = []
+    for item in pairs:
+        image, mask = (item.image, item.mask) if hasattr(item, "mask") else item
+        pred = colour_threshold_baseline(image)
+        cm.update(pred, mask)
+        per_image.append(scores(confusion_matrix(pred, mask))["miou"])
+    out = cm.scores()
+    out["per_image_miou"] = per_image
+    return out
