@@ -173,6 +173,9 @@ def save_checkpoint(path, model, optimizer=None, **state) -> Path:
         "model_state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
         "torch_version": str(torch.__version__),
+        # a model trained on resized images (realdata: BCCD at half size) keeps its scale, so that
+        # predict_image resizes every image the same way (see bloodseg.infer)
+        **({"input_scale": float(net.input_scale)} if getattr(net, "input_scale", 1.0) != 1.0 else {}),
         **state,
     }
     path = Path(path)
@@ -231,6 +234,8 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint", classes: int | None = N
         first = str(exc).splitlines()[0:3]
         raise CheckpointError(f"the weights in {path} do not fit a '{ckpt['model_name']}' model "
                               f"with options {opts}: {' '.join(first)}") from None
+    if ckpt.get("input_scale", 1.0) != 1.0:
+        model.input_scale = float(ckpt["input_scale"])
     return model
 
 
@@ -404,8 +409,11 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
         from .distributed import convert_sync_batchnorm, ddp_options, revert_sync_batchnorm
         if cfg.sync_bn:
             sync_bn = convert_sync_batchnorm(net, device)
+        # No buffer broadcast at each forward: synchronised BatchNorm keeps running statistics
+        # identical, and the ODE-blocks' NFE counters are per process by design. Per-process
+        # BatchNorm (sync_bn=False) gets DDP's default: rank 0's buffers copied to all.
         model = torch.nn.parallel.DistributedDataParallel(
-            net, **ddp_options(device, sync_buffers=not sync_bn))
+            net, **ddp_options(device, sync_buffers=not cfg.sync_bn))
     else:
         model = net
 
