@@ -1,0 +1,406 @@
+"""``bloodseg bench``: size, speed and memory of every network of the paper, measured in one go.
+
+For each model (``unet``, ``ode-unet-1`` … ``ode-unet-9``, ``resunet``, ``nodes-unet``) at one width
+(paper: 32) and image size (paper: 256x256):
+
+* **parameters** and **parameter memory** (MiB of float32 weights: the paper's Table 2 "M");
+* **inference time** for ``n_images`` synthetic smears of ``size x size`` passed one at a time after
+  warm-up passes (CUDA synchronised on a GPU) — the paper's "time for 20 images" (Table 1), and its
+  **ratio to the U-Net's** time next to the paper's ratio;
+* **forward NFE** of every ODE-block (evaluations of f per forward, averaged over the images);
+* one **training step** (forward, cross-entropy, backward, Adam update on a batch of ``batch``
+  smears): time and peak memory, with direct backprop and with the adjoint.
+
+How peak memory is measured. On CUDA: ``torch.cuda.max_memory_allocated`` during the step minus what
+was allocated before it (tensors only, exact). On a CPU there is no allocator counter, so every
+(model, backprop mode) runs its training steps in a *fresh Python process* and we read the kernel's
+peak resident set size: the peak is reset just before the measured step by writing ``5`` to
+``/proc/self/clear_refs`` and read back as ``VmHWM`` (Linux), minus ``VmRSS`` before the step. The
+child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc hands every block of 64 KiB or more back to
+the kernel when it is freed (otherwise freed memory stays in the process and hides the next peak).
+Where ``clear_refs`` cannot be written, the fallback is ``ru_maxrss`` of that fresh process minus its
+RSS before the first step (this includes the warm-up step, which is the same computation). As an
+exact cross-check we also count the bytes autograd saves for backward (``saved_mb``, via
+``torch.autograd.graph.saved_tensors_hooks``): the activations direct backprop keeps for every
+evaluation of f and the adjoint does not.
+
+Random weights are not trained weights: NFE (and so time) depends on the learned dynamics, and NFE
+usually grows during training (torchdiffeq issue 153). ``ckpt_dir`` benches trained checkpoints
+instead: for model ``m`` it loads ``<ckpt_dir>/<m>/best.pt`` when that file exists (the layout of
+``runs/<chapter>/<profile>/``); models without a checkpoint stay random and are marked so. A
+checkpoint is benched at its own width.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BloodsegError
+from .models import MODEL_NAMES, build_model, count_parameters, parameter_memory_mb
+from .ode import nfe_report, ode_blocks
+
+__all__ = ["paper_time_ratios", "bench_images", "time_inference", "training_step_cost", "run_bench",
+           "bench_rows", "format_bench", "checkpoint_for"]
+
+
+def _paper_times() -> dict:
+    from .experiments import PAPER_TABLE1
+    return {name: row["time_s"] for name, row in PAPER_TABLE1.items()}
+
+
+def paper_time_ratios() -> dict:
+    """The paper's Table 1 time of each model divided by its U-Net's (0.15 s for 20 images)."""
+    times = _paper_times()
+    return {name: t / times["unet"] for name, t in times.items()}
+
+
+# --------------------------------------------------------------------------- inputs
+
+def bench_images(n: int, size: int, seed: int = 1000) -> list[torch.Tensor]:
+    """``n`` synthetic smears of ``size x size`` as ``1 x 3 x size x size`` tensors (CLAHE applied).
+
+    Real-looking content, not noise: with trained weights the NFE depends on the input.
+    """
+    from .preprocess import image_to_tensor
+    from .synthetic import make_smear
+    return [image_to_tensor(make_smear(seed + i, size=(size, size))[0])[None] for i in range(n)]
+
+
+def _bench_masks(n: int, size: int, seed: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    from .preprocess import image_to_tensor
+    from .synthetic import make_smear
+    pairs = [make_smear(seed + i, size=(size, size)) for i in range(n)]
+    x = torch.stack([image_to_tensor(img) for img, _ in pairs])
+    y = torch.stack([torch.from_numpy(m.astype("int64")) for _, m in pairs])
+    return x, y
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_inference(model: torch.nn.Module, images: list[torch.Tensor], warmup: int = 2,
+                   device=None) -> dict:
+    """Time ``model`` on ``images`` passed one at a time (after ``warmup`` untimed passes).
+
+    Returns ``dict(time_s, time_per_image_s, n_images, nfe_forward)`` where ``nfe_forward`` maps each
+    ODE-block to its mean forward NFE over the timed images (empty for models without blocks).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device).eval()
+    images = [im.to(device) for im in images]
+    nfe_sum: dict[str, float] = {}
+    with torch.inference_mode():
+        for i in range(min(warmup, len(images))):
+            model(images[i])
+        _sync(device)
+        start = time.perf_counter()
+        for im in images:
+            model(im)
+            for block, (fwd, _) in nfe_report(model).items():
+                nfe_sum[block] = nfe_sum.get(block, 0) + fwd
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    n = max(len(images), 1)
+    return dict(time_s=elapsed, time_per_image_s=elapsed / n, n_images=len(images),
+                nfe_forward={k: v / n for k, v in nfe_sum.items()})
+
+
+# --------------------------------------------------------------------------- training step
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        _status_kib("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_bytes() -> int:
+    try:
+        return _status_kib("VmRSS") * 1024
+    except OSError:
+        return 0
+
+
+def _build_for_bench(name: str, width: int, adjoint: bool | None, ckpt: str | None,
+                     options: dict | None = None) -> torch.nn.Module:
+    extra = dict(options or {})
+    if adjoint is not None:
+        extra["adjoint"] = bool(adjoint)
+    if ckpt:
+        from .train import load_checkpoint, model_from_checkpoint
+        return model_from_checkpoint(load_checkpoint(ckpt), ckpt, **extra)
+    return build_model(name, width=width, **extra)
+
+
+def _train_steps(cfg: dict) -> dict:
+    """Runs where the memory is measured: warm-up step(s), then the measured step(s)."""
+    device = torch.device(cfg["device"])
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    has_ode = cfg["adjoint"] is not None
+    torch.manual_seed(int(cfg["seed"]))
+    model = _build_for_bench(cfg["model"], cfg["width"], cfg["adjoint"] if has_ode else None,
+                             cfg.get("ckpt"), cfg.get("options")).to(device).train()
+    x, y = _bench_masks(int(cfg["batch"]), int(cfg["size"]))
+    x, y = x.to(device), y.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    seen, saved = set(), [0]
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+        except (RuntimeError, NotImplementedError):
+            key = (id(t), t.numel() * t.element_size())
+        if key not in seen:
+            seen.add(key)
+            saved[0] += key[1]
+        return t
+
+    def step(count_saved: bool):
+        seen.clear()
+        saved[0] = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if count_saved:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logits = model(x)
+        else:
+            logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    cpu = device.type == "cpu"
+    can_reset = cpu and _reset_peak_rss()
+    rss_start = _rss_bytes()
+    for _ in range(int(cfg["warmup"])):
+        step(False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        how = "torch.cuda.max_memory_allocated during the step minus allocated before (tensors only)"
+    elif can_reset:
+        before = _rss_bytes()
+        _reset_peak_rss()
+        how = ("peak RSS of a fresh process per model and mode (VmHWM reset before the step, minus "
+               "VmRSS before it; glibc mmap threshold 64 KiB)")
+    else:
+        before = rss_start
+        how = "ru_maxrss of a fresh process per model and mode minus its RSS before the first step"
+    seconds = step(True)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - before
+    elif can_reset:
+        peak = _status_kib("VmHWM") * 1024 - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    saved_mb = saved[0] / 2 ** 20
+    times = [seconds]
+    for _ in range(int(cfg["repeats"]) - 1):
+        times.append(step(False))
+    report = nfe_report(model)
+    return dict(step_s=min(times), step_times_s=times, peak_mb=peak / 2 ** 20, saved_mb=saved_mb,
+                nfe_forward=sum(f for f, _ in report.values()),
+                nfe_backward=sum(b for _, b in report.values()), memory_how=how)
+
+
+def _child() -> None:  # pragma: no cover - runs in the measuring subprocess
+    cfg = json.loads(sys.stdin.read())
+    try:
+        out = _train_steps(cfg)
+    except BloodsegError as exc:
+        out = dict(error=str(exc))
+    print("BLOODSEG_BENCH " + json.dumps(out), flush=True)
+
+
+def training_step_cost(model: str, width: int = 32, size: int = 256, batch: int = 2,
+                       adjoint: bool | None = False, device="cpu", ckpt: str | None = None,
+                       options: dict | None = None, warmup: int = 1, repeats: int = 1, seed: int = 0, subprocess_on_cpu: bool = True,
+                       timeout: float = 1800) -> dict:
+    """Time and peak memory of one training step of ``model`` (``adjoint`` None: no ODE-blocks).
+
+    ``options`` go to :func:`~bloodseg.build_model` (or override a checkpoint's solver settings,
+    e.g. ``dict(rtol=1e-6)``).
+    On a CPU the steps run in a fresh Python process (see the module docstring), on CUDA in this
+    one. Returns ``dict(step_s, peak_mb, saved_mb, nfe_forward, nfe_backward, memory_how)``, or
+    ``dict(error=...)`` when the solver gave up.
+    """
+    device = torch.device(device)
+    cfg = dict(model=model, width=int(width), size=int(size), batch=int(batch), adjoint=adjoint,
+               device=str(device), ckpt=str(ckpt) if ckpt else None, options=dict(options or {}),
+               warmup=int(warmup),
+               repeats=max(1, int(repeats)), seed=int(seed), threads=torch.get_num_threads())
+    if device.type != "cpu" or not subprocess_on_cpu:
+        try:
+            return _train_steps(cfg)
+        except BloodsegError as exc:
+            return dict(error=str(exc))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    proc = subprocess.run([sys.executable, "-c", "from bloodseg.bench import _child; _child()"],
+                          input=json.dumps(cfg), capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BLOODSEG_BENCH ")]
+    if proc.returncode != 0 or not lines:
+        raise BloodsegError(f"the measuring process for {model} failed (exit {proc.returncode}):\n"
+                            f"{proc.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1][len("BLOODSEG_BENCH "):])
+
+
+# --------------------------------------------------------------------------- the whole bench
+
+def checkpoint_for(name: str, ckpt_dir) -> str | None:
+    """``<ckpt_dir>/<name>/best.pt`` if it exists, else None."""
+    if not ckpt_dir:
+        return None
+    path = Path(ckpt_dir) / name / "best.pt"
+    return str(path) if path.is_file() else None
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_bench(models=MODEL_NAMES, width: int = 32, size: int = 256, n_images: int = 20,
+              batch: int = 2, device=None, ckpt_dir=None, train: bool = True, adjoint: bool = True,
+              warmup: int = 2, repeats: int = 1, progress=None) -> dict:
+    """Measure every model of ``models`` (see the module docstring); returns a JSON-able dict.
+
+    ``{"config": {...}, "models": [row, ...]}``: each row has ``model, weights, width, params,
+    param_mb, time_s, time_per_image_s, time_20_s, ratio_to_unet, paper_time_20_s,
+    paper_ratio_to_unet, nfe_forward (per block), nfe_forward_total, train``; ``train`` maps
+    ``"direct"`` and ``"adjoint"`` to the step cost (``"adjoint"`` is None for models without
+    ODE-blocks; ``train`` is None with ``train=False``). The U-Net is always measured, as the
+    reference of the ratios, and added first if ``models`` lacks it.
+    """
+    models = [m.strip().lower() for m in (models.split(",") if isinstance(models, str) else models)]
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown or not models:
+        raise BloodsegError(f"unknown model(s) {', '.join(unknown) or '(none)'}: choose from "
+                            f"{', '.join(MODEL_NAMES)}")
+    if "unet" not in models:
+        models = ["unet"] + models
+    for what, v in (("size", size), ("width", width), ("n_images", n_images), ("batch", batch)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise BloodsegError(f"{what} must be a positive integer, got {v!r}")
+    if size % 16:
+        raise BloodsegError(f"size must be a multiple of 16 (four 2x2 poolings), got {size}")
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BloodsegError("--device cuda was asked for, but CUDA is not available here; use --device cpu")
+    say = progress or (lambda msg: None)
+    images = bench_images(n_images, size)
+    paper_times = _paper_times()
+    rows = []
+    for name in models:
+        ckpt = checkpoint_for(name, ckpt_dir)
+        torch.manual_seed(0)
+        model = _build_for_bench(name, width, None, ckpt)
+        has_ode = bool(ode_blocks(model))
+        row = dict(model=name, weights=ckpt or "random", width=int(model.options.get("width", width)),
+                   params=count_parameters(model), param_mb=parameter_memory_mb(model))
+        say(f"{name}: inference on {n_images} images of {size}x{size} ...")
+        row.update(time_inference(model, images, warmup=warmup, device=device))
+        row["time_20_s"] = row["time_per_image_s"] * 20
+        row["nfe_forward_total"] = sum(row["nfe_forward"].values())
+        row["paper_time_20_s"] = paper_times.get(name)
+        del model
+        if train:
+            say(f"{name}: training step(s), batch {batch} ...")
+            row["train"] = {"direct": training_step_cost(
+                name, width, size, batch, adjoint=False if has_ode else None, device=device, ckpt=ckpt,
+                repeats=repeats)}
+            row["train"]["adjoint"] = (training_step_cost(
+                name, width, size, batch, adjoint=True, device=device, ckpt=ckpt, repeats=repeats)
+                if has_ode and adjoint else None)
+        else:
+            row["train"] = None
+        rows.append(row)
+    ref = next(r for r in rows if r["model"] == "unet")
+    for row in rows:
+        row["ratio_to_unet"] = row["time_per_image_s"] / ref["time_per_image_s"]
+        p = row["paper_time_20_s"]
+        row["paper_ratio_to_unet"] = p / paper_times["unet"] if p is not None else None
+    how = next((r["train"]["direct"].get("memory_how") for r in rows
+                if r["train"] and "memory_how" in r["train"]["direct"]), None)
+    config = dict(width=width, size=size, n_images=n_images, batch=batch, device=str(device),
+                  device_name=_device_label(device), torch=str(torch.__version__),
+                  threads=torch.get_num_threads(), ckpt_dir=str(ckpt_dir) if ckpt_dir else None,
+                  warmup=warmup, repeats=repeats, memory_how=how,
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  paper_reference="Li et al. 2021, Table 1: time for 20 images, GTX 1080 Ti, 256x256")
+    return dict(config=config, models=rows)
+
+
+def _fmt(v, spec: str, missing: str = "-") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return missing
+    return format(v, spec)
+
+
+def bench_rows(result: dict) -> list[dict]:
+    """One flat dict per model (for a table or a DataFrame)."""
+    out = []
+    for r in result["models"]:
+        tr = r.get("train") or {}
+        d, a = tr.get("direct") or {}, tr.get("adjoint") or {}
+        out.append({
+            "model": r["model"], "params": r["params"], "param MB": r["param_mb"],
+            f"time {r['n_images']} img (s)": r["time_s"], "x U-Net": r["ratio_to_unet"],
+            "paper x U-Net": r["paper_ratio_to_unet"],
+            "NFE fwd": ("/".join(f"{v:.0f}" for v in r["nfe_forward"].values()) or None),
+            "step s": d.get("step_s"), "peak MB": d.get("peak_mb"),
+            "step s adj": a.get("step_s"), "peak MB adj": a.get("peak_mb"),
+            "weights": "trained" if r["weights"] != "random" else "random"})
+    return out
+
+
+def format_bench(result: dict) -> str:
+    """The bench as a plain-text table, with its configuration on top."""
+    c = result["config"]
+    head = (f"bloodseg bench: width {c['width']}, {c['size']}x{c['size']}, {c['n_images']} images "
+            f"(one at a time), train batch {c['batch']}, device {c['device_name']}, torch {c['torch']}")
+    cols = [("model", 12, "s"), ("params", 10, ","), ("param MB", 9, ".2f"),
+            (f"time {c['n_images']} img (s)", 16, ".3f"), ("x U-Net", 8, ".2f"),
+            ("paper x U-Net", 13, ".1f"), ("NFE fwd", 9, "s"), ("step s", 8, ".2f"),
+            ("peak MB", 9, ".0f"), ("step s adj", 10, ".2f"), ("peak MB adj", 11, ".0f"),
+            ("weights", 8, "s")]
+    lines = [head, "  ".join(name.rjust(w) for name, w, _ in cols)]
+    for row in bench_rows(result):
+        lines.append("  ".join(_fmt(row[name], spec).rjust(w) for name, w, spec in cols))
+    lines.append("x U-Net: inference time / the U-Net's; paper x U-Net: Table 1 of Li et al. 2021 "
+                 "(20 images, 256x256, GTX 1080 Ti, Keras). NFE fwd: forward NFE per ODE-block.")
+    if c.get("memory_how"):
+        lines.append(f"peak MB: {c['memory_how']}.")
+    if not c.get("ckpt_dir"):
+        lines.append("Random weights: trained ODE-blocks usually need more NFE (use --ckpt-dir).")
+    return "\n".join(lines)
