@@ -21,3 +21,4 @@ from .models import (MODEL_NAMES, NODES_UNET_BLOCKS, ResUNet, UNet, build_model,
 from .metrics import ConfusionMatrix, confusion_matrix, per_image_scores, scores
 from .train import TrainConfig, evaluate, fit, load_checkpoint, load_model, save_checkpoint
 from .infer import predict_files, predict_image, predict_probabilities
+from .count import count_cells

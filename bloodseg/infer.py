@@ -48,10 +48,30 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
     return sorted(set(starts))
 
 
-@torch.inference_mode()
 def predict_probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: int = 512,
                           overlap: int = 64, clahe: bool = True) -> torch.Tensor:
-    """Class probabilities ``C x H x W`` for one BGR uint8 image of any size."""
+    """Class probabilities ``C x H x W`` for one BGR uint8 image of any size.
+
+    A model with an ``input_scale`` attribute other than 1 (restored from its checkpoint, e.g.
+    0.5 for the BCCD models, trained on half-size photographs) sees the image resized by that
+    factor (``tile`` and ``overlap`` then count resized pixels); its probabilities are resized
+    back bilinearly, so the mask always has the image's size.
+    """
+    scale = float(getattr(model, "input_scale", 1.0))
+    if scale == 1.0:
+        return _probabilities(model, image_bgr, tile, overlap, clahe)
+    if not scale > 0:
+        raise BloodsegError(f"model.input_scale must be positive; got {scale}")
+    h, w = image_bgr.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    probs = _probabilities(model, small, tile, overlap, clahe)
+    return F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+@torch.inference_mode()
+def _probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: int, overlap: int,
+                   clahe: bool) -> torch.Tensor:
     if tile % 16 or tile < 16:
         raise BloodsegError(f"tile must be a positive multiple of 16; got {tile}")
     if not 0 <= overlap < tile:
@@ -113,11 +133,35 @@ def _writable_dir(out_dir) -> Path:
     return out_dir
 
 
+def check_output_names(files: list[Path], out_dir: Path, suffixes=("", "_overlay")) -> None:
+    """Raise :class:`DataError` if outputs ``<stem><suffix>.png`` in ``out_dir`` would collide with
+    each other or overwrite one of the input ``files``."""
+    by_stem: dict[str, Path] = {}
+    for f in files:
+        if f.stem in by_stem and by_stem[f.stem].resolve() != f.resolve():
+            raise DataError(f"two inputs share the name {f.stem!r} ({by_stem[f.stem]} and {f}); their "
+                            f"outputs {f.stem}.png would overwrite each other in {out_dir}. Rename one, "
+                            "or predict them into different --out folders")
+        by_stem[f.stem] = f
+    inputs = {f.resolve() for f in files}
+    for f in files:
+        for suffix in suffixes:
+            target = (out_dir / f"{f.stem}{suffix}.png").resolve()
+            if target in inputs:
+                raise DataError(f"writing {target} would overwrite the input image {target}; choose "
+                                "another --out folder than the one that holds the images")
+
+
 def predict_files(model: torch.nn.Module, paths, out_dir, tile: int = 512, overlap: int = 64,
                   overlays: bool = True) -> list[dict]:
-    """Predict every image; write ``<stem>.png`` (mask, values 0/1/2) and ``<stem>_overlay.png``."""
+    """Predict every image; write ``<stem>.png`` (mask, values 0/1/2) and ``<stem>_overlay.png``.
+
+    Refuses (before writing anything) when two inputs share a stem, or when an output would
+    overwrite an input image (e.g. ``--out`` is the input folder and an input is ``<stem>.png``).
+    """
     files = expand_inputs(paths)
     out_dir = _writable_dir(out_dir)
+    check_output_names(files, out_dir, ("", "_overlay") if overlays else ("",))
     results = []
     for f in files:
         image = read_image(f)

@@ -243,13 +243,53 @@ def _illumination(rng, h, w, jitter):
     return field[..., None] * level.astype(np.float32)
 
 
-def make_smear(seed: int, size=(519, 775), **spec) -> tuple[np.ndarray, np.ndarray]:
-    """Paint one synthetic blood smear; return ``(image, mask)``.
+def _full_area(blob: _Blob) -> int:
+    """Pixels of a blob's whole shape (coverage >= 0.5), including any part outside the image."""
+    e = blob.extent()
+    ys = np.arange(int(blob.cy - e), int(blob.cy + e) + 2, dtype=np.float32)[:, None]
+    xs = np.arange(int(blob.cx - e), int(blob.cx + e) + 2, dtype=np.float32)[None, :]
+    return int((blob.coverage(ys, xs)[0] >= 0.5).sum())
+
+
+def _visible_counts(mask: np.ndarray, red: list, white: list) -> dict:
+    """Exact cell counts of a painted smear (see :func:`make_smear`, ``return_counts``)."""
+    h, w = mask.shape
+    counts = {"n_white": 0, "n_red": 0, "n_white_drawn": 0, "n_red_drawn": 0}
+    for key, cls, blobs in (("white", WHITE_CELL, [c for c, _, _ in white]),
+                            ("red", RED_CELL, [b for b, _, _ in red])):
+        for blob in blobs:
+            reg = _region(blob, h, w)
+            if reg is None:
+                continue
+            sl, ys, xs = reg
+            own = blob.coverage(ys, xs)[0] >= 0.5
+            if not own.any():
+                continue
+            counts[f"n_{key}_drawn"] += 1
+            visible = int((own & (mask[sl] == cls)).sum())
+            counts[f"n_{key}"] += int(visible >= 0.5 * _full_area(blob))
+    return counts
+
+
+def smear_counts(seed: int, size=(519, 775), **spec) -> dict:
+    """Exact cell counts of ``make_smear(seed, size, **spec)``: ``make_smear(..., return_counts=True)[2]``."""
+    return make_smear(seed, size=size, return_counts=True, **spec)[2]
+
+
+def make_smear(seed: int, size=(519, 775), return_counts: bool = False, **spec):
+    """Paint one synthetic blood smear; return ``(image, mask)``, or ``(image, mask, counts)``.
 
     ``image`` is OpenCV BGR ``uint8 HxWx3``; ``mask`` is ``uint8 HxW`` with 0 background
     (plasma and platelets), 1 white cell (nucleus and cytoplasm), 2 red cell. ``size`` is
     (height, width), the paper's MISP smears are 519x775. ``spec`` overrides fields of
     :class:`SmearSpec`. The same ``seed`` gives byte-identical output.
+
+    With ``return_counts=True`` a third item gives the exact number of cells, for counting
+    experiments: ``n_white`` / ``n_red`` count a cell when at least half of its whole shape is
+    visible in the mask, i.e. lies inside the image and is labelled with its class there (not
+    hidden under a white cell or a platelet, not cut off by the border); overlapping red cells
+    stay visible, each of them. ``n_white_drawn`` / ``n_red_drawn`` count every cell with at
+    least one pixel in the image. Image and mask are the same either way.
     """
     cfg = _spec(spec)
     h, w = _check_size(size)
@@ -342,6 +382,8 @@ def make_smear(seed: int, size=(519, 775), **spec) -> tuple[np.ndarray, np.ndarr
     quality = int(rng.integers(int(cfg.jpeg_quality[0]), int(cfg.jpeg_quality[1]) + 1))
     _, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if return_counts:
+        return image, mask, _visible_counts(mask, red, white)
     return image, mask
 
 

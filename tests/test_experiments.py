@@ -276,7 +276,7 @@ def test_ledger_computes_verdicts_from_saved_results(results_dir):
     assert rows["Table 1 accuracy about flat across positions (MIoU spread)"]["verdict"] == ex.HOLDS
     assert rows["Looser test-time tolerance segments faster (time loosest/tightest)"]["ours"] == pytest.approx(1 / 3)
     assert rows["... at some cost in accuracy (MIoU loosest - tightest)"]["verdict"] == ex.HOLDS
-    mem = rows["Adjoint saves memory in a NODEs-UNet training step (adjoint / direct peak, rtol 1e-6)"]
+    mem = rows["Adjoint halves the peak memory of a NODEs-UNet training step (adjoint / direct, rtol 1e-6)"]
     assert mem["ours"] == pytest.approx(0.3) and mem["verdict"] == ex.HOLDS
     assert rows["A residual block is one Euler step of size 1 (§4.2)"]["verdict"] == ex.NOT_YET
     assert "cpu (test)" in gain["provenance"]
@@ -291,3 +291,28 @@ def test_headline_figure_draws_with_and_without_results(results_dir):
     _save(results_dir, "06_nodes_unet", "table2", {
         "unet": _fake(0.80, 1.0), "resunet": _fake(0.82, 1.2), "nodes-unet": _fake(0.81, 5.0)})
     plt.close(ex.plot_headline())
+
+
+def test_gains_within_seed_noise_are_not_judged(results_dir):
+    _save(results_dir, "06_nodes_unet", "table2", {
+        "unet": _fake(0.80, 1.0, pa=0.90), "resunet": _fake(0.90, 1.2, pa=0.905),
+        "nodes-unet": _fake(0.81, 5.0, pa=0.95)})
+    noise = dict(seeds=[0, 1, 2], miou_pp=[78.0, 81.0, 84.0], std_pp=3.0, range_pp=6.0,
+                 pa_pp=[90.0, 90.5, 91.0], pa_std_pp=0.5)
+    summary = ex.position_summary(_fake_table1(), noise)
+    assert summary["ours"]["within_seed_noise"] is True and "Seed noise" in ex.position_statement(summary)
+    _save(results_dir, "05_placement_ablation", "position_summary", summary)
+    rows = {r["claim"]: r for r in ex.claims_ledger()}
+    small = rows["NODEs-UNet MIoU gain over U-Net"]          # +1 pp < 2 x 3 pp
+    assert small["verdict"] == ex.UNTESTABLE and "seed" in small["note"]
+    assert rows["ResNet MIoU gain over U-Net"]["verdict"] == ex.HOLDS        # +10 pp
+    assert rows["NODEs-UNet PA gain over U-Net"]["verdict"] == ex.HOLDS      # +5 pp > 2 x 0.5 pp
+    assert rows["NODEs-UNet MIoU gain over ResNet"]["verdict"] == ex.FAILS   # -9 pp
+
+
+def test_seed_noise_retrains_with_other_seeds(runs):
+    data = ex.prepare_data(TINY)
+    results = ex.train_and_evaluate(["unet"], "chap", TINY, data, verbose=False)
+    noise = ex.seed_noise(results, TINY, "chap", data, seeds=(1,))
+    assert noise["seeds"] == [0, 1] and len(noise["miou_pp"]) == 2 and noise["std_pp"] >= 0
+    assert (runs / "chap" / "smoke" / "unet-seed1" / "best.pt").is_file()
