@@ -14,7 +14,7 @@ Chapter 2 (ODE-blocks)
     memory and time of one training step against tolerance), :func:`nfe_during_training`,
     :class:`ExplodingFunc` (dynamics that blow up, to show the step cap).
 Chapter 3 (data)
-    :func:`luma_histogram`, :func:`plot_clahe`, :func:`plot_pairs`, :func:`plot_gallery`, :func:`class_fractions`,
+    :func:`luma_histogram`, :func:`luma_contrast`, :func:`clahe_contrast`, :func:`plot_clahe`, :func:`plot_pairs`, :func:`plot_gallery`, :func:`class_fractions`,
     :func:`split_balance`, :func:`plot_split_balance`, :func:`baseline_scores`.
 
 How memory is measured (:func:`training_step_cost`). On CUDA: ``torch.cuda.max_memory_allocated``
@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from .errors import BloodsegError
+from .memory import count_saved_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .ode import ODEBlock, ResidualBlock
 
 __all__ = [
@@ -254,41 +255,20 @@ STEP_COST_SIZES = {
 }
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{key} not in /proc/self/status")
-
-
 def _one_step(block, x, target, opt, device):
     """One training step: forward, MSE loss, backward, SGD step. Returns (seconds, saved bytes)."""
-    seen, saved = set(), [0]
-
-    def pack(t):
-        try:
-            storage = t.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-        except (RuntimeError, NotImplementedError):
-            key = (id(t), t.numel() * t.element_size())
-        if key not in seen:
-            seen.add(key)
-            saved[0] += key[1]
-        return t
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved_bytes() as saved:
         out = block(x)
     loss = torch.nn.functional.mse_loss(out, target)
     loss.backward()
     opt.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start, saved[0]
+    return time.perf_counter() - start, saved.nbytes
 
 
 def _step_cost_configs(cfg: dict) -> list[dict]:
@@ -298,13 +278,7 @@ def _step_cost_configs(cfg: dict) -> list[dict]:
     shape = (cfg["batch"], cfg["channels"], cfg["size"], cfg["size"])
     x = torch.randn(*shape, generator=gen).to(device)
     target = torch.randn(*shape, generator=gen).to(device)
-    cpu_peak = device.type == "cpu"
-    if cpu_peak:
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-        except OSError:
-            cpu_peak = None   # no way to reset the peak RSS here: report time only
+    cpu_peak = device.type == "cpu" and reset_peak_rss()   # False: no way to reset the peak RSS, time only
     rows = []
     for adjoint in cfg["adjoint"]:
         torch.manual_seed(int(cfg["seed"]))
@@ -322,14 +296,13 @@ def _step_cost_configs(cfg: dict) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
             elif cpu_peak:
-                before = _status_kib("VmRSS") * 1024
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")
+                before = rss_bytes()
+                reset_peak_rss()
             seconds, saved = _one_step(block, x, target, opt, device)
             if device.type == "cuda":
                 row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
             elif cpu_peak:
-                row["peak_mb"] = (_status_kib("VmHWM") * 1024 - before) / 2 ** 20
+                row["peak_mb"] = (peak_rss_bytes() - before) / 2 ** 20
             else:
                 row["peak_mb"] = None
             times = [seconds]
@@ -434,6 +407,37 @@ def luma_histogram(image_bgr: np.ndarray) -> np.ndarray:
 
     y = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2YUV)[..., 0]
     return np.bincount(y.ravel(), minlength=256).astype(np.float64) / y.size
+
+
+def luma_contrast(image_bgr: np.ndarray) -> float:
+    """RMS contrast of a BGR uint8 image: the standard deviation of its luma (Y of YUV, 0-255)."""
+    hist = luma_histogram(image_bgr)
+    bins = np.arange(256)
+    mean = float((bins * hist).sum())
+    return float(np.sqrt(((bins - mean) ** 2 * hist).sum()))
+
+
+def clahe_contrast(images: dict, clip_limit: float = 2.0, tile_grid=(8, 8)) -> dict:
+    """Luma contrast (:func:`luma_contrast`) of each image before and after :func:`~bloodseg.clahe_on_luma`.
+
+    ``images`` maps a name to a BGR uint8 image. Returns ``dict(contrast_before, contrast_after,
+    measure, clip_limit, tile_grid, images)``: the two contrasts averaged over the images, and
+    ``images``, one row ``dict(image, contrast_before, contrast_after, ratio)`` per image.
+    """
+    from .preprocess import clahe_on_luma
+
+    if not images:
+        raise BloodsegError("clahe_contrast needs at least one image")
+    rows = []
+    for name, image in images.items():
+        before = luma_contrast(image)
+        after = luma_contrast(clahe_on_luma(image, clip_limit=clip_limit, tile_grid=tuple(tile_grid)))
+        rows.append(dict(image=str(name), contrast_before=before, contrast_after=after,
+                         ratio=after / before if before > 0 else math.inf))
+    return dict(contrast_before=float(np.mean([r["contrast_before"] for r in rows])),
+                contrast_after=float(np.mean([r["contrast_after"] for r in rows])),
+                measure="standard deviation of the luma (Y of YUV, 0-255), mean over the images",
+                clip_limit=float(clip_limit), tile_grid=[int(t) for t in tile_grid], images=rows)
 
 
 def _rgb(image_bgr: np.ndarray) -> np.ndarray:

@@ -152,6 +152,19 @@ def _region(blob: _Blob, h, w):
     return (slice(y0, y1), slice(x0, x1)), ys, xs
 
 
+def _on_image(cells, h, w):
+    """Yield ``(cell, slices, ys, xs, coverage, radius)`` for every cell that overlaps the image.
+
+    ``cells`` are tuples whose first entry is the blob (a red cell's ``(blob, pallor, strength)``, a
+    white cell's ``(cell, lobes, cytoplasm)``); the rest are :func:`_region` and ``blob.coverage``.
+    """
+    for cell in cells:
+        reg = _region(cell[0], h, w)
+        if reg is not None:
+            sl, ys, xs = reg
+            yield (cell, sl, ys, xs, *cell[0].coverage(ys, xs))
+
+
 def _wobble(rng, amplitude, ks=(2, 3, 4, 5)):
     return tuple((k, float(rng.uniform(0, amplitude) / k ** 0.5), float(rng.uniform(0, 2 * np.pi)))
                  for k in ks)
@@ -255,14 +268,9 @@ def _visible_counts(mask: np.ndarray, red: list, white: list) -> dict:
     """Exact cell counts of a painted smear (see :func:`make_smear`, ``return_counts``)."""
     h, w = mask.shape
     counts = {"n_white": 0, "n_red": 0, "n_white_drawn": 0, "n_red_drawn": 0}
-    for key, cls, blobs in (("white", WHITE_CELL, [c for c, _, _ in white]),
-                            ("red", RED_CELL, [b for b, _, _ in red])):
-        for blob in blobs:
-            reg = _region(blob, h, w)
-            if reg is None:
-                continue
-            sl, ys, xs = reg
-            own = blob.coverage(ys, xs)[0] >= 0.5
+    for key, cls, cells in (("white", WHITE_CELL, white), ("red", RED_CELL, red)):
+        for (blob, *_), sl, _, _, cov, _ in _on_image(cells, h, w):
+            own = cov >= 0.5
             if not own.any():
                 continue
             counts[f"n_{key}_drawn"] += 1
@@ -307,24 +315,14 @@ def make_smear(seed: int, size=(519, 775), return_counts: bool = False, **spec):
     red = _place_red_cells(rng, h, w, cfg, [cell for cell, _, _ in white])
 
     # Red cells add their density (overlaps darken); the rim is thicker than the centre.
-    for blob, pallor, strength in red:
-        reg = _region(blob, h, w)
-        if reg is None:
-            continue
-        sl, ys, xs = reg
-        cov, rn = blob.coverage(ys, xs)
+    for (_, pallor, strength), sl, _, _, cov, rn in _on_image(red, h, w):
         thickness = pallor + (1.0 - pallor) * np.exp(-((rn - 0.8) / 0.3) ** 2)
         thickness *= 1 + 0.08 * mid[sl]
         od[sl] += (cov * thickness * strength)[..., None] * stain["rbc"]
         mask[sl][cov >= 0.5] = RED_CELL
 
     # White cells cover what lies below them: cytoplasm first, then the nucleus.
-    for cell, lobes, cyto in white:
-        reg = _region(cell, h, w)
-        if reg is None:
-            continue
-        sl, ys, xs = reg
-        cov, _ = cell.coverage(ys, xs)
+    for (_, lobes, cyto), sl, ys, xs, cov, _ in _on_image(white, h, w):
         nuc = np.zeros_like(cov)
         for lobe in lobes:
             nuc = np.maximum(nuc, lobe.coverage(ys, xs)[0])

@@ -1,8 +1,14 @@
-"""Shared fixtures: small synthetic data and the vendored BCCD sample, built once per session."""
+"""Shared fixtures: small synthetic data and the vendored BCCD sample, built once per session.
+
+Plain helpers (``ColourBlobs``, ``confusion``, ``miou``) are imported as ``from conftest import ...``,
+also by the worker processes that test_ddp.py and test_fault_injection.py start (tests/ on sys.path).
+"""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import Dataset
 
 from bloodseg.datasets import Sample, bccd_sample_dir, prepare_bccd
 from bloodseg.synthetic import make_smear
@@ -45,3 +51,22 @@ def miou(cm: np.ndarray) -> float:
     inter = np.diag(cm).astype(float)
     union = cm.sum(0) + cm.sum(1) - inter
     return float(np.mean(inter[union > 0] / union[union > 0]))
+
+
+class ColourBlobs(Dataset):
+    """``n`` 32x32 images whose class is written in the colour (deterministic by ``seed``): a
+    segmentation problem a width-4 model learns in a few steps. Items: (image 3x32x32, mask 32x32).
+    Fault-injecting tests subclass it and wrap ``__getitem__``."""
+
+    def __init__(self, n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.masks = torch.randint(0, 3, (n, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+        palette = torch.tensor([[0.9, 0.9, 0.9], [0.4, 0.2, 0.6], [0.9, 0.5, 0.5]])
+        self.images = palette[self.masks].permute(0, 3, 1, 2).contiguous()
+        self.images += 0.05 * torch.randn(self.images.shape, generator=g)
+
+    def __len__(self):
+        return len(self.masks)
+
+    def __getitem__(self, i):
+        return self.images[i], self.masks[i]

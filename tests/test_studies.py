@@ -145,6 +145,26 @@ def test_clahe_histograms_and_figures():
     plt.close("all")
 
 
+def test_luma_contrast_is_the_std_of_the_luma_and_clahe_raises_it():
+    flat = np.full((32, 48, 3), 200, np.uint8)
+    assert studies.luma_contrast(flat) == 0.0
+    halves = flat.copy()
+    halves[:, 24:] = 100                       # grey: luma = the grey level; two equal halves 100 apart
+    assert studies.luma_contrast(halves) == pytest.approx(50.0)
+    smear = make_smear(0, size=(96, 128))[0]
+    out = studies.clahe_contrast({"smear": smear, "halves": halves}, clip_limit=3.0, tile_grid=(4, 4))
+    smear_row = out["images"][0]
+    assert [r["image"] for r in out["images"]] == ["smear", "halves"]
+    assert smear_row["contrast_before"] == pytest.approx(studies.luma_contrast(smear))
+    assert smear_row["contrast_after"] > smear_row["contrast_before"]     # a smear's narrow luma spreads
+    assert smear_row["ratio"] == pytest.approx(smear_row["contrast_after"] / smear_row["contrast_before"])
+    assert out["contrast_before"] == pytest.approx(np.mean([r["contrast_before"] for r in out["images"]]))
+    assert out["contrast_after"] == pytest.approx(np.mean([r["contrast_after"] for r in out["images"]]))
+    assert (out["clip_limit"], out["tile_grid"]) == (3.0, [4, 4])
+    with pytest.raises(BloodsegError):
+        studies.clahe_contrast({})
+
+
 def test_class_balance_of_splits_and_baseline_scores():
     splits = synthetic_splits("smoke")
     rows = studies.split_balance(splits)
