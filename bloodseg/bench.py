@@ -46,10 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BloodsegError
+from .memory import count_saved_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .models import MODEL_NAMES, build_model, count_parameters, parameter_memory_mb
 from .ode import nfe_report, ode_blocks
 
-__all__ = ["paper_time_ratios", "bench_images", "time_inference", "training_step_cost", "run_bench",
+__all__ = ["paper_time_ratios", "plot_time_ratios", "bench_images", "time_inference", "training_step_cost", "run_bench",
            "bench_rows", "format_bench", "checkpoint_for"]
 
 
@@ -119,31 +120,6 @@ def time_inference(model: torch.nn.Module, images: list[torch.Tensor], warmup: i
 
 # --------------------------------------------------------------------------- training step
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        _status_kib("VmHWM")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_bytes() -> int:
-    try:
-        return _status_kib("VmRSS") * 1024
-    except OSError:
-        return 0
-
-
 def _build_for_bench(name: str, width: int, adjoint: bool | None, ckpt: str | None,
                      options: dict | None = None) -> torch.nn.Module:
     extra = dict(options or {})
@@ -167,28 +143,16 @@ def _train_steps(cfg: dict) -> dict:
     x, y = _bench_masks(int(cfg["batch"]), int(cfg["size"]))
     x, y = x.to(device), y.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    seen, saved = set(), [0]
-
-    def pack(t):
-        try:
-            storage = t.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-        except (RuntimeError, NotImplementedError):
-            key = (id(t), t.numel() * t.element_size())
-        if key not in seen:
-            seen.add(key)
-            saved[0] += key[1]
-        return t
+    saved = [0]
 
     def step(count_saved: bool):
-        seen.clear()
-        saved[0] = 0
         _sync(device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         if count_saved:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with count_saved_bytes() as counter:
                 logits = model(x)
+            saved[0] = counter.nbytes
         else:
             logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -198,8 +162,8 @@ def _train_steps(cfg: dict) -> dict:
         return time.perf_counter() - t0
 
     cpu = device.type == "cpu"
-    can_reset = cpu and _reset_peak_rss()
-    rss_start = _rss_bytes()
+    can_reset = cpu and reset_peak_rss()
+    rss_start = rss_bytes()
     for _ in range(int(cfg["warmup"])):
         step(False)
     if device.type == "cuda":
@@ -208,8 +172,8 @@ def _train_steps(cfg: dict) -> dict:
         before = torch.cuda.memory_allocated(device)
         how = "torch.cuda.max_memory_allocated during the step minus allocated before (tensors only)"
     elif can_reset:
-        before = _rss_bytes()
-        _reset_peak_rss()
+        before = rss_bytes()
+        reset_peak_rss()
         how = ("peak RSS of a fresh process per model and mode (VmHWM reset before the step, minus "
                "VmRSS before it; glibc mmap threshold 64 KiB)")
     else:
@@ -219,7 +183,7 @@ def _train_steps(cfg: dict) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - before
     elif can_reset:
-        peak = _status_kib("VmHWM") * 1024 - before
+        peak = peak_rss_bytes() - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     saved_mb = saved[0] / 2 ** 20
@@ -243,8 +207,8 @@ def _child() -> None:  # pragma: no cover - runs in the measuring subprocess
 
 def training_step_cost(model: str, width: int = 32, size: int = 256, batch: int = 2,
                        adjoint: bool | None = False, device="cpu", ckpt: str | None = None,
-                       options: dict | None = None, warmup: int = 1, repeats: int = 1, seed: int = 0, subprocess_on_cpu: bool = True,
-                       timeout: float = 1800) -> dict:
+                       options: dict | None = None, warmup: int = 1, repeats: int = 1, seed: int = 0,
+                       subprocess_on_cpu: bool = True, timeout: float = 1800) -> dict:
     """Time and peak memory of one training step of ``model`` (``adjoint`` None: no ODE-blocks).
 
     ``options`` go to :func:`~bloodseg.build_model` (or override a checkpoint's solver settings,
@@ -404,3 +368,24 @@ def format_bench(result: dict) -> str:
     if not c.get("ckpt_dir"):
         lines.append("Random weights: trained ODE-blocks usually need more NFE (use --ckpt-dir).")
     return "\n".join(lines)
+
+
+def plot_time_ratios(results: dict[str, dict], ax=None):
+    """Inference time over the U-Net's for the nine single-block positions, one line per bench result
+    (``{label: run_bench() result}``) next to the paper's Table 1, on a log axis. Returns the axes."""
+    import matplotlib.pyplot as plt
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.6))
+    positions = list(range(1, 10))
+    paper = paper_time_ratios()
+    ax.plot(positions, [paper.get(f"ode-unet-{k}", math.nan) for k in positions], "k--o", label="paper (GTX 1080 Ti)")
+    for label, result in results.items():
+        ratio = {r["model"]: r["ratio_to_unet"] for r in result["models"]}
+        ax.plot(positions, [ratio.get(f"ode-unet-{k}", math.nan) for k in positions], "-o", label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(positions)
+    ax.set_xlabel("ODE-block position (5 = bottom of the U)")
+    ax.set_ylabel("time / U-Net time")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.legend(fontsize=8)
+    return ax

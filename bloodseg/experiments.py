@@ -319,7 +319,7 @@ def train_and_evaluate(specs, chapter: str, budget: Budget, data: dict | None = 
                               seed=budget.seed, progress=False)
             if verbose:
                 print(f"{label}: training ({count_parameters(model):,} parameters) ...", flush=True)
-            history = fit(model, train_set, val_set, folder, cfg, device="cpu" if not torch.cuda.is_available() else None,
+            history = fit(model, train_set, val_set, folder, cfg,
                           on_epoch=_epoch_line(label, budget.epochs) if verbose else None)
             best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
             best = load_model(folder / "best.pt")
@@ -1031,6 +1031,22 @@ def _gain(table, a, b, key):
     return 100 * (table[a][key] - table[b][key])
 
 
+#: A ``bloodseg bench --device cuda`` result recorded on a GPU host (chapter 5 shows it).
+CUDA_BENCH = ("05_placement_ablation", "bench_cuda_h100.json")
+
+
+def bench_depth_rho(where=CUDA_BENCH) -> float:
+    """Spearman correlation between the U-Net level of the nine single-block positions and their
+    time in a recorded ``bloodseg bench`` JSON (``(chapter, file name)`` under the results folder)."""
+    from .report import RESULTS_DIR
+    path = Path(RESULTS_DIR) / where[0] / where[1]
+    if not path.is_file():
+        raise _Missing(str(path))
+    ratio = {r["model"]: r["ratio_to_unet"] for r in json.loads(path.read_text())["models"]}
+    pos = [p for p in range(1, 10) if f"ode-unet-{p}" in ratio]
+    return spearman([POSITION_LEVEL[p] for p in pos], [ratio[f"ode-unet-{p}"] for p in pos])
+
+
 def _claims(profile=None) -> list[dict]:
     """Each claim: text, the paper's value (from the constants above), how to measure ours, where."""
     P1, P2 = PAPER_TABLE1, PAPER_TABLE2
@@ -1113,6 +1129,12 @@ def _claims(profile=None) -> list[dict]:
             out[adjoint] = rs[-1]["peak_mb"] / rs[0]["peak_mb"]
         return out
 
+    def gain_claim(a, b, key):  # Table 2: model a's PA or MIoU gain over model b, in percentage points
+        label = {"nodes-unet": "NODEs-UNet", "resunet": "ResNet", "unet": "U-Net", "pa": "PA", "miou": "MIoU"}
+        return dict(claim=f"{label[a]} {label[key]} gain over {label[b]}", unit="pp", paper=paper_gain(P2, a, b, key),
+                    ours=lambda: _gain(t2(), a, b, key), verdict=direction(key), where="06_nodes_unet",
+                    note="holds if ours > 0, unless within seed noise")
+
     def param_ratio_32():
         rows = pmem()
         r = next(r for r in rows if r["model"] == "nodes-unet" and r["ode_hidden"] is None)
@@ -1125,25 +1147,8 @@ def _claims(profile=None) -> list[dict]:
         dict(claim="NODEs-UNet MIoU on the test set (abstract, Table 2)", unit="%",
              paper=P2["nodes-unet"]["miou"], ours=lambda: 100 * t2()["nodes-unet"]["miou"], verdict=absolute,
              where="06_nodes_unet", note="MISP01 is not available here; ours is on synthetic smears"),
-        dict(claim="NODEs-UNet PA gain over U-Net", unit="pp", paper=paper_gain(P2, "nodes-unet", "unet", "pa"),
-             ours=lambda: _gain(t2(), "nodes-unet", "unet", "pa"), verdict=direction("pa"), where="06_nodes_unet",
-             note="holds if ours > 0, unless within seed noise"),
-        dict(claim="NODEs-UNet MIoU gain over U-Net", unit="pp", paper=paper_gain(P2, "nodes-unet", "unet", "miou"),
-             ours=lambda: _gain(t2(), "nodes-unet", "unet", "miou"), verdict=direction("miou"), where="06_nodes_unet",
-             note="holds if ours > 0, unless within seed noise"),
-        dict(claim="NODEs-UNet PA gain over ResNet", unit="pp", paper=paper_gain(P2, "nodes-unet", "resunet", "pa"),
-             ours=lambda: _gain(t2(), "nodes-unet", "resunet", "pa"), verdict=direction("pa"), where="06_nodes_unet",
-             note="holds if ours > 0, unless within seed noise"),
-        dict(claim="NODEs-UNet MIoU gain over ResNet", unit="pp",
-             paper=paper_gain(P2, "nodes-unet", "resunet", "miou"),
-             ours=lambda: _gain(t2(), "nodes-unet", "resunet", "miou"), verdict=direction("miou"), where="06_nodes_unet",
-             note="holds if ours > 0, unless within seed noise"),
-        dict(claim="ResNet PA gain over U-Net", unit="pp", paper=paper_gain(P2, "resunet", "unet", "pa"),
-             ours=lambda: _gain(t2(), "resunet", "unet", "pa"), verdict=direction("pa"), where="06_nodes_unet",
-             note="holds if ours > 0, unless within seed noise"),
-        dict(claim="ResNet MIoU gain over U-Net", unit="pp", paper=paper_gain(P2, "resunet", "unet", "miou"),
-             ours=lambda: _gain(t2(), "resunet", "unet", "miou"), verdict=direction("miou"), where="06_nodes_unet",
-             note="holds if ours > 0, unless within seed noise"),
+        *(gain_claim(a, b, key) for a, b in (("nodes-unet", "unet"), ("nodes-unet", "resunet"), ("resunet", "unet"))
+          for key in ("pa", "miou")),
         dict(claim="An ODE-block at any position beats the U-Net's MIoU (Table 1)", unit="positions of 9",
              paper=sum(P1[f"ode-unet-{p}"]["miou"] > P1["unet"]["miou"] for p in range(1, 10)),
              ours=lambda: ps()["n_better_than_unet"], verdict=lambda v: HOLDS if v == 9 else FAILS,
@@ -1158,6 +1163,13 @@ def _claims(profile=None) -> list[dict]:
                                   [P1[f"ode-unet-{p}"]["time_s"] for p in range(1, 10)]), 2),
              ours=lambda: ps()["rho_depth_time"], verdict=lambda v: HOLDS if v <= DEEPER_FASTER_RHO else FAILS,
              where="05_placement_ablation", note=f"holds if rho <= {DEEPER_FASTER_RHO:g}"),
+        dict(claim="... the same on a GPU (H100, `bloodseg bench`, 256x256, width 32, random weights)", unit="rho",
+             paper=round(spearman([POSITION_LEVEL[p] for p in range(1, 10)],
+                                  [P1[f"ode-unet-{p}"]["time_s"] for p in range(1, 10)]), 2),
+             ours=lambda: bench_depth_rho(CUDA_BENCH), verdict=lambda v: HOLDS if v <= DEEPER_FASTER_RHO else FAILS,
+             where="05_placement_ablation",
+             note="a recorded bench run (not re-run by the book); one image at a time keeps a GPU waiting on "
+                  "kernel launches, so time follows the NFE more than the map size"),
         dict(claim="Fastest single-block position is the bottom of the U (5)", unit="position",
              paper=min(range(1, 10), key=lambda p: P1[f"ode-unet-{p}"]["time_s"]),
              ours=lambda: ps()["fastest_position"], verdict=lambda v: HOLDS if v == 5 else FAILS,
@@ -1289,29 +1301,38 @@ def plot_headline(profile: str | None = None):
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
     models = list(PAPER_TABLE2)
     x = np.arange(len(models))
+    name = {"pa": "PA", "miou": "MIoU"}
+    short = {"nodes-unet": "NODEs-UNet", "resunet": "ResNet", "unet": "U-Net"}
     for k, key in enumerate(("pa", "miou")):
         ax = axes[0]
         off = (k - 0.5) * 0.4
         ax.bar(x + off - 0.1, [PAPER_TABLE2[m][key] for m in models], 0.2, color=f"C{k}", alpha=0.45,
-               label=f"paper {key.upper()}")
+               label=f"paper {name[key]}")
         ours = [100 * t2[m][key] if t2 and m in t2 else np.nan for m in models]
-        ax.bar(x + off + 0.1, ours, 0.2, color=f"C{k}", label=f"ours {key.upper()}")
+        ax.bar(x + off + 0.1, ours, 0.2, color=f"C{k}", label=f"ours {name[key]}")
     axes[0].set_xticks(x)
-    axes[0].set_xticklabels(models)
+    axes[0].set_xticklabels([short[m] for m in models])
     axes[0].set_ylabel("%")
     axes[0].set_ylim(50, 100)
     axes[0].set_title("Table 2: PA and MIoU" + ("" if t2 else " (ours: not measured yet)"))
     axes[0].legend(fontsize=8, ncol=2)
+    try:
+        noise = _data("05_placement_ablation", "position_summary", profile).get("noise") or {}
+    except _Missing:
+        noise = {}
     pairs = [("nodes-unet", "unet"), ("nodes-unet", "resunet"), ("resunet", "unet")]
-    labels, paper, ours = [], [], []
+    labels, paper, ours, err = [], [], [], []
     for a, b in pairs:
         for key in ("pa", "miou"):
-            labels.append(f"{a} - {b}\n{key.upper()}")
+            labels.append(f"{short[a]}\nvs {short[b]}\n{name[key]}")
             paper.append(paper_gain(PAPER_TABLE2, a, b, key))
             ours.append(_gain(t2, a, b, key) if t2 else np.nan)
+            err.append(2 * noise.get("pa_std_pp" if key == "pa" else "std_pp", np.nan))
     x = np.arange(len(labels))
     axes[1].bar(x - 0.2, paper, 0.4, label="paper", alpha=0.6)
-    axes[1].bar(x + 0.2, ours, 0.4, label="ours")
+    has_err = bool(noise) and not all(np.isnan(err))
+    axes[1].bar(x + 0.2, ours, 0.4, label="ours" + (" (bars: 2x seed std, ch. 5)" if has_err else ""),
+                yerr=err if has_err else None, capsize=3)
     axes[1].axhline(0, color="black", lw=0.8)
     axes[1].set_xticks(x)
     axes[1].set_xticklabels(labels, fontsize=7)

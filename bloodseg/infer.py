@@ -49,8 +49,12 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 
 
 def predict_probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: int = 512,
-                          overlap: int = 64, clahe: bool = True) -> torch.Tensor:
+                          overlap: int = 64, clahe: bool = True, tta: bool = False) -> torch.Tensor:
     """Class probabilities ``C x H x W`` for one BGR uint8 image of any size.
+
+    ``tta=True``: test-time augmentation, the mean of the probabilities of the image and of its
+    horizontal, vertical and double flips (each flipped back), for 4x the inference time. The
+    mean over this group of flips makes the prediction flip-equivariant.
 
     A model with an ``input_scale`` attribute other than 1 (restored from its checkpoint, e.g.
     0.5 for the BCCD models, trained on half-size photographs) sees the image resized by that
@@ -59,19 +63,31 @@ def predict_probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: i
     """
     scale = float(getattr(model, "input_scale", 1.0))
     if scale == 1.0:
-        return _probabilities(model, image_bgr, tile, overlap, clahe)
+        return _probabilities(model, image_bgr, tile, overlap, clahe, tta)
     if not scale > 0:
         raise BloodsegError(f"model.input_scale must be positive; got {scale}")
     h, w = image_bgr.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    probs = _probabilities(model, small, tile, overlap, clahe)
+    probs = _probabilities(model, small, tile, overlap, clahe, tta)
     return F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
 @torch.inference_mode()
+def _softmax(model: torch.nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Softmax of ``model(x)``; with ``tta`` averaged over the four flips of ``x`` (flipped back)."""
+    if not tta:
+        return F.softmax(model(x).float(), 1)
+    total = 0
+    for dims in ((), (-1,), (-2,), (-2, -1)):
+        xf = x.flip(dims) if dims else x
+        p = F.softmax(model(xf).float(), 1)
+        total = total + (p.flip(dims) if dims else p)
+    return total / 4
+
+
 def _probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: int, overlap: int,
-                   clahe: bool) -> torch.Tensor:
+                   clahe: bool, tta: bool = False) -> torch.Tensor:
     if tile % 16 or tile < 16:
         raise BloodsegError(f"tile must be a positive multiple of 16; got {tile}")
     if not 0 <= overlap < tile:
@@ -82,23 +98,24 @@ def _probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: int, ove
     x, (h, w) = _pad_to(x)
     H, W = x.shape[-2:]
     if H <= tile and W <= tile:
-        return F.softmax(model(x).float(), 1)[0, :, :h, :w].cpu()
+        return _softmax(model, x, tta)[0, :, :h, :w].cpu()
     th, tw = min(tile, H), min(tile, W)
     probs = torch.zeros(int(model.options.get("classes", 3)), H, W)
     weight = torch.zeros(1, H, W)
     win = _window(th, min(overlap, th // 2))[:, None] * _window(tw, min(overlap, tw // 2))[None, :]
     for y0 in _starts(H, th, th - overlap):
         for x0 in _starts(W, tw, tw - overlap):
-            p = F.softmax(model(x[..., y0:y0 + th, x0:x0 + tw]).float(), 1)[0].cpu()
+            p = _softmax(model, x[..., y0:y0 + th, x0:x0 + tw], tta)[0].cpu()
             probs[:, y0:y0 + th, x0:x0 + tw] += p * win
             weight[:, y0:y0 + th, x0:x0 + tw] += win
     return (probs / weight)[:, :h, :w]
 
 
 def predict_image(model: torch.nn.Module, image_bgr: np.ndarray, tile: int = 512,
-                  overlap: int = 64, clahe: bool = True) -> np.ndarray:
-    """Mask ``uint8 HxW`` with classes {0 background, 1 white cell, 2 red cell}."""
-    probs = predict_probabilities(model, image_bgr, tile=tile, overlap=overlap, clahe=clahe)
+                  overlap: int = 64, clahe: bool = True, tta: bool = False) -> np.ndarray:
+    """Mask ``uint8 HxW`` with classes {0 background, 1 white cell, 2 red cell} (``tta``: see
+    :func:`predict_probabilities`)."""
+    probs = predict_probabilities(model, image_bgr, tile=tile, overlap=overlap, clahe=clahe, tta=tta)
     return probs.argmax(0).numpy().astype(np.uint8)
 
 

@@ -58,14 +58,14 @@ from .train import TrainConfig, fit, load_checkpoint, load_model, save_checkpoin
 
 __all__ = ["FULL_BCCD", "bccd_source", "prepare_cached", "RealPlan", "REAL_PLANS", "real_plan",
            "resize_sample", "synthetic_pretraining_splits", "score_row", "bccd_splits", "TrainedModel", "train_model",
-           "evaluate_bccd", "failure_cases", "read_box_counts", "count_vs_boxes", "synthetic_counting",
-           "train_bccd_checkpoint", "shipped_checkpoint", "SHIPPED_NAME"]
+           "evaluate_bccd", "failure_cases", "read_box_counts", "rbc_boxes_at_border", "count_vs_boxes", "synthetic_counting",
+           "train_bccd_checkpoint", "shipped_checkpoint", "SHIPPED_NAME", "gpu_runs_frame", "plot_gpu_runs"]
 
 #: Where the full BCCD copy lives on the project machines (``$BLOODSEG_BCCD`` overrides).
 FULL_BCCD = Path("/work/shared/data/bccd")
 
 #: File name of the shipped checkpoint in ``bloodseg/data/checkpoints/``.
-SHIPPED_NAME = "bccd-nodes-unet-w8.pt"
+SHIPPED_NAME = "bccd-nodes-unet-w16.pt"
 
 # ----------------------------------------------------------------------------- data
 
@@ -190,16 +190,20 @@ class TrainedModel:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({'synthetic-pretrained' if self.init == 'synthetic' else 'from scratch'})"
+        how = {"synthetic": "synthetic-pretrained", "scratch": "from scratch"}.get(self.init, self.init)
+        return f"{self.name} ({how})"
 
 
 def train_model(name: str, splits: dict, out_dir, plan: RealPlan, init=None, epochs: int | None = None,
                 lr: float | None = None, seed: int = 0, init_label: str | None = None,
-                input_scale: float = 1.0) -> TrainedModel:
+                input_scale: float = 1.0, train_options: dict | None = None,
+                on_epoch: Callable[[dict], None] | None = None) -> TrainedModel:
     """Train ``name`` (width ``plan.width``) on ``splits``; fine-tune from checkpoint ``init`` if given.
 
     ``input_scale``: the factor the training images were resized by (``plan.scale`` for BCCD,
     1 for synthetic smears); it is saved in the checkpoints so that prediction resizes alike.
+    ``train_options``: further :class:`~bloodseg.train.TrainConfig` fields (e.g. ``schedule``,
+    ``max_minutes``, ``batch_size``); ``on_epoch`` gets each epoch's history record.
     Writes ``out_dir/best.pt`` (lowest validation loss), ``last.pt`` and ``history.json``
     (:func:`bloodseg.train.fit`, always a fresh run). Returns the best epoch's model.
     """
@@ -215,9 +219,11 @@ def train_model(name: str, splits: dict, out_dir, plan: RealPlan, init=None, epo
         model.load_state_dict(state["model_state"])
     cfg = TrainConfig(epochs=epochs or plan.epochs, batch_size=plan.batch_size,
                       lr=lr or (plan.finetune_lr if init is not None else plan.lr), seed=seed, progress=False)
+    if train_options:
+        cfg = dataclasses.replace(cfg, **train_options)
     t0 = time.perf_counter()
     history = fit(model, SegmentationDataset(splits["train"]), SegmentationDataset(splits["val"]), out_dir,
-                  cfg, resume=False)
+                  cfg, resume=False, on_epoch=on_epoch)
     seconds = time.perf_counter() - t0
     best = Path(out_dir) / "best.pt"
     return TrainedModel(name, init_label or ("synthetic" if init is not None else "scratch"),
@@ -226,9 +232,9 @@ def train_model(name: str, splits: dict, out_dir, plan: RealPlan, init=None, epo
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _predictor(model_or_fn, tile: int) -> Callable[[np.ndarray], np.ndarray]:
+def _predictor(model_or_fn, tile: int, tta: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     if isinstance(model_or_fn, torch.nn.Module):
-        return lambda image: predict_image(model_or_fn, image, tile=tile)
+        return lambda image: predict_image(model_or_fn, image, tile=tile, tta=tta)
     return model_or_fn
 
 
@@ -239,17 +245,19 @@ def _white_scores(tp: int, fp: int, fn: int) -> dict:
             "recall": tp / (tp + fn) if tp + fn else math.nan}
 
 
-def evaluate_bccd(model_or_fn, samples: list[Sample], tile: int = 1024, keep_masks: bool = True) -> dict:
+def evaluate_bccd(model_or_fn, samples: list[Sample], tile: int = 1024, keep_masks: bool = True,
+                  tta: bool = False) -> dict:
     """Score whole images against the BCCD labels, gold and silver apart.
 
     ``model_or_fn``: a model (run with :func:`bloodseg.predict_image`, whole image when it fits
-    ``tile``) or a function image → mask (e.g. :func:`bloodseg.colour_threshold_baseline`).
+    ``tile``; ``tta``: flip test-time augmentation) or a function image → mask (e.g.
+    :func:`bloodseg.colour_threshold_baseline`).
     Returns ``{"silver": scores() of ONE 3-class confusion matrix over all images (PA, CPA, IoU,
     MIoU) against the silver masks, "gold": white cell vs the rest over all images (iou, dice,
     precision, recall) against the human masks, "per_image": [{"name", "white_iou",
     "white_dice", "silver_miou"}], "masks": predicted masks (``keep_masks``), "seconds"}``.
     """
-    predict = _predictor(model_or_fn, tile)
+    predict = _predictor(model_or_fn, tile, tta)
     cm = torch.zeros(3, 3, dtype=torch.long)
     tp = fp = fn = 0
     rows, masks = [], []
@@ -304,6 +312,23 @@ def read_box_counts(prepared) -> dict[str, dict]:
             if row.get("has_boxes") == "1":
                 out[row["image"]] = {"n_rbc_boxes": int(row["n_rbc_boxes"]), "n_wbc_boxes": int(row["n_wbc_boxes"])}
     return out
+
+
+def rbc_boxes_at_border(src, names, margin: int = 2) -> dict:
+    """How many red-cell boxes of the images ``names`` touch the image border (within ``margin``
+    px), read from the raw BCCD folder ``src``: ``{"boxes", "at_border", "share"}``. BCCD boxes
+    cells cut by the border too, which the counter leaves out when they are mostly outside."""
+    from .datasets import _voc_boxes, read_image
+    total = edge = 0
+    for name in names:
+        xml = Path(src) / "annotations" / f"{name}.xml"
+        if not xml.is_file():
+            continue
+        h, w = read_image(Path(src) / "images" / f"{name}.jpg").shape[:2]
+        for x0, y0, x1, y1 in _voc_boxes(xml)["RBC"]:
+            total += 1
+            edge += int(x0 <= margin or y0 <= margin or x1 >= w - 1 - margin or y1 >= h - 1 - margin)
+    return {"boxes": total, "at_border": edge, "share": edge / total if total else math.nan}
 
 
 def count_vs_boxes(masks: list[np.ndarray], names: list[str], boxes: dict) -> dict:
@@ -369,22 +394,32 @@ def shipped_checkpoint() -> Path:
 
 
 #: The recipe of the shipped checkpoint (:func:`train_bccd_checkpoint`'s defaults).
-SHIP_PLAN = RealPlan("ship", width=8, scale=0.5, patch=128, crops_per_image=4, augment=1, val_images=40, epochs=5,
+CPU_PLAN = RealPlan("ship", width=8, scale=0.5, patch=128, crops_per_image=4, augment=1, val_images=40, epochs=5,
                      batch_size=8, lr=2e-3, finetune_lr=1e-3, pretrain_smears=16, pretrain_crops=4,
                      pretrain_epochs=2, eval_images=None, count_smears=0)
 
 
-def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-unet", plan: RealPlan = SHIP_PLAN,
-                          src=None, seed: int = 0, pretrain: bool = True, log: Callable[[str], None] = print) -> dict:
+def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-unet", plan: RealPlan = CPU_PLAN,
+                          src=None, seed: int = 0, pretrain: bool = True, log: Callable[[str], None] = print,
+                          train_options: dict | None = None, init=None, tta: bool = True) -> dict:
     """Reproduce the shipped checkpoint: pretrain on BCCD-like synthetic smears, fine-tune on BCCD.
 
     ``src``: a raw BCCD folder (default: the full copy from :func:`bccd_source`). Trains ``model``
-    with ``plan`` (default :data:`SHIP_PLAN`), scores the best epoch on the WHOLE test split
+    with ``plan`` (default :data:`CPU_PLAN`), scores the best epoch on the WHOLE test split
     (gold white-cell IoU/Dice, silver 3-class scores, and the colour baseline for reference),
     and writes ``out_dir/<SHIPPED_NAME-like name>`` holding weights only (no optimizer state) plus
     the recipe and metrics, and ``metrics.json``. Returns the metrics. About 10 minutes on two
     CPU cores with the defaults. Shipping it = copying the .pt into ``bloodseg/data/checkpoints/``.
+    ``train_options`` go to both trainings' :class:`~bloodseg.train.TrainConfig` (e.g.
+    ``{"schedule": "cosine"}``), except ``max_minutes``, which bounds the BCCD training only.
+    ``init``: a checkpoint of the same model and width to continue from (e.g. an earlier run's
+    ``.pt``) instead of the synthetic pretraining. ``tta``: also score with flip test-time
+    augmentation (``metrics["model_tta"]``). ``bloodseg train-bccd`` is the command-line form.
     """
+    train_options = dict(train_options or {})
+    pre_options = {k: v for k, v in train_options.items() if k != "max_minutes"}
+    epoch_log = lambda r: log(json.dumps({k: round(v, 4) if isinstance(v, float) else v  # noqa: E731
+                                          for k, v in r.items()}))
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     if src is None:
@@ -395,21 +430,31 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-un
     splits = bccd_splits(out_dir / "bccd", dataclasses.replace(plan, eval_images=None), seed)
     log(f"data {src} ({kind}): {len(splits['train'])} train / {len(splits['val'])} val patches, "
         f"{len(splits['test'])} test images")
-    init = None
-    if pretrain:
+    init_label = None
+    if init is not None:
+        init_label, pretrain = f"continued from {Path(init).name}", False
+    elif pretrain:
         pre = train_model(model, synthetic_pretraining_splits(plan, seed), out_dir / "pretrain", plan,
-                          epochs=plan.pretrain_epochs, lr=plan.lr, seed=seed)
+                          epochs=plan.pretrain_epochs, lr=plan.lr, seed=seed, train_options=pre_options,
+                          on_epoch=epoch_log)
         init = pre.checkpoint
         log(f"pretrained on synthetic in {pre.seconds:.0f} s")
-    tm = train_model(model, splits, out_dir / "finetune", plan, init=init, seed=seed, input_scale=plan.scale)
+    tm = train_model(model, splits, out_dir / "finetune", plan, init=init, seed=seed, input_scale=plan.scale,
+                     train_options=train_options, on_epoch=epoch_log, init_label=init_label)
     log(f"trained on BCCD in {tm.seconds:.0f} s: " + json.dumps(tm.history[-1]))
     result = evaluate_bccd(tm.model, splits["test"], keep_masks=False)
     baseline = evaluate_bccd(colour_threshold_baseline, splits["test"], keep_masks=False)
     metrics = {"model": score_row(tm.label, result), "colour_baseline": score_row("colour baseline", baseline),
+               "model_tta": (score_row(tm.label + " + flip TTA", evaluate_bccd(tm.model, splits["test"],
+                                                                              keep_masks=False, tta=True))
+                             if tta else None),
+               "init": None if init is None else str(init),
                "data": {"source": str(src), "kind": kind, "train_patches": len(splits["train"]),
                         "val_patches": len(splits["val"]), "test_images": len(splits["test"]),
                         "box_coverage": report.get("overall", {}).get("box_coverage")},
-               "plan": dataclasses.asdict(plan), "model_name": model, "pretrained": pretrain, "seed": seed,
+               "plan": dataclasses.asdict(plan), "train_options": train_options, "model_name": model,
+               "pretrained": pretrain, "seed": seed, "device": str(next(tm.model.parameters()).device),
+               "device_name": (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),
                "epochs_run": len(tm.history), "best_epoch": int(np.argmin([h["val_loss"] for h in tm.history]) + 1),
                "train_seconds": round(tm.seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
                "torch": str(torch.__version__)}
@@ -420,3 +465,69 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-un
     metrics["size_mb"] = round(target.stat().st_size / 2 ** 20, 2)
     log(json.dumps(metrics["model"]))
     return metrics
+
+
+# ----------------------------------------------------------------------------- recorded runs
+
+def gpu_runs_frame(record: dict):
+    """A table (pandas DataFrame, one row per run) of a record of ``bloodseg train-bccd`` runs: the
+    JSON written next to chapter 8 (``runs``: each with ``scores``, optional ``scores_tta``,
+    ``continues``, ``bccd_epochs_total``, ...)."""
+    import pandas as pd
+    rows = []
+    for r in record["runs"]:
+        start = (f"continues {r['continues']}" if r.get("continues") else
+                 "synthetic-pretrained" if r.get("pretrained_on_synthetic") else "from scratch")
+        tta = (r.get("scores_tta") or {}).get("gold white IoU", math.nan)
+        rows.append({"run": r["run"], "model": r["model"], "width": r["width"], "scale": r["scale"], "start": start,
+                     "BCCD epochs": r["bccd_epochs_total"], "gold white IoU": r["scores"]["gold white IoU"],
+                     "... with flip TTA": tta, "gold white Dice": r["scores"]["gold white Dice"],
+                     "silver MIoU": r["scores"]["silver MIoU"], "train s": r["train_seconds"],
+                     "runs sharing the GPU": r["processes_sharing_gpu"]})
+    return pd.DataFrame(rows).set_index("run")
+
+
+def _lineage(record: dict, run: str) -> list[dict]:
+    by_name = {r["run"]: r for r in record["runs"]}
+    chain = []
+    while run is not None:
+        chain.append(by_name[run])
+        run = by_name[run].get("continues")
+    return chain[::-1]
+
+
+def plot_gpu_runs(record: dict):
+    """Left: gold white-cell IoU of every run (plain and with flip TTA) against the goal. Right:
+    validation MIoU per BCCD epoch, each final run drawn with the runs it continues. Returns the figure."""
+    import matplotlib.pyplot as plt
+    frame = gpu_runs_frame(record)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 3.8))
+    x = np.arange(len(frame))
+    colours = ["C1" if m == "unet" else "C0" for m in frame["model"]]
+    ax.bar(x - 0.2, frame["gold white IoU"], 0.4, color=colours, label="plain (orange: U-Net, blue: NODEs-UNet)")
+    ax.bar(x + 0.2, frame["... with flip TTA"], 0.4, color=colours, alpha=0.45, label="with flip TTA")
+    goal = record.get("goal_white_iou")
+    if goal:
+        ax.axhline(goal, color="red", ls="--", lw=1, label=f"goal {goal:.2f}")
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{i}\n{'U-Net' if m == 'unet' else 'NODEs'} w{w}\nscale {s:g}" for i, m, w, s in
+                        zip(frame.index, frame["model"], frame["width"], frame["scale"])], fontsize=7)
+    low = float(np.nanmin(frame["gold white IoU"]))
+    ax.set_ylim(max(0.0, low - 0.03), 1.0 if goal is None else max(goal + 0.03, frame["gold white IoU"].max() + 0.02))
+    ax.set_ylabel("gold white-cell IoU (test photos)")
+    ax.legend(fontsize=7, loc="upper left", ncol=3)
+    continued = {r.get("continues") for r in record["runs"]}
+    for r in record["runs"]:
+        if r["run"] in continued:
+            continue                                  # drawn as part of the run that continues it
+        epochs, vals, offset = [], [], 0
+        for part in _lineage(record, r["run"]):
+            epochs += [offset + h["epoch"] for h in part["history"]]
+            vals += [h["val_miou"] for h in part["history"]]
+            offset += part["epochs_run"]
+        ax2.plot(epochs, vals, "-o", ms=3, label=" > ".join(p["run"] for p in _lineage(record, r["run"])))
+    ax2.set_xlabel("BCCD epoch (continued runs carry on the count)")
+    ax2.set_ylabel("validation MIoU (silver, 3 classes)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

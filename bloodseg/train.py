@@ -64,6 +64,8 @@ class TrainConfig:
     progress: bool | None = None   # tqdm bars; None = only when attached to a terminal/notebook
     scale_lr: bool = False         # multiply lr by the world size (linear scaling rule)
     sync_bn: bool = True           # under DDP: BatchNorm statistics of the global batch
+    schedule: str = "constant"     # "constant" lr, or "cosine": lr * (1 + cos(pi * epoch / epochs)) / 2
+    max_minutes: float = 0.0       # > 0: start no new epoch once this much wall time would be exceeded
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -72,6 +74,22 @@ class TrainConfig:
             raise BloodsegError(f"learning rate must be a positive number; got {self.lr}")
         if self.optimizer not in ("adam", "adamw"):
             raise BloodsegError(f"optimizer must be 'adam' or 'adamw'; got {self.optimizer!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise BloodsegError(f"schedule must be 'constant' or 'cosine'; got {self.schedule!r}")
+        if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
+            raise BloodsegError(f"max_minutes must be 0 (no limit) or a positive number; got {self.max_minutes}")
+        if self.checkpoint_every < 0 or self.num_workers < 0:
+            raise BloodsegError(f"checkpoint_every and num_workers must be >= 0; got "
+                                f"{self.checkpoint_every}, {self.num_workers}")
+
+
+def epoch_lr(cfg: TrainConfig, base_lr: float, epoch: int) -> float:
+    """Learning rate of ``epoch`` (0-based): ``base_lr``, or its cosine decay over ``cfg.epochs``.
+
+    A function of the epoch alone, so a resumed run continues the schedule exactly."""
+    if cfg.schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    return base_lr
 
 
 # --------------------------------------------------------------------------- distributed
@@ -106,6 +124,13 @@ def setup_distributed(backend: str | None = None) -> DistInfo:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
+        visible = torch.cuda.device_count()
+        if local >= visible:
+            raise BloodsegError(
+                f"this process has LOCAL_RANK {local} and so needs GPU {local}, but only {visible} CUDA "
+                f"device(s) are visible: start at most {visible} process(es) per machine "
+                f"(torchrun --nproc-per-node={visible}), or train on the CPU with gloo by hiding the "
+                "GPUs (CUDA_VISIBLE_DEVICES=)")
         torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, device_id=torch.device("cuda", local))
     else:
@@ -342,6 +367,11 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
     NFE are summed over processes before they enter the history, so every process returns the same
     history. Only rank 0 writes files and calls ``on_epoch``. An epoch-end ``last.pt`` resumes with
     any number of processes; a mid-epoch one only with the number that wrote it.
+
+    Resuming reproduces an uninterrupted run bit for bit on the CPU. On CUDA, cuDNN picks
+    non-deterministic kernels by default, so two runs (resumed or not) agree only to rounding;
+    ``torch.use_deterministic_algorithms(True)`` (with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``) makes them
+    repeatable at some cost in speed.
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
@@ -401,7 +431,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
         partial = ckpt.get("partial") if info.is_main else None
         _set_rng_state(ckpt["rng"])
     for group in optimizer.param_groups:  # the config decides, not the checkpoint (scale_lr, N)
-        group["lr"] = lr
+        group["lr"] = epoch_lr(cfg, lr, start_epoch)
 
     sync_bn = 0
     if info.world_size > 1:
@@ -428,7 +458,19 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
                             best_val_loss=best, rng=_rng_state(), partial=partial,
                             config=dataclasses.asdict(cfg), world_size=info.world_size)
 
+    fit_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_minutes and epoch > start_epoch:
+            spent = time.perf_counter() - fit_start
+            per_epoch = spent / (epoch - start_epoch)
+            stop = torch.tensor([float(spent + per_epoch > 60 * cfg.max_minutes)])
+            if _all_reduce_sum(stop.to(device), info).item() > 0:  # every process stops together
+                if info.is_main:
+                    print(f"fit: stopping after epoch {epoch} of {cfg.epochs}: another epoch would pass "
+                          f"max_minutes={cfg.max_minutes:g} ({spent / 60:.1f} min spent)", flush=True)
+                break
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(cfg, lr, epoch)
         model.train()
         t0 = time.perf_counter()
         order = epoch_order(len(train_set), cfg.seed, epoch, info)
@@ -475,6 +517,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
             "nfe_forward": float(sums[2] / n_steps_total),
             "nfe_backward": float(sums[3] / n_steps_total),
             "time_s": time.perf_counter() - t0,
+            "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(record)
         improved = record["val_loss"] < best

@@ -104,3 +104,15 @@ def test_cli_bench_bad_model_is_one_clear_line(capsys):
     assert main(["bench", "--models", "vgg", "--no-train", "--width", "4", "--size", "32"]) == 2
     err = capsys.readouterr().err
     assert "unknown model" in err and "Traceback" not in err
+
+
+def test_plot_time_ratios_draws_the_paper_and_each_result():
+    import matplotlib
+    matplotlib.use("Agg")
+    from bloodseg.bench import paper_time_ratios, plot_time_ratios
+    fake = {"models": [{"model": f"ode-unet-{k}", "ratio_to_unet": float(k)} for k in range(1, 10)]}
+    ax = plot_time_ratios({"fake device": fake})
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["fake device"].get_ydata()) == [float(k) for k in range(1, 10)]
+    assert lines["paper (GTX 1080 Ti)"].get_ydata()[0] == pytest.approx(paper_time_ratios()["ode-unet-1"])
+    assert ax.get_yscale() == "log"

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from bloodseg.distributed import (GRADCHECK_CONFIGS, SyncBatchNorm2d, convert_sync_batchnorm,
                                   ddp_options, gradient_check, launch, measure_throughput,
@@ -25,32 +24,26 @@ from bloodseg.errors import BloodsegError, CheckpointError
 from bloodseg.models import build_model
 from bloodseg.ode import ODEBlock, nfe_report
 from bloodseg.train import DistInfo, TrainConfig, epoch_order, fit, load_checkpoint
+from conftest import ColourBlobs
 
 RUN_FILES = {"best.pt", "last.pt", "history.json"}
 
 
 # --------------------------------------------------------------------------- worker (torchrun)
 
-class Blobs(Dataset):
-    """32x32 images whose class is written in the colour (as in test_train); ``stop_after``
-    raises after that many item reads, the same step on every rank: a simulated crash."""
+class Blobs(ColourBlobs):
+    """The colour blobs of conftest; ``stop_after`` raises after that many item reads, the same
+    step on every rank: a simulated crash."""
 
     def __init__(self, n, seed=0, stop_after=None):
-        g = torch.Generator().manual_seed(seed)
-        self.masks = torch.randint(0, 3, (n, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
-        palette = torch.tensor([[0.9, 0.9, 0.9], [0.4, 0.2, 0.6], [0.9, 0.5, 0.5]])
-        self.images = palette[self.masks].permute(0, 3, 1, 2).contiguous()
-        self.images += 0.05 * torch.randn(self.images.shape, generator=g)
+        super().__init__(n, seed)
         self.stop_after, self.reads = stop_after, 0
-
-    def __len__(self):
-        return len(self.masks)
 
     def __getitem__(self, i):
         self.reads += 1
         if self.stop_after is not None and self.reads > self.stop_after:
             raise _Crash()
-        return self.images[i], self.masks[i]
+        return super().__getitem__(i)
 
 
 class _Crash(Exception):
@@ -143,7 +136,14 @@ def test_two_process_fit_writes_one_checkpoint_set_and_resumes_bit_for_bit(tmp_p
     assert json.loads((Path(whole) / "history.json").read_text())[-1]["epoch"] == 3
 
 
-def test_cli_train_under_torchrun(tmp_path):
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """These launches test the gloo (CPU) path: on a GPU host, hide the GPUs from the workers
+    (two processes on a one-GPU machine would otherwise ask NCCL for GPU 1)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def test_cli_train_under_torchrun(tmp_path, cpu_only):
     out = tmp_path / "run"
     res = launch(["train", "--model", "ode-unet-5", "--profile", "smoke", "--width", "4",
                   "--epochs", "1", "--out", out], nproc=2, echo=False, timeout=300)
@@ -153,7 +153,7 @@ def test_cli_train_under_torchrun(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["epochs_trained"] == 1
 
 
-def test_throughput_is_measured_for_each_process_count(tmp_path):
+def test_throughput_is_measured_for_each_process_count(tmp_path, cpu_only):
     rows = measure_throughput((1, 2), model="unet", width=4, patch=32, batch_size=2, steps=2,
                               warmup=1, profile="smoke", out_dir=tmp_path)
     assert [r["processes"] for r in rows] == [1, 2]

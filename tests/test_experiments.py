@@ -316,3 +316,17 @@ def test_seed_noise_retrains_with_other_seeds(runs):
     noise = ex.seed_noise(results, TINY, "chap", data, seeds=(1,))
     assert noise["seeds"] == [0, 1] and len(noise["miou_pp"]) == 2 and noise["std_pp"] >= 0
     assert (runs / "chap" / "smoke" / "unet-seed1" / "best.pt").is_file()
+
+
+def test_bench_depth_rho_reads_a_recorded_bench(tmp_path, monkeypatch):
+    import json as _json
+    import bloodseg.report
+    from bloodseg.experiments import POSITION_LEVEL, _Missing, bench_depth_rho
+    monkeypatch.setattr(bloodseg.report, "RESULTS_DIR", tmp_path)
+    with pytest.raises(_Missing):
+        bench_depth_rho(("ch", "bench.json"))
+    (tmp_path / "ch").mkdir()
+    for sign, expected in ((-1, -1.0), (1, 1.0)):      # time falling / rising with depth
+        models = [{"model": f"ode-unet-{p}", "ratio_to_unet": 2.0 ** (sign * POSITION_LEVEL[p])} for p in range(1, 10)]
+        (tmp_path / "ch" / "bench.json").write_text(_json.dumps({"models": models}))
+        assert bench_depth_rho(("ch", "bench.json")) == pytest.approx(expected)

@@ -40,28 +40,21 @@ TRAIN_CHILD = r'''
 import sys, time
 import torch
 torch.set_num_threads(1)
-from torch.utils.data import Dataset
 from bloodseg import TrainConfig, build_model, fit
+from conftest import ColourBlobs    # tests/ is on PYTHONPATH
 
 
-class Blobs(Dataset):
-    """32x32 images whose class is written in the colour (deterministic by seed)."""
+class Blobs(ColourBlobs):
+    """The colour blobs of conftest, ``sleep`` seconds per item read."""
 
     def __init__(self, n, seed, sleep=0.0):
-        g = torch.Generator().manual_seed(seed)
-        self.masks = torch.randint(0, 3, (n, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
-        palette = torch.tensor([[0.9, 0.9, 0.9], [0.4, 0.2, 0.6], [0.9, 0.5, 0.5]])
-        self.images = palette[self.masks].permute(0, 3, 1, 2).contiguous()
-        self.images += 0.05 * torch.randn(self.images.shape, generator=g)
+        super().__init__(n, seed)
         self.sleep = sleep
-
-    def __len__(self):
-        return len(self.masks)
 
     def __getitem__(self, i):
         if self.sleep:
             time.sleep(self.sleep)
-        return self.images[i], self.masks[i]
+        return super().__getitem__(i)
 
 
 out, sleep = sys.argv[1], float(sys.argv[2])
@@ -92,7 +85,8 @@ def _leftovers(folder: Path, expected: set[str]) -> list[str]:
 def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path):
     script = tmp_path / "train_child.py"
     script.write_text(TRAIN_CHILD)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",  # bit-exact: CPU
+               PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p))
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
 
     def start(out, sleep):

@@ -114,3 +114,19 @@ def test_cli_predict_subprocess(tmp_path):
     assert read_mask(tmp_path / "pred" / "smear.png").shape == (100, 150)
     assert (tmp_path / "pred" / "smear_overlay.png").is_file()
     assert "smear.png ->" in proc.stdout
+
+
+def test_flip_tta_is_the_mean_over_flips_and_flip_equivariant(tiny_model):
+    # clahe=False: CLAHE's tile interpolation is itself not exactly flip-symmetric
+    image, _ = make_smear(3, size=(64, 96))               # a multiple of 16: no padding to break symmetry
+    prob = lambda img, **kw: predict_probabilities(tiny_model, np.ascontiguousarray(img), clahe=False, **kw)  # noqa: E731
+    plain, tta = prob(image), prob(image, tta=True)
+    flips = [plain] + [torch.flip(prob(np.flip(image, axes)), [a + 1 for a in axes])
+                       for axes in ((1,), (0,), (0, 1))]
+    assert torch.allclose(tta, torch.stack(flips).mean(0), atol=1e-5)
+    assert not torch.allclose(tta, plain, atol=1e-3)      # a random CNN is not flip-invariant by itself
+    assert torch.allclose(tta.sum(0), torch.ones(64, 96), atol=1e-5)
+    assert torch.allclose(prob(image[:, ::-1], tta=True), torch.flip(tta, [2]), atol=1e-5)
+    assert torch.allclose(prob(image[::-1], tta=True), torch.flip(tta, [1]), atol=1e-5)
+    mask = predict_image(tiny_model, image, clahe=False, tta=True)
+    assert mask.shape == (64, 96) and np.array_equal(mask, tta.argmax(0).numpy())

@@ -77,6 +77,11 @@ def test_counts_against_boxes(prepared):
     assert 0 <= res["red"]["at_least_boxes"] <= 1
 
 
+def test_red_boxes_at_the_border(bccd_sample):
+    edge = rd.rbc_boxes_at_border(bccd_sample, ["BloodImage_00007", "BloodImage_00015", "no_such_image"])
+    assert edge["boxes"] == 31 and 0 < edge["at_border"] < edge["boxes"]     # BCCD boxes cut-off cells too
+
+
 def test_synthetic_counting_oracle_is_close():
     res = rd.synthetic_counting(2, size=(240, 320))
     assert res["oracle"]["white"]["mae"] <= 0.5 and res["oracle"]["red"]["mape"] < 15
@@ -112,7 +117,7 @@ def test_shipped_checkpoint_loads_and_documents_itself():
     ckpt = load_checkpoint(path)
     assert ckpt["model_name"] == "nodes-unet" and ckpt.get("optimizer_state") is None
     metrics = ckpt["metrics"]
-    assert metrics["data"]["kind"] == "full" and metrics["data"]["test_images"] == 72
+    assert metrics["data"]["test_images"] == 72 and metrics["data"]["train_patches"] > 1000   # the full BCCD
     # it must clearly beat the colour baseline on the gold white cells
     assert metrics["model"]["gold white IoU"] > metrics["colour_baseline"]["gold white IoU"] + 0.05
     readme = (path.parent / "README.md").read_text()
@@ -120,3 +125,55 @@ def test_shipped_checkpoint_loads_and_documents_itself():
     model = load_model(path, device="cpu")
     assert model.input_scale == ckpt["input_scale"]
     assert not math.isnan(json.loads(json.dumps(metrics))["model"]["silver MIoU"])
+
+
+def test_cli_train_bccd_trains_scores_and_continues(bccd_sample, tmp_path, capsys):
+    from bloodseg import cli
+    small = ["--src", str(bccd_sample), "--width", "4", "--epochs", "1", "--crops", "1", "--patch", "64",
+             "--val-images", "2", "--pretrain-smears", "2", "--pretrain-epochs", "1"]
+    assert cli.main(["train-bccd", "--out", str(tmp_path / "a"), "--schedule", "cosine"] + small) == 0
+    ckpt = tmp_path / "a" / "bccd-nodes-unet-w4.pt"
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert ckpt.is_file() and metrics["epochs_run"] == 1 and metrics["pretrained"] is True
+    assert metrics["model"]["images"] == metrics["data"]["test_images"] > 0
+    assert 0 <= metrics["model"]["gold white IoU"] <= 1 and 0 <= metrics["model_tta"]["gold white IoU"] <= 1
+    assert metrics["model_tta"]["model"].endswith("+ flip TTA") and metrics["train_options"]["schedule"] == "cosine"
+    assert load_model(ckpt, device="cpu").input_scale == 0.5        # prediction will resize alike
+
+    assert cli.main(["train-bccd", "--out", str(tmp_path / "b"), "--init", str(ckpt)] + small) == 0
+    cont = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert cont["model"]["model"] == "nodes-unet (continued from bccd-nodes-unet-w4.pt)"
+    assert cont["init"] == str(ckpt) and cont["pretrained"] is False
+    assert not (tmp_path / "b" / "pretrain").exists()
+    capsys.readouterr()
+
+    # a checkpoint of another model, and numbers that make no sense, are refused with a reason
+    assert cli.main(["train-bccd", "--out", str(tmp_path / "c"), "--model", "unet", "--init", str(ckpt)] + small) == 2
+    assert "holds a 'nodes-unet' of width 4, not 'unet'" in capsys.readouterr().err
+    assert cli.main(["train-bccd", "--out", str(tmp_path / "d")] + small + ["--crops", "0"]) == 2
+    assert "--crops must be positive; got 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def _record():
+    def run(name, model, cont, epochs, iou, tta=None):
+        return {"run": name, "model": model, "width": 16, "scale": 0.5, "continues": cont,
+                "pretrained_on_synthetic": cont is None, "bccd_epochs_total": epochs, "epochs_run": 2,
+                "train_seconds": 10.0, "processes_sharing_gpu": 2,
+                "scores": {"gold white IoU": iou, "gold white Dice": 2 * iou / (1 + iou), "silver MIoU": 0.9},
+                "scores_tta": None if tta is None else {"gold white IoU": tta},
+                "history": [{"epoch": 1, "val_miou": 0.8}, {"epoch": 2, "val_miou": 0.85}]}
+    return {"goal_white_iou": 0.9, "runs": [run("a", "nodes-unet", None, 2, 0.85), run("b", "nodes-unet", "a", 4, 0.89, 0.895),
+                                            run("u", "unet", None, 2, 0.88)]}
+
+
+def test_gpu_runs_frame_and_figure():
+    frame = rd.gpu_runs_frame(_record())
+    assert list(frame.index) == ["a", "b", "u"]
+    assert frame.loc["b", "start"] == "continues a" and frame.loc["a", "start"] == "synthetic-pretrained"
+    assert frame.loc["b", "... with flip TTA"] == 0.895 and math.isnan(frame.loc["a", "... with flip TTA"])
+    fig = rd.plot_gpu_runs(_record())
+    curves = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    assert set(curves) == {"a > b", "u"}                       # a is drawn inside the run that continues it
+    assert list(curves["a > b"].get_xdata()) == [1, 2, 3, 4]   # the epoch count carries on
+    assert any(t.get_text() == "goal 0.90" for t in fig.axes[0].get_legend().get_texts())

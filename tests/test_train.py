@@ -8,33 +8,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 from bloodseg.errors import CheckpointError, TrainingError
 from bloodseg.models import build_model
 from bloodseg.train import (TrainConfig, epoch_order, evaluate, fit, load_checkpoint, load_model,
                             save_checkpoint, DistInfo)
-
-
-class ColourBlobs(Dataset):
-    """32x32 images whose class is written in the colour: learnable in a few steps."""
-
-    def __init__(self, n, seed=0, nan_at=None):
-        g = torch.Generator().manual_seed(seed)
-        self.masks = torch.randint(0, 3, (n, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
-        palette = torch.tensor([[0.9, 0.9, 0.9], [0.4, 0.2, 0.6], [0.9, 0.5, 0.5]])
-        self.images = palette[self.masks].permute(0, 3, 1, 2).contiguous()
-        self.images += 0.05 * torch.randn(self.images.shape, generator=g)
-        self.nan_at = nan_at
-
-    def __len__(self):
-        return len(self.masks)
-
-    def __getitem__(self, i):
-        x = self.images[i]
-        if self.nan_at is not None and i == self.nan_at:
-            x = torch.full_like(x, float("nan"))
-        return x, self.masks[i]
+from conftest import ColourBlobs
 
 
 def tiny(name="unet", **kw):
@@ -63,12 +42,13 @@ def test_fit_learns_and_keeps_the_best_checkpoint(tmp_path):
 
 
 def test_resume_from_epoch_gives_identical_weights(tmp_path):
+    # on the CPU: cuDNN's default kernels are not bit-reproducible, even without a resume
     full = tiny()
-    fit(full, ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "a", CFG, epochs=3)
+    fit(full, ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "a", CFG, device="cpu", epochs=3)
     part = tiny()
-    fit(part, ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "b", CFG, epochs=1)
+    fit(part, ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "b", CFG, device="cpu", epochs=1)
     resumed = tiny()  # a fresh process would start from scratch weights; last.pt must win
-    history = fit(resumed, ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "b", CFG, epochs=3)
+    history = fit(resumed, ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "b", CFG, device="cpu", epochs=3)
     assert len(history) == 3
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
@@ -76,7 +56,7 @@ def test_resume_from_epoch_gives_identical_weights(tmp_path):
 
 def test_resume_mid_epoch_gives_identical_weights(tmp_path, monkeypatch):
     full = tiny("ode-unet-5")
-    fit(full, ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "a", CFG, epochs=2)
+    fit(full, ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "a", CFG, device="cpu", epochs=2)
 
     import bloodseg.train as train_mod
     real_save, calls = train_mod.save_checkpoint, {"n": 0}
@@ -89,13 +69,13 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_third_save)
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny("ode-unet-5"), ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "b", CFG,
+        fit(tiny("ode-unet-5"), ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "b", CFG, device="cpu",
             checkpoint_every=2)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
     assert ckpt["step"] > 0  # really stopped inside an epoch
     resumed = tiny("ode-unet-5")
-    history = fit(resumed, ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "b", CFG, checkpoint_every=2)
+    history = fit(resumed, ColourBlobs(20), ColourBlobs(4, 1), tmp_path / "b", CFG, device="cpu", checkpoint_every=2)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert history[-1]["nfe_forward"] > 0
@@ -106,7 +86,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     model = tiny()
     fit(model, ColourBlobs(8), ColourBlobs(4, 1), tmp_path, cfg, epochs=1)
     good = load_checkpoint(tmp_path / "last.pt")
-    bad_data = ColourBlobs(8, nan_at=5)
+    bad_data = ColourBlobs(8)
+    bad_data.images[5] = float("nan")   # one all-NaN image
     with pytest.raises(TrainingError) as err:
         fit(tiny(), bad_data, ColourBlobs(4, 1), tmp_path, cfg)
     msg = str(err.value)
