@@ -355,8 +355,12 @@ def load_labelme_folder(root, label_map: dict | None = None) -> list[Sample]:
     files = sorted(root.glob("*.json"))
     if not files:
         raise DataError(f"no LabelMe .json files in {root.absolute()}; save the annotations there")
-    samples = []
+    samples, inside = [], root.resolve()
     for f in files:
+        if not f.resolve().is_relative_to(inside):
+            raise DataError(f"{f.absolute()} is a link to {f.resolve()}, outside the LabelMe folder {inside}; "
+                            "for safety only annotation files inside that folder are read. Copy the file "
+                            "into the folder instead of linking it")
         image, mask = labelme_to_mask(f, label_map)
         samples.append(Sample(f.stem, image, mask, f.stem))
     return samples

@@ -317,6 +317,22 @@ def test_labelme_paths_cannot_escape_the_dataset_folder(tmp_path):
     assert np.array_equal(sample.image, picture(seed=5))
 
 
+def test_a_labelme_json_linked_from_outside_the_folder_is_refused(tmp_path):
+    outside = labelme(tmp_path / "elsewhere", [polygon("rbc", [[1, 1], [30, 1], [30, 30]])])
+    folder = tmp_path / "ds"
+    labelme(folder, [polygon("wbc", [[1, 1], [30, 1], [30, 30]])], name="fine.json")
+    assert len(load_labelme_folder(folder)) == 1
+    (folder / "linked.json").symlink_to(outside)
+    with pytest.raises(DataError) as err:
+        load_labelme_folder(folder)
+    msg = str(err.value)
+    assert str(folder / "linked.json") in msg and str(outside) in msg and "outside the LabelMe folder" in msg
+    assert "for safety" in msg and "Copy the file" in msg
+    (folder / "linked.json").unlink()                     # a link that stays inside the folder is fine
+    (folder / "again.json").symlink_to(folder / "fine.json")
+    assert len(load_labelme_folder(folder)) == 2
+
+
 def test_grey_rgba_and_16bit_training_images_are_converted(tmp_path):
     root = dataset(tmp_path / "ds")
     png(root / "images" / "s0.png", picture(seed=0)[..., 1])                          # grey
