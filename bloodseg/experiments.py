@@ -1129,6 +1129,9 @@ def _claims(profile=None) -> list[dict]:
             out[adjoint] = rs[-1]["peak_mb"] / rs[0]["peak_mb"]
         return out
 
+    paper_rho = round(spearman([POSITION_LEVEL[p] for p in range(1, 10)],
+                               [P1[f"ode-unet-{p}"]["time_s"] for p in range(1, 10)]), 2)
+
     def gain_claim(a, b, key):  # Table 2: model a's PA or MIoU gain over model b, in percentage points
         label = {"nodes-unet": "NODEs-UNet", "resunet": "ResNet", "unet": "U-Net", "pa": "PA", "miou": "MIoU"}
         return dict(claim=f"{label[a]} {label[key]} gain over {label[b]}", unit="pp", paper=paper_gain(P2, a, b, key),
@@ -1159,13 +1162,11 @@ def _claims(profile=None) -> list[dict]:
              ours=lambda: ps()["miou_spread_pp"], verdict=lambda v: HOLDS if v <= FLAT_SPREAD_PP else FAILS,
              where="05_placement_ablation", note=f"holds if spread <= {FLAT_SPREAD_PP:g} pp"),
         dict(claim="Time falls toward the bottom of the U and rises again (Spearman depth vs time)", unit="rho",
-             paper=round(spearman([POSITION_LEVEL[p] for p in range(1, 10)],
-                                  [P1[f"ode-unet-{p}"]["time_s"] for p in range(1, 10)]), 2),
+             paper=paper_rho,
              ours=lambda: ps()["rho_depth_time"], verdict=lambda v: HOLDS if v <= DEEPER_FASTER_RHO else FAILS,
              where="05_placement_ablation", note=f"holds if rho <= {DEEPER_FASTER_RHO:g}"),
         dict(claim="... the same on a GPU (H100, `bloodseg bench`, 256x256, width 32, random weights)", unit="rho",
-             paper=round(spearman([POSITION_LEVEL[p] for p in range(1, 10)],
-                                  [P1[f"ode-unet-{p}"]["time_s"] for p in range(1, 10)]), 2),
+             paper=paper_rho,
              ours=lambda: bench_depth_rho(CUDA_BENCH), verdict=lambda v: HOLDS if v <= DEEPER_FASTER_RHO else FAILS,
              where="05_placement_ablation",
              note="a recorded bench run (not re-run by the book); one image at a time keeps a GPU waiting on "

@@ -73,7 +73,6 @@ def predict_probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: i
     return F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
-@torch.inference_mode()
 def _softmax(model: torch.nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
     """Softmax of ``model(x)``; with ``tta`` averaged over the four flips of ``x`` (flipped back)."""
     if not tta:
@@ -86,6 +85,7 @@ def _softmax(model: torch.nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor
     return total / 4
 
 
+@torch.inference_mode()
 def _probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: int, overlap: int,
                    clahe: bool, tta: bool = False) -> torch.Tensor:
     if tile % 16 or tile < 16:

@@ -442,6 +442,7 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-un
     tm = train_model(model, splits, out_dir / "finetune", plan, init=init, seed=seed, input_scale=plan.scale,
                      train_options=train_options, on_epoch=epoch_log, init_label=init_label)
     log(f"trained on BCCD in {tm.seconds:.0f} s: " + json.dumps(tm.history[-1]))
+    device = next(tm.model.parameters()).device
     result = evaluate_bccd(tm.model, splits["test"], keep_masks=False)
     baseline = evaluate_bccd(colour_threshold_baseline, splits["test"], keep_masks=False)
     metrics = {"model": score_row(tm.label, result), "colour_baseline": score_row("colour baseline", baseline),
@@ -453,8 +454,7 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-un
                         "val_patches": len(splits["val"]), "test_images": len(splits["test"]),
                         "box_coverage": report.get("overall", {}).get("box_coverage")},
                "plan": dataclasses.asdict(plan), "train_options": train_options, "model_name": model,
-               "pretrained": pretrain, "seed": seed, "device": str(next(tm.model.parameters()).device),
-               "device_name": (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),
+               "pretrained": pretrain, "seed": seed, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "epochs_run": len(tm.history), "best_epoch": int(np.argmin([h["val_loss"] for h in tm.history]) + 1),
                "train_seconds": round(tm.seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
                "torch": str(torch.__version__)}
@@ -520,12 +520,12 @@ def plot_gpu_runs(record: dict):
     for r in record["runs"]:
         if r["run"] in continued:
             continue                                  # drawn as part of the run that continues it
-        epochs, vals, offset = [], [], 0
-        for part in _lineage(record, r["run"]):
+        chain, epochs, vals, offset = _lineage(record, r["run"]), [], [], 0
+        for part in chain:
             epochs += [offset + h["epoch"] for h in part["history"]]
             vals += [h["val_miou"] for h in part["history"]]
             offset += part["epochs_run"]
-        ax2.plot(epochs, vals, "-o", ms=3, label=" > ".join(p["run"] for p in _lineage(record, r["run"])))
+        ax2.plot(epochs, vals, "-o", ms=3, label=" > ".join(p["run"] for p in chain))
     ax2.set_xlabel("BCCD epoch (continued runs carry on the count)")
     ax2.set_ylabel("validation MIoU (silver, 3 classes)")
     ax2.legend(fontsize=7)

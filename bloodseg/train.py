@@ -430,9 +430,6 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
         # running sums of an interrupted epoch, already summed over processes: rank 0 carries them
         partial = ckpt.get("partial") if info.is_main else None
         _set_rng_state(ckpt["rng"])
-    for group in optimizer.param_groups:  # the config decides, not the checkpoint (scale_lr, N)
-        group["lr"] = epoch_lr(cfg, lr, start_epoch)
-
     sync_bn = 0
     if info.world_size > 1:
         # imported here so that `python -m bloodseg.distributed` finds it not yet imported
@@ -469,7 +466,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
                     print(f"fit: stopping after epoch {epoch} of {cfg.epochs}: another epoch would pass "
                           f"max_minutes={cfg.max_minutes:g} ({spent / 60:.1f} min spent)", flush=True)
                 break
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups:  # the config decides, not the checkpoint (scale_lr, N)
             group["lr"] = epoch_lr(cfg, lr, epoch)
         model.train()
         t0 = time.perf_counter()

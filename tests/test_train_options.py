@@ -8,21 +8,12 @@ import math
 import pytest
 import torch
 
+from conftest import ColourBlobs
+
 from bloodseg import cli
-from bloodseg.datasets import SegmentationDataset
 from bloodseg.errors import BloodsegError
-from bloodseg.datasets import Sample
 from bloodseg.models import build_model
-from bloodseg.synthetic import make_smear
 from bloodseg.train import TrainConfig, epoch_lr, fit, load_checkpoint, setup_distributed
-
-
-def smears(n, seed=0, size=(32, 32)):
-    out = []
-    for i in range(n):
-        image, mask = make_smear(seed + i, size=size)
-        out.append(Sample(f"s{seed + i}", image, mask, f"s{seed + i}"))
-    return SegmentationDataset(out)
 
 
 def tiny():
@@ -41,21 +32,21 @@ def test_cosine_schedule_values():
 
 def test_fit_follows_the_schedule_and_a_resumed_run_continues_it(tmp_path):
     cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2, seed=1, progress=False, schedule="cosine")
-    whole = fit(tiny(), smears(8), smears(2, 50), tmp_path / "a", cfg, device="cpu")
+    whole = fit(tiny(), ColourBlobs(8), ColourBlobs(2, 50), tmp_path / "a", cfg, device="cpu")
     assert [h["lr"] for h in whole] == pytest.approx([epoch_lr(cfg, 1e-2, e) for e in range(3)])
-    fit(tiny(), smears(8), smears(2, 50), tmp_path / "b", cfg, device="cpu", epochs=1)
-    resumed = fit(tiny(), smears(8), smears(2, 50), tmp_path / "b", cfg, device="cpu")
+    fit(tiny(), ColourBlobs(8), ColourBlobs(2, 50), tmp_path / "b", cfg, device="cpu", epochs=1)
+    resumed = fit(tiny(), ColourBlobs(8), ColourBlobs(2, 50), tmp_path / "b", cfg, device="cpu")
     assert [h["lr"] for h in resumed] == [h["lr"] for h in whole]
     assert resumed[-1]["loss"] == whole[-1]["loss"]           # CPU: the same run, bit for bit
 
 
 def test_max_minutes_stops_between_epochs_and_the_run_can_go_on(tmp_path, capsys):
     cfg = TrainConfig(epochs=4, batch_size=4, lr=1e-2, progress=False, max_minutes=1e-6)
-    history = fit(tiny(), smears(8), smears(2, 50), tmp_path, cfg, device="cpu")
+    history = fit(tiny(), ColourBlobs(8), ColourBlobs(2, 50), tmp_path, cfg, device="cpu")
     assert len(history) == 1                                    # the first epoch always runs
     assert "stopping after epoch 1 of 4" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
-    more = fit(tiny(), smears(8), smears(2, 50), tmp_path, cfg, device="cpu", max_minutes=0)
+    more = fit(tiny(), ColourBlobs(8), ColourBlobs(2, 50), tmp_path, cfg, device="cpu", max_minutes=0)
     assert [h["epoch"] for h in more] == [1, 2, 3, 4]
 
 
