@@ -126,6 +126,14 @@ def cmd_train_bccd(args) -> int:
     return 0
 
 
+def cmd_tune_cleanup(args) -> int:
+    from .realdata import tune_checkpoint_cleanup
+    result = tune_checkpoint_cleanup(args.ckpt, src=args.src, out=args.out, work=args.work,
+                                     log=lambda m: print(m, flush=True))
+    print(f"wrote {result['checkpoint']} with postprocess {result['tuning']['chosen']}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .datasets import SegmentationDataset, training_splits
     from .train import evaluate, load_model
@@ -146,7 +154,7 @@ def cmd_predict(args) -> int:
     from .train import load_model
     model = load_model(args.ckpt, classes=3)  # masks are written as 0/1/2
     rows = predict_files(model, args.images, args.out, tile=args.tile, overlap=args.overlap,
-                         overlays=not args.no_overlay)
+                         overlays=not args.no_overlay, postprocess=False if args.raw else None)
     for r in rows:
         print(f"{r['image']} -> {r['mask']}")
     return 0
@@ -178,7 +186,8 @@ def cmd_count(args) -> int:
         args.ckpt = shipped_checkpoint()
     model = load_model(args.ckpt, classes=3)
     rows = count_files(model, args.images, tile=args.tile, overlap=args.overlap,
-                       red_radius=args.red_radius, masks_out=args.masks)
+                       red_radius=args.red_radius, masks_out=args.masks,
+                       postprocess=False if args.raw else None)
     print("image,n_white,n_red")
     for r in rows:
         print(f"{r['image']},{r['n_white']},{r['n_red']}")
@@ -270,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_train_bccd)
 
+    s = sub.add_parser("tune-cleanup", help="choose a BCCD checkpoint's white-cell cleanup on the validation "
+                                            "photographs and store it in the checkpoint",
+                       description="Try removing white components below N px (and filling holes in white "
+                                   "cells) on BCCD's validation photographs, keep the best setting, score the "
+                                   "test photographs with and without it, and write the checkpoint with "
+                                   "'postprocess' set; predict and count then apply it (unless --raw).")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--src", required=True, help="raw BCCD folder (images/, wbc_masks/, annotations/, splits/)")
+    s.add_argument("--out", help="write the checkpoint here (default: in place)")
+    s.add_argument("--work", default="runs/tune-cleanup", help="folder for the prepared BCCD masks")
+    s.set_defaults(func=cmd_tune_cleanup)
+
     s = sub.add_parser("evaluate", help="PA / CPA / MIoU and time of a checkpoint on a split")
     s.add_argument("--ckpt", required=True)
     s.add_argument("--data", default="synthetic")
@@ -288,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tile", type=int, default=512)
     s.add_argument("--overlap", type=int, default=64)
     s.add_argument("--no-overlay", action="store_true")
+    s.add_argument("--raw", action="store_true",
+                   help="the network's masks as they are, without the checkpoint's white-cell cleanup")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("count", help="count white and red cells per image (CSV)",
@@ -299,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the counts as CSV here (image, n_white, n_red, ...)")
     s.add_argument("--masks", help="also write the predicted masks and overlays to this folder")
     s.add_argument("--red-radius", type=float, help="typical red-cell radius in px (default: measured)")
+    s.add_argument("--raw", action="store_true",
+                   help="the network's masks as they are, without the checkpoint's white-cell cleanup")
     s.add_argument("--tile", type=int, default=512)
     s.add_argument("--overlap", type=int, default=64)
     s.set_defaults(func=cmd_count)

@@ -226,11 +226,12 @@ def count_errors(predicted, truth) -> dict:
 
 
 def count_files(model, paths, tile: int = 512, overlap: int = 64, red_radius: float | None = None,
-                masks_out=None) -> list[dict]:
+                masks_out=None, postprocess=None) -> list[dict]:
     """Predict every image (files or folders) with ``model`` and count its cells.
 
     Returns one row per image with the :data:`COUNT_COLUMNS`. With ``masks_out`` the predicted
     masks and overlays are written there too (as :func:`bloodseg.infer.predict_files` does).
+    ``postprocess``: as in :func:`bloodseg.predict_image` (default: the checkpoint's own).
     """
     from .datasets import read_image
     from .infer import _writable_dir, check_output_names, expand_inputs, predict_image
@@ -242,7 +243,7 @@ def count_files(model, paths, tile: int = 512, overlap: int = 64, red_radius: fl
     rows = []
     for f in files:
         image = read_image(f)
-        mask = predict_image(model, image, tile=tile, overlap=overlap)
+        mask = predict_image(model, image, tile=tile, overlap=overlap, postprocess=postprocess)
         counts = count_cells(mask, red_radius=red_radius)
         rows.append({"image": str(f), **counts})
         if out_dir is not None:

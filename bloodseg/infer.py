@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .datasets import read_image
 from .errors import BloodsegError, DataError
+from .postprocess import check_postprocess, clean_white_cells, min_area_at
 from .preprocess import image_to_tensor
 from .synthetic import overlay
 
@@ -111,12 +112,41 @@ def _probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: int, ove
     return (probs / weight)[:, :h, :w]
 
 
+def resolve_postprocess(model: torch.nn.Module, postprocess=None) -> dict | None:
+    """The post-processing :func:`predict_image` applies: ``None`` -> the model's own (restored from
+    its checkpoint's ``"postprocess"``, e.g. the shipped BCCD checkpoint's white-cell cleanup), or
+    none; ``False`` -> none (the network's argmax alone); a dict -> that one (checked)."""
+    if postprocess is False:
+        return None
+    if postprocess is None or postprocess is True:
+        spec = getattr(model, "postprocess", None)
+        if spec is None and postprocess is True:
+            raise BloodsegError("postprocess=True, but this model carries no post-processing (its "
+                                "checkpoint has no 'postprocess'); pass a dict such as "
+                                "{'white_min_area': 4000, 'fill_white_holes': True}")
+        return None if spec is None else check_postprocess(spec)
+    return check_postprocess(postprocess)
+
+
 def predict_image(model: torch.nn.Module, image_bgr: np.ndarray, tile: int = 512,
-                  overlap: int = 64, clahe: bool = True, tta: bool = False) -> np.ndarray:
+                  overlap: int = 64, clahe: bool = True, tta: bool = False, postprocess=None) -> np.ndarray:
     """Mask ``uint8 HxW`` with classes {0 background, 1 white cell, 2 red cell} (``tta``: see
-    :func:`predict_probabilities`)."""
+    :func:`predict_probabilities`).
+
+    ``postprocess``: ``None`` (default) applies the model's own post-processing when its
+    checkpoint carries one (:func:`bloodseg.postprocess.clean_white_cells` with the stored
+    ``white_min_area`` / ``fill_white_holes``, the area scaled if the model's ``input_scale`` was
+    changed since, :func:`bloodseg.postprocess.min_area_at`), ``False`` returns the network's
+    argmax alone, a
+    dict gives the settings (see :func:`resolve_postprocess`).
+    """
     probs = predict_probabilities(model, image_bgr, tile=tile, overlap=overlap, clahe=clahe, tta=tta)
-    return probs.argmax(0).numpy().astype(np.uint8)
+    mask = probs.argmax(0).numpy().astype(np.uint8)
+    spec = resolve_postprocess(model, postprocess)
+    if spec is not None:
+        area = min_area_at(spec, float(getattr(model, "input_scale", 1.0)))
+        mask = clean_white_cells(mask, probs, area, spec["fill_white_holes"])
+    return mask
 
 
 def expand_inputs(paths) -> list[Path]:
@@ -170,9 +200,10 @@ def check_output_names(files: list[Path], out_dir: Path, suffixes=("", "_overlay
 
 
 def predict_files(model: torch.nn.Module, paths, out_dir, tile: int = 512, overlap: int = 64,
-                  overlays: bool = True) -> list[dict]:
+                  overlays: bool = True, postprocess=None) -> list[dict]:
     """Predict every image; write ``<stem>.png`` (mask, values 0/1/2) and ``<stem>_overlay.png``.
 
+    ``postprocess``: as in :func:`predict_image` (default: the checkpoint's own).
     Refuses (before writing anything) when two inputs share a stem, or when an output would
     overwrite an input image (e.g. ``--out`` is the input folder and an input is ``<stem>.png``).
     """
@@ -182,7 +213,7 @@ def predict_files(model: torch.nn.Module, paths, out_dir, tile: int = 512, overl
     results = []
     for f in files:
         image = read_image(f)
-        mask = predict_image(model, image, tile=tile, overlap=overlap)
+        mask = predict_image(model, image, tile=tile, overlap=overlap, postprocess=postprocess)
         mask_path = out_dir / f"{f.stem}.png"
         if not cv2.imwrite(str(mask_path), mask):
             raise DataError(f"could not write {mask_path}")

@@ -58,7 +58,8 @@ from .train import TrainConfig, fit, load_checkpoint, load_model, save_checkpoin
 
 __all__ = ["FULL_BCCD", "bccd_source", "prepare_cached", "RealPlan", "REAL_PLANS", "real_plan",
            "resize_sample", "synthetic_pretraining_splits", "score_row", "bccd_splits", "TrainedModel", "train_model",
-           "evaluate_bccd", "failure_cases", "read_box_counts", "rbc_boxes_at_border", "count_vs_boxes", "synthetic_counting",
+           "evaluate_bccd", "WHITE_AREA_GRID", "white_components", "plot_white_components", "tune_white_cleanup", "plot_cleanup_tuning", "cleanup_rows",
+           "tune_checkpoint_cleanup", "failure_cases", "read_box_counts", "rbc_boxes_at_border", "count_vs_boxes", "synthetic_counting",
            "train_bccd_checkpoint", "shipped_checkpoint", "SHIPPED_NAME", "gpu_runs_frame", "plot_gpu_runs"]
 
 #: Where the full BCCD copy lives on the project machines (``$BLOODSEG_BCCD`` overrides).
@@ -232,9 +233,9 @@ def train_model(name: str, splits: dict, out_dir, plan: RealPlan, init=None, epo
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _predictor(model_or_fn, tile: int, tta: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+def _predictor(model_or_fn, tile: int, tta: bool = False, postprocess=None) -> Callable[[np.ndarray], np.ndarray]:
     if isinstance(model_or_fn, torch.nn.Module):
-        return lambda image: predict_image(model_or_fn, image, tile=tile, tta=tta)
+        return lambda image: predict_image(model_or_fn, image, tile=tile, tta=tta, postprocess=postprocess)
     return model_or_fn
 
 
@@ -246,18 +247,19 @@ def _white_scores(tp: int, fp: int, fn: int) -> dict:
 
 
 def evaluate_bccd(model_or_fn, samples: list[Sample], tile: int = 1024, keep_masks: bool = True,
-                  tta: bool = False) -> dict:
+                  tta: bool = False, postprocess=None) -> dict:
     """Score whole images against the BCCD labels, gold and silver apart.
 
     ``model_or_fn``: a model (run with :func:`bloodseg.predict_image`, whole image when it fits
-    ``tile``; ``tta``: flip test-time augmentation) or a function image → mask (e.g.
-    :func:`bloodseg.colour_threshold_baseline`).
+    ``tile``; ``tta``: flip test-time augmentation; ``postprocess``: as in ``predict_image``, so
+    ``None`` applies the checkpoint's own white-cell cleanup if it has one and ``False`` scores the
+    network's argmax alone) or a function image → mask (e.g. :func:`bloodseg.colour_threshold_baseline`).
     Returns ``{"silver": scores() of ONE 3-class confusion matrix over all images (PA, CPA, IoU,
     MIoU) against the silver masks, "gold": white cell vs the rest over all images (iou, dice,
     precision, recall) against the human masks, "per_image": [{"name", "white_iou",
     "white_dice", "silver_miou"}], "masks": predicted masks (``keep_masks``), "seconds"}``.
     """
-    predict = _predictor(model_or_fn, tile, tta)
+    predict = _predictor(model_or_fn, tile, tta, postprocess)
     cm = torch.zeros(3, 3, dtype=torch.long)
     tp = fp = fn = 0
     rows, masks = [], []
@@ -281,6 +283,168 @@ def evaluate_bccd(model_or_fn, samples: list[Sample], tile: int = 1024, keep_mas
     if keep_masks:
         out["masks"] = masks
     return out
+
+
+#: Candidate ``white_min_area`` values (px of the photograph) :func:`tune_white_cleanup` tries.
+WHITE_AREA_GRID = (0, 100, 250, 500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 7000, 8000, 10000)
+
+
+def white_components(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """The white components (8-connected) of a predicted mask and of its labels: ``{"predicted":
+    [[area px, touches a labelled white cell (0/1)], ...], "true_cells": [area px, ...]}``."""
+    from scipy import ndimage
+    eight = np.ones((3, 3), bool)
+    labels, n = ndimage.label(pred == WHITE_CELL, structure=eight)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    hits = np.bincount(labels[truth == WHITE_CELL], minlength=n + 1)[1:] > 0
+    tl, tn = ndimage.label(truth == WHITE_CELL, structure=eight)
+    return {"predicted": [[int(a), int(h)] for a, h in zip(areas, hits)],
+            "true_cells": [int(a) for a in np.bincount(tl.ravel(), minlength=tn + 1)[1:]]}
+
+
+def plot_white_components(components: dict, chosen_area: float | None = None, title: str = ""):
+    """Histogram (log area) of the predicted white components that touch a labelled white cell,
+    of those that touch none (false white), and of the labelled cells themselves; ``components``:
+    the ``"components"`` of :func:`tune_white_cleanup`. Returns the figure."""
+    import matplotlib.pyplot as plt
+    pred = np.array(components["predicted"] or [[1, 0]], float).reshape(-1, 2)
+    true_cells = np.array(components["true_cells"] or [1], float)
+    bins = np.logspace(0, math.log10(max(pred[:, 0].max(), true_cells.max(), 10) * 1.5), 40)
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    ax.hist(pred[pred[:, 1] == 0, 0], bins=bins, color="C3", alpha=0.8, label="predicted, touches no labelled cell")
+    ax.hist(pred[pred[:, 1] == 1, 0], bins=bins, color="C2", alpha=0.6, label="predicted, touches a labelled cell")
+    ax.hist(true_cells, bins=bins, histtype="step", color="k", lw=1.2, label="labelled white cells")
+    if chosen_area:
+        ax.axvline(chosen_area, color="k", ls="--", lw=1, label=f"chosen white_min_area {chosen_area:.0f} px")
+    ax.set_xscale("log"); ax.set_xlabel("white component area (px of the photograph)"); ax.set_ylabel("components")
+    ax.set_title(title, fontsize=10); ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _white_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    pw, tw = pred == WHITE_CELL, truth == WHITE_CELL
+    return np.array([(pw & tw).sum(), (pw & ~tw).sum(), (~pw & tw).sum()], np.int64)
+
+
+def tune_white_cleanup(model: torch.nn.Module, samples: list[Sample], areas=WHITE_AREA_GRID,
+                       fills=(False, True), tile: int = 1024, tta: bool = False, chosen_on: str = "") -> dict:
+    """Choose the white-cell cleanup (:func:`bloodseg.postprocess.clean_white_cells`) of ``model``
+    on ``samples``, which must NOT be the photographs it will be scored on (use the validation split).
+
+    Every ``(white_min_area, fill_white_holes)`` of ``areas`` x ``fills`` is scored by the gold
+    white-cell IoU over all samples (one pooled count, as :func:`evaluate_bccd`). The rule: the
+    fill setting with the highest IoU; then, of the areas that reach that IoU exactly (a plateau:
+    every area between the largest false speck and the smallest true cell removes the same
+    pixels), the one nearest the plateau's geometric middle, so the choice keeps the widest
+    margin on both sides. Returns ``{"rows": [{"white_min_area", "fill_white_holes", "iou",
+    "dice", ...}], "raw": argmax scores, "chosen": postprocess dict, "plateau": [lo, hi],
+    "components": :func:`white_components` of the raw masks pooled, "n_images", "seconds"}``;
+    ``chosen`` can be stored in a checkpoint (:func:`tune_checkpoint_cleanup`).
+    """
+    from .postprocess import clean_white_cells
+    from .infer import predict_probabilities
+    if not samples:
+        raise DataError("tune_white_cleanup needs at least one labelled photograph")
+    areas = sorted({float(a) for a in areas})
+    t0 = time.perf_counter()
+    totals = {(a, f): np.zeros(3, np.int64) for a in areas for f in fills}
+    raw = np.zeros(3, np.int64)
+    components = {"predicted": [], "true_cells": []}
+    for s in samples:
+        probs = predict_probabilities(model, s.image, tile=tile, tta=tta)
+        mask = probs.argmax(0).numpy().astype(np.uint8)
+        raw += _white_counts(mask, s.mask)
+        for k, v in white_components(mask, s.mask).items():
+            components[k] += v
+        for a in areas:
+            for f in fills:
+                totals[(a, f)] += _white_counts(clean_white_cells(mask, probs, a, f), s.mask)
+    rows = []
+    for (a, f), (tp, fp, fn) in totals.items():
+        rows.append({"white_min_area": a, "fill_white_holes": f, **_white_scores(int(tp), int(fp), int(fn))})
+    best_iou = {f: max(r["iou"] for r in rows if r["fill_white_holes"] == f) for f in fills}
+    fill = max(fills, key=lambda f: (best_iou[f], f))
+    tied = [r["white_min_area"] for r in rows if r["fill_white_holes"] == fill and r["iou"] >= best_iou[fill] - 1e-12]
+    lo, hi = min(tied), max(tied)
+    middle = math.sqrt(max(lo, 1.0) * max(hi, 1.0))
+    area = min(tied, key=lambda a: abs(math.log(max(a, 1.0) / middle)))
+    chosen = {"white_min_area": area, "fill_white_holes": bool(fill),
+              "input_scale": float(getattr(model, "input_scale", 1.0)),
+              "chosen_on": chosen_on or f"{len(samples)} labelled photographs", "tuned_iou": round(best_iou[fill], 4)}
+    return {"rows": rows, "raw": _white_scores(*map(int, raw)), "chosen": chosen, "plateau": [lo, hi],
+            "components": components, "n_images": len(samples), "seconds": time.perf_counter() - t0}
+
+
+def plot_cleanup_tuning(tuning: dict, test_rows: list[dict] | None = None, goal: float | None = 0.90):
+    """Gold white-cell IoU against ``white_min_area`` (log axis) for each fill setting, on the
+    tuning photographs (``tuning``: :func:`tune_white_cleanup`), optionally with the same curve
+    on other photographs (``test_rows``, the same row format), the network's raw IoU, the chosen
+    area and the goal. Returns the figure."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    sets = [("tuning", tuning["rows"], "-")] + ([("test", test_rows, ":")] if test_rows else [])
+    for label, rows, ls in sets:
+        for f, colour in ((False, "C0"), (True, "C1")):
+            pts = sorted((max(r["white_min_area"], 30.0), r["iou"]) for r in rows if r["fill_white_holes"] == f)
+            if pts:
+                ax.plot(*zip(*pts), ls, marker="o", ms=3, color=colour,
+                        label=f"{label} photographs, {'holes filled' if f else 'holes kept'}")
+    ch = tuning["chosen"]
+    ax.axvline(max(ch["white_min_area"], 30.0), color="k", lw=1, label=f"chosen: {ch['white_min_area']:.0f} px")
+    ax.axvspan(max(tuning["plateau"][0], 30.0), max(tuning["plateau"][1], 30.0), color="grey", alpha=0.15)
+    if goal:
+        ax.axhline(goal, color="red", ls="--", lw=1, label=f"goal {goal:.2f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("white_min_area: smallest white component kept (px; 0 drawn at 30)")
+    ax.set_ylabel("gold white-cell IoU")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def cleanup_rows(model: torch.nn.Module, samples: list[Sample], areas=WHITE_AREA_GRID, fills=(False, True),
+                 tile: int = 1024) -> list[dict]:
+    """The rows of :func:`tune_white_cleanup` for other photographs (to show, never to choose by)."""
+    return tune_white_cleanup(model, samples, areas, fills, tile)["rows"]
+
+
+def tune_checkpoint_cleanup(ckpt, src=None, out=None, work="runs/tune-cleanup", log: Callable[[str], None] = print,
+                            tile: int = 1024) -> dict:
+    """Choose a checkpoint's white-cell cleanup on BCCD's validation photographs, score the test
+    photographs with and without it, and write the checkpoint again (``out``, default in place)
+    with ``"postprocess"`` set and ``metrics["cleanup"]`` recording the choice and the scores.
+
+    ``src``: a raw BCCD folder (default: :func:`bccd_source`), prepared into ``work/bccd`` (reused
+    when already there). The test photographs play no part
+    in the choice. Returns ``{"tuning", "test_raw", "test_cleaned", "checkpoint"}`` (score rows).
+    ``bloodseg tune-cleanup`` is the command-line form.
+    """
+    from .train import update_checkpoint
+    src = Path(src) if src is not None else bccd_source("quick")[0]
+    prep_dir = Path(work) / "bccd"
+    prepare_cached(src, prep_dir)
+    model = load_model(ckpt, device="cpu" if not torch.cuda.is_available() else None)
+    val = load_folder(prep_dir / "val")
+    test = load_folder(prep_dir / "test")
+    tuning = tune_white_cleanup(model, val, tile=tile, chosen_on=f"BCCD validation split, {len(val)} photographs")
+    log(f"tuned on {len(val)} validation photographs in {tuning['seconds']:.0f} s: {tuning['chosen']} "
+        f"(raw val IoU {tuning['raw']['iou']:.4f})")
+    label = f"{model.name} w{model.options.get('width')}"
+    raw = score_row(label, evaluate_bccd(model, test, tile=tile, keep_masks=False, postprocess=False))
+    cleaned = score_row(label + " + white cleanup",
+                        evaluate_bccd(model, test, tile=tile, keep_masks=False, postprocess=tuning["chosen"]))
+    log(f"test ({len(test)} photographs): white IoU {raw['gold white IoU']:.4f} raw, "
+        f"{cleaned['gold white IoU']:.4f} cleaned")
+    state = load_checkpoint(ckpt)
+    metrics = dict(state.get("metrics") or {})
+    metrics["cleanup"] = {"chosen": tuning["chosen"], "plateau": tuning["plateau"], "val_raw": tuning["raw"],
+                          "val_rows": tuning["rows"],
+                          "val_components": tuning["components"], "test_raw": raw, "test_cleaned": cleaned,
+                          "test_images": len(test), "val_images": len(val), "torch": str(torch.__version__)}
+    metrics = json.loads(json.dumps(metrics, default=float))
+    target = update_checkpoint(ckpt, out=out, postprocess=tuning["chosen"], metrics=metrics)
+    return {"tuning": tuning, "test_raw": raw, "test_cleaned": cleaned, "checkpoint": str(target)}
 
 
 def score_row(label: str, result: dict) -> dict:

@@ -33,6 +33,7 @@ from .errors import BloodsegError, CheckpointError, TrainingError
 from .metrics import ConfusionMatrix, per_image_scores, scores
 from .models import build_model
 from .ode import nfe_report
+from .postprocess import check_postprocess
 
 CHECKPOINT_FORMAT = "bloodseg-checkpoint/1"
 
@@ -201,12 +202,24 @@ def save_checkpoint(path, model, optimizer=None, **state) -> Path:
         # a model trained on resized images (realdata: BCCD at half size) keeps its scale, so that
         # predict_image resizes every image the same way (see bloodseg.infer)
         **({"input_scale": float(net.input_scale)} if getattr(net, "input_scale", 1.0) != 1.0 else {}),
+        **({"postprocess": dict(net.postprocess)} if getattr(net, "postprocess", None) else {}),
         **state,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_torch_save(payload, path)
     return path
+
+
+def update_checkpoint(path, out=None, **entries) -> Path:
+    """Write checkpoint ``path`` again (to ``out``, default in place, atomically) with top-level
+    ``entries`` added or replaced, e.g. ``postprocess=...`` or ``metrics=...``; weights untouched."""
+    ckpt = load_checkpoint(path)
+    ckpt.update(entries)
+    target = Path(out) if out is not None else Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save(ckpt, target)
+    return target
 
 
 def load_checkpoint(path) -> dict:
@@ -261,6 +274,12 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint", classes: int | None = N
                               f"with options {opts}: {' '.join(first)}") from None
     if ckpt.get("input_scale", 1.0) != 1.0:
         model.input_scale = float(ckpt["input_scale"])
+    if ckpt.get("postprocess") is not None:
+        # the mask cleanup chosen for this network (bloodseg.postprocess), applied by predict_image
+        try:
+            model.postprocess = check_postprocess(ckpt["postprocess"])
+        except BloodsegError as exc:
+            raise CheckpointError(f"{path} has an invalid 'postprocess' entry: {exc}") from None
     return model
 
 
