@@ -58,9 +58,11 @@ from .train import TrainConfig, fit, load_checkpoint, load_model, save_checkpoin
 
 __all__ = ["FULL_BCCD", "bccd_source", "prepare_cached", "RealPlan", "REAL_PLANS", "real_plan",
            "resize_sample", "synthetic_pretraining_splits", "score_row", "bccd_splits", "TrainedModel", "train_model",
-           "evaluate_bccd", "WHITE_AREA_GRID", "white_components", "plot_white_components", "tune_white_cleanup", "plot_cleanup_tuning", "cleanup_rows",
-           "tune_checkpoint_cleanup", "failure_cases", "read_box_counts", "rbc_boxes_at_border", "count_vs_boxes", "synthetic_counting",
-           "train_bccd_checkpoint", "shipped_checkpoint", "SHIPPED_NAME", "gpu_runs_frame", "plot_gpu_runs"]
+           "evaluate_bccd", "WHITE_AREA_GRID", "white_components", "plot_white_components", "tune_white_cleanup",
+           "plot_cleanup_tuning", "cleanup_rows", "cleanup_summary", "compare_cleanup", "plot_cleanup_comparison",
+           "tune_checkpoint_cleanup", "failure_cases", "read_box_counts", "rbc_boxes_at_border", "count_vs_boxes",
+           "synthetic_counting", "train_bccd_checkpoint", "shipped_checkpoint", "SHIPPED_NAME", "gpu_runs_frame",
+           "plot_gpu_runs"]
 
 #: Where the full BCCD copy lives on the project machines (``$BLOODSEG_BCCD`` overrides).
 FULL_BCCD = Path("/work/shared/data/bccd")
@@ -336,8 +338,8 @@ def tune_white_cleanup(model: torch.nn.Module, samples: list[Sample], areas=WHIT
     white-cell IoU over all samples (one pooled count, as :func:`evaluate_bccd`). The rule: the
     fill setting with the highest IoU; then, of the areas that reach that IoU exactly (a plateau:
     every area between the largest false speck and the smallest true cell removes the same
-    pixels), the one nearest the plateau's geometric middle, so the choice keeps the widest
-    margin on both sides. Returns ``{"rows": [{"white_min_area", "fill_white_holes", "iou",
+    pixels), the one nearest the plateau's geometric middle (the smaller of two equally near),
+    so the choice keeps the widest margin on both sides. Returns ``{"rows": [{"white_min_area", "fill_white_holes", "iou",
     "dice", ...}], "raw": argmax scores, "chosen": postprocess dict, "plateau": [lo, hi],
     "components": :func:`white_components` of the raw masks pooled, "n_images", "seconds"}``;
     ``chosen`` can be stored in a checkpoint (:func:`tune_checkpoint_cleanup`).
@@ -368,7 +370,7 @@ def tune_white_cleanup(model: torch.nn.Module, samples: list[Sample], areas=WHIT
     tied = [r["white_min_area"] for r in rows if r["fill_white_holes"] == fill and r["iou"] >= best_iou[fill] - 1e-12]
     lo, hi = min(tied), max(tied)
     middle = math.sqrt(max(lo, 1.0) * max(hi, 1.0))
-    area = min(tied, key=lambda a: abs(math.log(max(a, 1.0) / middle)))
+    area = min(tied, key=lambda a: (round(abs(math.log(max(a, 1.0) / middle)), 9), a))   # a tie: the smaller
     chosen = {"white_min_area": area, "fill_white_holes": bool(fill),
               "input_scale": float(getattr(model, "input_scale", 1.0)),
               "chosen_on": chosen_on or f"{len(samples)} labelled photographs", "tuned_iou": round(best_iou[fill], 4)}
@@ -376,14 +378,15 @@ def tune_white_cleanup(model: torch.nn.Module, samples: list[Sample], areas=WHIT
             "components": components, "n_images": len(samples), "seconds": time.perf_counter() - t0}
 
 
-def plot_cleanup_tuning(tuning: dict, test_rows: list[dict] | None = None, goal: float | None = 0.90):
+def plot_cleanup_tuning(tuning: dict, test_rows: list[dict] | None = None, goal: float | None = 0.90,
+                        names: tuple[str, str] = ("validation", "test")):
     """Gold white-cell IoU against ``white_min_area`` (log axis) for each fill setting, on the
     tuning photographs (``tuning``: :func:`tune_white_cleanup`), optionally with the same curve
-    on other photographs (``test_rows``, the same row format), the network's raw IoU, the chosen
-    area and the goal. Returns the figure."""
+    on other photographs (``test_rows``, the same row format), the chosen area, its plateau
+    (grey) and the goal; ``names``: what the two sets of photographs are. Returns the figure."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    sets = [("tuning", tuning["rows"], "-")] + ([("test", test_rows, ":")] if test_rows else [])
+    sets = [(names[0], tuning["rows"], "-")] + ([(names[1], test_rows, ":")] if test_rows else [])
     for label, rows, ls in sets:
         for f, colour in ((False, "C0"), (True, "C1")):
             pts = sorted((max(r["white_min_area"], 30.0), r["iou"]) for r in rows if r["fill_white_holes"] == f)
@@ -407,6 +410,65 @@ def cleanup_rows(model: torch.nn.Module, samples: list[Sample], areas=WHITE_AREA
                  tile: int = 1024) -> list[dict]:
     """The rows of :func:`tune_white_cleanup` for other photographs (to show, never to choose by)."""
     return tune_white_cleanup(model, samples, areas, fills, tile)["rows"]
+
+
+def _row_for(rows: list[dict], area: float, fill: bool) -> dict:
+    for r in rows:
+        if r["white_min_area"] == float(area) and r["fill_white_holes"] == bool(fill):
+            return r
+    raise DataError(f"no score row for white_min_area={area}, fill_white_holes={fill}")
+
+
+def cleanup_summary(label: str, tuning: dict, test_rows: list[dict]) -> dict:
+    """One table row: the cleanup ``tuning`` chose (on its photographs) and what it does on the
+    other photographs' ``test_rows`` (which must hold the raw setting, area 0 without filling,
+    and the chosen one)."""
+    ch = tuning["chosen"]
+    raw, clean = _row_for(test_rows, 0.0, False), _row_for(test_rows, ch["white_min_area"], ch["fill_white_holes"])
+    r = lambda v: round(float(v), 4)  # noqa: E731
+    return {"model": label, "white_min_area": ch["white_min_area"], "holes filled": ch["fill_white_holes"],
+            "val IoU raw": r(tuning["raw"]["iou"]), "val IoU cleaned": r(ch["tuned_iou"]),
+            "test IoU raw": r(raw["iou"]), "test IoU cleaned": r(clean["iou"]),
+            "test gain": r(clean["iou"] - raw["iou"]), "test precision raw": r(raw["precision"]),
+            "test precision cleaned": r(clean["precision"]), "test recall raw": r(raw["recall"]),
+            "test recall cleaned": r(clean["recall"])}
+
+
+def compare_cleanup(models: dict, val: list[Sample], test: list[Sample], tile: int = 1024) -> list[dict]:
+    """For each ``{label: model}``: choose its white-cell cleanup on ``val`` (:func:`tune_white_cleanup`),
+    then score ``test`` raw and cleaned; one :func:`cleanup_summary` row per model, so that
+    every network gets the same treatment."""
+    rows = []
+    for label, model in models.items():
+        tuning = tune_white_cleanup(model, val, tile=tile)
+        ch = tuning["chosen"]
+        test_rows = tune_white_cleanup(model, test, areas=(0, ch["white_min_area"]),
+                                       fills=(False, ch["fill_white_holes"]), tile=tile)["rows"]
+        rows.append(cleanup_summary(label, tuning, test_rows))
+    return rows
+
+
+def plot_cleanup_comparison(rows: list[dict], goal: float | None = 0.90):
+    """Bars of each model's test white-cell IoU, raw and with its own cleanup (rows of
+    :func:`cleanup_summary`). Returns the figure."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(rows) + 1.4))
+    y = np.arange(len(rows))
+    raw = [r["test IoU raw"] for r in rows]
+    clean = [r["test IoU cleaned"] for r in rows]
+    ax.barh(y + 0.2, raw, 0.4, color="C0", label="network alone")
+    ax.barh(y - 0.2, clean, 0.4, color="C1", label="+ its white cleanup (chosen on validation)")
+    for yy, a, b in zip(y, raw, clean):
+        ax.text(a + 0.003, yy + 0.2, f"{a:.3f}", va="center", fontsize=7)
+        ax.text(b + 0.003, yy - 0.2, f"{b:.3f}", va="center", fontsize=7)
+    lo = max(0.0, min(raw + clean) - 0.05)
+    ax.set_xlim(lo, 1.0); ax.set_yticks(y, [r["model"] for r in rows], fontsize=8); ax.invert_yaxis()
+    if goal:
+        ax.axvline(goal, color="red", ls="--", lw=1, label=f"goal {goal:.2f}")
+    ax.set_xlabel("gold white-cell IoU, BCCD test photographs")
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 def tune_checkpoint_cleanup(ckpt, src=None, out=None, work="runs/tune-cleanup", log: Callable[[str], None] = print,

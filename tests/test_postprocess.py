@@ -201,3 +201,23 @@ def test_cli_tune_cleanup_then_predict_with_and_without_it(bccd_sample, tmp_path
                          "--no-overlay"] + flag) == 0
         expected = predict_image(model, read_image(photo), postprocess=postprocess)
         assert np.array_equal(read_mask(tmp_path / folder / f"{photo.stem}.png"), expected)
+
+
+def test_every_model_gets_its_own_cleanup_chosen_on_val_and_scored_on_test():
+    truth = np.zeros((96, 96), np.uint8)
+    truth[10:40, 10:40] = WHITE
+    truth[60:90, 50:90] = RED
+    clean_pred = truth.copy()                                        # a network that is already right
+    val = [Sample("v", np.zeros((96, 96, 3), np.uint8), truth, "v")]
+    test = [Sample("t", np.zeros((96, 96, 3), np.uint8), truth, "t")]
+    rows = rd.compare_cleanup({"specky": PatternModel(_scene()), "clean": PatternModel(clean_pred)}, val, test)
+    specky, clean = rows
+    assert specky["model"] == "specky" and specky["white_min_area"] == 250.0 and specky["holes filled"] is True
+    assert specky["test IoU raw"] == pytest.approx(884 / 1016, abs=1e-4) and specky["test IoU cleaned"] == 1.0
+    assert specky["test gain"] == pytest.approx(1 - 884 / 1016, abs=1e-4)
+    assert specky["test precision raw"] == pytest.approx(884 / 1000, abs=1e-4) and specky["test recall cleaned"] == 1.0
+    assert clean["test IoU raw"] == clean["test IoU cleaned"] == 1.0 and clean["test gain"] == 0.0
+    fig = rd.plot_cleanup_comparison(rows)
+    assert len(fig.axes[0].patches) == 4
+    with pytest.raises(BloodsegError, match="no score row"):
+        rd.cleanup_summary("x", rd.tune_white_cleanup(PatternModel(_scene()), val), [])

@@ -122,8 +122,15 @@ def test_shipped_checkpoint_loads_and_documents_itself():
     assert metrics["model"]["gold white IoU"] > metrics["colour_baseline"]["gold white IoU"] + 0.05
     readme = (path.parent / "README.md").read_text()
     assert f"{metrics['model']['gold white IoU']:.3f}" in readme
+    # its white-cell cleanup was chosen on the validation photographs; README shows what it gives
+    cleanup = metrics["cleanup"]
+    assert ckpt["postprocess"]["chosen_on"].startswith("BCCD validation split") and cleanup["val_images"] == 87
+    assert cleanup["chosen"]["white_min_area"] == ckpt["postprocess"]["white_min_area"]
+    assert cleanup["test_raw"]["gold white IoU"] == metrics["model"]["gold white IoU"]
+    assert f"{cleanup['test_cleaned']['gold white IoU']:.4f}" in readme
     model = load_model(path, device="cpu")
     assert model.input_scale == ckpt["input_scale"]
+    assert model.postprocess["white_min_area"] == ckpt["postprocess"]["white_min_area"]
     assert not math.isnan(json.loads(json.dumps(metrics))["model"]["silver MIoU"])
 
 
