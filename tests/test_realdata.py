@@ -97,6 +97,11 @@ def test_train_pretrain_and_finetune(tmp_path, prepared):
     assert load_checkpoint(tuned.checkpoint)["input_scale"] == 0.5
     assert load_model(tuned.checkpoint).input_scale == 0.5
     assert predict_image(tuned.model, splits["test"][0].image).shape == (480, 640)
+    # a cleanup tuned for the starting weights is not carried into the new network
+    from bloodseg.train import update_checkpoint
+    update_checkpoint(pre.checkpoint, postprocess={"white_min_area": 4000, "fill_white_holes": True})
+    again = rd.train_model("unet", splits, tmp_path / "again", TINY, init=pre.checkpoint, input_scale=0.5)
+    assert getattr(again.model, "postprocess", None) is None and "postprocess" not in load_checkpoint(again.checkpoint)
     with pytest.raises(CheckpointError, match="width"):
         rd.train_model("unet", splits, tmp_path / "bad", dataclasses.replace(TINY, width=8), init=pre.checkpoint)
 
