@@ -22,3 +22,4 @@ from .metrics import ConfusionMatrix, confusion_matrix, per_image_scores, scores
 from .train import TrainConfig, evaluate, fit, load_checkpoint, load_model, save_checkpoint
 from .infer import predict_files, predict_image, predict_probabilities
 from .count import count_cells
+from .postprocess import clean_white_cells

@@ -26,6 +26,11 @@ Training. :class:`RealPlan` sizes everything per profile (:data:`REAL_PLANS`).
 best epoch; test images stay whole, 640x480). :func:`synthetic_pretraining_splits` paints synthetic
 smears for pretraining; :func:`train_model` trains from scratch or fine-tunes from a checkpoint.
 
+White-cell cleanup. :func:`tune_white_cleanup` chooses the one number of
+:func:`bloodseg.postprocess.clean_white_cells` (the smallest white component kept) on validation
+photographs; :func:`tune_checkpoint_cleanup` (``bloodseg tune-cleanup``) stores it in a
+checkpoint, and :func:`compare_cleanup` gives several networks the same treatment.
+
 The shipped checkpoint. :func:`train_bccd_checkpoint` reproduces
 ``bloodseg/data/checkpoints/`` (see the README there); :func:`shipped_checkpoint` returns its path,
 so ``bloodseg predict`` / ``bloodseg count`` work without training.
