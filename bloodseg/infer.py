@@ -137,8 +137,7 @@ def predict_image(model: torch.nn.Module, image_bgr: np.ndarray, tile: int = 512
     checkpoint carries one (:func:`bloodseg.postprocess.clean_white_cells` with the stored
     ``white_min_area`` / ``fill_white_holes``, the area scaled if the model's ``input_scale`` was
     changed since, :func:`bloodseg.postprocess.min_area_at`), ``False`` returns the network's
-    argmax alone, a
-    dict gives the settings (see :func:`resolve_postprocess`).
+    argmax alone, a dict gives the settings (see :func:`resolve_postprocess`).
     """
     probs = predict_probabilities(model, image_bgr, tile=tile, overlap=overlap, clahe=clahe, tta=tta)
     mask = probs.argmax(0).numpy().astype(np.uint8)

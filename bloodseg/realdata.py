@@ -253,6 +253,11 @@ def _white_scores(tp: int, fp: int, fn: int) -> dict:
             "recall": tp / (tp + fn) if tp + fn else math.nan}
 
 
+def _white_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    pw, tw = pred == WHITE_CELL, truth == WHITE_CELL
+    return np.array([(pw & tw).sum(), (pw & ~tw).sum(), (~pw & tw).sum()], np.int64)
+
+
 def evaluate_bccd(model_or_fn, samples: list[Sample], tile: int = 1024, keep_masks: bool = True,
                   tta: bool = False, postprocess=None) -> dict:
     """Score whole images against the BCCD labels, gold and silver apart.
@@ -277,8 +282,7 @@ def evaluate_bccd(model_or_fn, samples: list[Sample], tile: int = 1024, keep_mas
             raise DataError(f"prediction for {s.name} is {pred.shape}, its mask {s.mask.shape}")
         m = confusion_matrix(pred, s.mask, 3)
         cm += m
-        pw, tw = pred == WHITE_CELL, s.mask == WHITE_CELL
-        a, b, c = int((pw & tw).sum()), int((pw & ~tw).sum()), int((~pw & tw).sum())
+        a, b, c = map(int, _white_counts(pred, s.mask))
         tp, fp, fn = tp + a, fp + b, fn + c
         one = _white_scores(a, b, c)
         rows.append({"name": s.name, "white_iou": one["iou"], "white_dice": one["dice"],
@@ -327,11 +331,6 @@ def plot_white_components(components: dict, chosen_area: float | None = None, ti
     ax.set_title(title, fontsize=10); ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
-
-
-def _white_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    pw, tw = pred == WHITE_CELL, truth == WHITE_CELL
-    return np.array([(pw & tw).sum(), (pw & ~tw).sum(), (~pw & tw).sum()], np.int64)
 
 
 def tune_white_cleanup(model: torch.nn.Module, samples: list[Sample], areas=WHITE_AREA_GRID,
@@ -447,8 +446,8 @@ def compare_cleanup(models: dict, val: list[Sample], test: list[Sample], tile: i
     for label, model in models.items():
         tuning = tune_white_cleanup(model, val, tile=tile)
         ch = tuning["chosen"]
-        test_rows = tune_white_cleanup(model, test, areas=(0, ch["white_min_area"]),
-                                       fills=(False, ch["fill_white_holes"]), tile=tile)["rows"]
+        test_rows = cleanup_rows(model, test, areas=(0, ch["white_min_area"]),
+                                 fills=(False, ch["fill_white_holes"]), tile=tile)
         rows.append(cleanup_summary(label, tuning, test_rows))
     return rows
 
@@ -491,7 +490,7 @@ def tune_checkpoint_cleanup(ckpt, src=None, out=None, work="runs/tune-cleanup", 
     src = Path(src) if src is not None else bccd_source("quick")[0]
     prep_dir = Path(work) / "bccd"
     prepare_cached(src, prep_dir)
-    model = load_model(ckpt, device="cpu" if not torch.cuda.is_available() else None)
+    model = load_model(ckpt)
     val = load_folder(prep_dir / "val")
     test = load_folder(prep_dir / "test")
     tuning = tune_white_cleanup(model, val, tile=tile, chosen_on=f"BCCD validation split, {len(val)} photographs")
