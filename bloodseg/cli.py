@@ -10,12 +10,23 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from . import __version__
+from .bccd import prepare_bccd
+from .count import write_counts_csv
+from .datasets import SegmentationDataset, training_splits
+from .distributed import cleanup_distributed, setup_distributed
 from .errors import BloodsegError
+from .models import MODEL_NAMES, build_model
+from .recipe import Recipe, get_recipe
+from .segmenter import Segmenter, shipped_checkpoint
+from .synthetic import write_synthetic
+from .train import evaluate, fit
 
-
-def _profile(args):
-    from .profiles import get_profile
-    return get_profile(getattr(args, "profile", None))
+# bloodseg.paper (training recipes of the BCCD checkpoint, the bench) is imported inside the
+# commands that use it: it pulls in pandas and the plotting code, which `predict` and `count`
+# do not need at start-up. The core never imports bloodseg.paper.
 
 
 def _given(value, default):
@@ -39,7 +50,6 @@ def _dump(obj, path: str | None) -> None:
 # --------------------------------------------------------------------------- subcommands
 
 def cmd_synth(args) -> int:
-    from .synthetic import write_synthetic
     size = tuple(args.size) if args.size else (519, 775)
     t0 = time.perf_counter()
     pairs = write_synthetic(args.out, args.n, seed=args.seed, size=size)
@@ -49,48 +59,55 @@ def cmd_synth(args) -> int:
 
 
 def cmd_prepare_bccd(args) -> int:
-    from .datasets import prepare_bccd
     report = prepare_bccd(args.src, args.out, limit=args.limit)
     _dump(report, None)
     return 0
 
 
-def cmd_train(args) -> int:
-    import torch
-    from .datasets import SegmentationDataset, training_splits
-    from .models import build_model
-    from .train import TrainConfig, cleanup_distributed, evaluate, fit, load_model, setup_distributed
-
-    prof = _profile(args)
+def recipe_from_args(args) -> Recipe:
+    """The one place where command-line flags become a :class:`~bloodseg.recipe.Recipe`: the
+    profile's preset with every flag the user gave applied (0 or a negative number is kept, so
+    that validation reports it)."""
+    base = get_recipe(getattr(args, "profile", None))
     if args.width is not None and args.width < 1:
         raise BloodsegError(f"--width must be a positive number of channels; got {args.width}")
-    info = setup_distributed()
-    torch.manual_seed(args.seed)
-    options = {"width": _given(args.width, prof.width)}
+    options = {}
     if args.rtol is not None:
         options["rtol"] = args.rtol
     if args.adjoint:
         options["adjoint"] = True
-    model = build_model(args.model, **options)
-    cfg = TrainConfig(epochs=_given(args.epochs, prof.epochs), batch_size=_given(args.batch_size, prof.batch_size),
-                      lr=_given(args.lr, prof.lr), optimizer=args.optimizer, weight_decay=args.weight_decay,
-                      seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
-                      scale_lr=args.scale_lr, sync_bn=not args.no_sync_bn, schedule=args.schedule,
-                      max_minutes=args.max_minutes)
-    cfg.validate()  # before any data is built: a bad number fails at once
-    splits = training_splits(args.data, prof, seed=args.seed)
+    r = base.replace(**{
+        "model.name": args.model, "model.width": _given(args.width, base.model.width), "model.options": options,
+        "train.epochs": _given(args.epochs, base.train.epochs),
+        "train.batch_size": _given(args.batch_size, base.train.batch_size),
+        "train.lr": _given(args.lr, base.train.lr), "train.optimizer": args.optimizer,
+        "train.weight_decay": args.weight_decay, "train.seed": args.seed,
+        "train.checkpoint_every": args.checkpoint_every, "train.bf16": args.bf16,
+        "train.scale_lr": args.scale_lr, "train.sync_bn": not args.no_sync_bn,
+        "train.schedule": args.schedule, "train.max_minutes": args.max_minutes})
+    r.train.validate()  # before any data is built: a bad number fails at once
+    return r
+
+
+def cmd_train(args) -> int:
+    recipe = recipe_from_args(args)
+    info = setup_distributed()
+    torch.manual_seed(args.seed)
+    model = build_model(recipe.model.name, width=recipe.model.width, **recipe.model.options)
+    splits = training_splits(args.data, recipe, seed=args.seed)
+    cfg = recipe.train
     if info.is_main:
         lr = cfg.lr * (info.world_size if cfg.scale_lr else 1)
-        print(f"profile {prof.name}: {len(splits['train'])} train / {len(splits['val'])} val / "
-              f"{len(splits['test'])} test patches, model {args.model} {options}, world size "
-              f"{info.world_size}, batch {cfg.batch_size} per process x {info.world_size} = "
-              f"{cfg.batch_size * info.world_size}, lr {lr:g}", flush=True)
+        print(f"profile {recipe.name}: {len(splits['train'])} train / {len(splits['val'])} val / "
+              f"{len(splits['test'])} test patches, model {args.model} width {recipe.model.width} "
+              f"{recipe.model.options}, world size {info.world_size}, batch {cfg.batch_size} per process x "
+              f"{info.world_size} = {cfg.batch_size * info.world_size}, lr {lr:g}", flush=True)
     history = fit(model, SegmentationDataset(splits["train"]), SegmentationDataset(splits["val"]),
-                  args.out, cfg, resume=not args.restart,
+                  args.out, recipe, resume=not args.restart,
                   on_epoch=lambda r: print(json.dumps(r), flush=True))
     if info.is_main and splits["test"]:
-        best = load_model(Path(args.out) / "best.pt")
-        metrics = evaluate(best, SegmentationDataset(splits["test"]))
+        best = Segmenter.load(Path(args.out) / "best.pt")
+        metrics = evaluate(best.model, SegmentationDataset(splits["test"]))
         metrics["epochs_trained"] = len(history)
         _dump(metrics, str(Path(args.out) / "metrics.json"))
     cleanup_distributed()
@@ -99,7 +116,8 @@ def cmd_train(args) -> int:
 
 def cmd_train_bccd(args) -> int:
     import dataclasses
-    from .realdata import CPU_PLAN, train_bccd_checkpoint
+
+    from .paper.bccd import CPU_PLAN, train_bccd_checkpoint
     fields = {"width": "width", "scale": "scale", "patch": "patch", "epochs": "epochs", "batch_size": "batch_size",
               "lr": "lr", "finetune_lr": "finetune_lr", "pretrain_smears": "pretrain_smears",
               "pretrain_epochs": "pretrain_epochs", "crops": "crops_per_image", "augment": "augment"}
@@ -127,41 +145,42 @@ def cmd_train_bccd(args) -> int:
 
 
 def cmd_tune_cleanup(args) -> int:
-    from .realdata import tune_checkpoint_cleanup
+    from .paper.bccd import tune_checkpoint_cleanup
     result = tune_checkpoint_cleanup(args.ckpt, src=args.src, out=args.out, work=args.work,
                                      log=lambda m: print(m, flush=True))
     print(f"wrote {result['checkpoint']} with postprocess {result['tuning']['chosen']}")
     return 0
 
 
+def _segmenter(args) -> Segmenter:
+    seg = Segmenter.load(args.ckpt, **({"rtol": args.rtol} if getattr(args, "rtol", None) is not None else {}))
+    if len(seg.class_names) != 3 or seg.model.options.get("classes", 3) != 3:
+        raise BloodsegError(f"{args.ckpt} predicts {seg.model.options.get('classes')} classes, but 3 are "
+                            "needed here (masks hold 0/1/2). Use a checkpoint trained with the same classes.")
+    if getattr(args, "tile", None) is not None:
+        seg = seg.replace(tile=args.tile, overlap=args.overlap)
+    return seg
+
+
 def cmd_evaluate(args) -> int:
-    from .datasets import SegmentationDataset, training_splits
-    from .train import evaluate, load_model
-    model = load_model(args.ckpt, classes=3,  # bloodseg masks hold 3 classes
-                       **({"rtol": args.rtol} if args.rtol is not None else {}))
-    if args.rtol is not None:
-        from .ode import set_tolerance
-        set_tolerance(model, args.rtol)
-    splits = training_splits(args.data, _profile(args), seed=args.seed)
-    metrics = evaluate(model, SegmentationDataset(splits[args.split]), per_image=args.per_image)
+    seg = _segmenter(args)
+    splits = training_splits(args.data, get_recipe(getattr(args, "profile", None)), seed=args.seed)
+    metrics = evaluate(seg.model, SegmentationDataset(splits[args.split]), per_image=args.per_image)
     metrics.update({"checkpoint": str(args.ckpt), "data": str(args.data), "split": args.split})
     _dump(metrics, args.json)
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .infer import predict_files
-    from .train import load_model
-    model = load_model(args.ckpt, classes=3)  # masks are written as 0/1/2
-    rows = predict_files(model, args.images, args.out, tile=args.tile, overlap=args.overlap,
-                         overlays=not args.no_overlay, postprocess=False if args.raw else None)
+    rows = _segmenter(args).predict_files(args.images, args.out, overlays=not args.no_overlay,
+                                          postprocess=False if args.raw else None)
     for r in rows:
         print(f"{r['image']} -> {r['mask']}")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_bench, run_bench
+    from .paper.bench import format_bench, run_bench
     result = run_bench(models=args.models, width=args.width, size=args.size, n_images=args.n_images,
                        batch=args.batch, device=args.device, ckpt_dir=args.ckpt_dir,
                        train=not args.no_train, adjoint=not args.no_adjoint, repeats=args.repeats,
@@ -179,15 +198,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_count(args) -> int:
-    from .count import count_files, write_counts_csv
-    from .train import load_model
+
     if args.ckpt is None:
-        from .realdata import shipped_checkpoint
         args.ckpt = shipped_checkpoint()
-    model = load_model(args.ckpt, classes=3)
-    rows = count_files(model, args.images, tile=args.tile, overlap=args.overlap,
-                       red_radius=args.red_radius, masks_out=args.masks,
-                       postprocess=False if args.raw else None)
+    rows = _segmenter(args).count_files(args.images, red_radius=args.red_radius, masks_out=args.masks,
+                                        postprocess=False if args.raw else None)
     print("image,n_white,n_red")
     for r in rows:
         print(f"{r['image']},{r['n_white']},{r['n_red']}")
@@ -218,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
     s.set_defaults(func=cmd_prepare_bccd)
 
-    from .models import MODEL_NAMES
     s = sub.add_parser("train", help="train a model; writes best.pt, last.pt, history.json, metrics.json",
                        epilog="Several processes (GPUs, machines): torchrun --nproc-per-node=N -m "
                               "bloodseg.cli train ... (or torchrun ... --no-python bloodseg train ...); "
@@ -347,7 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
     return __version__
 
 

@@ -35,11 +35,13 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from .classes import RED_CELL, WHITE_CELL
 from .errors import DataError
-from .synthetic import RED_CELL, WHITE_CELL, _fill_small_holes
+from .postprocess import fill_small_holes
+
 
 __all__ = ["estimate_red_radius", "split_touching", "label_white_cells", "count_cells",
-           "count_errors", "count_files", "write_counts_csv", "COUNT_COLUMNS"]
+           "count_errors", "write_counts_csv", "COUNT_COLUMNS"]
 
 #: Columns of the CSV written by :func:`write_counts_csv` (and ``bloodseg count``).
 COUNT_COLUMNS = ("image", "n_white", "n_red", "red_radius_px", "white_fraction", "red_fraction",
@@ -126,7 +128,7 @@ def split_touching(binary: np.ndarray, radius: float | None = None,
     if not binary.any():
         return np.zeros(binary.shape, np.int32), 0, r
     # the pale centre of a red cell is no outline: fill holes up to about half a cell
-    solid = _fill_small_holes(binary, int(math.pi * (0.7 * r) ** 2))
+    solid = fill_small_holes(binary, int(math.pi * (0.7 * r) ** 2))
     dist = ndimage.distance_transform_edt(solid).astype(np.float32)
     smooth = cv2.GaussianBlur(dist, (0, 0), max(0.1 * r, 0.5))
     peaks = (smooth >= cv2.dilate(smooth, _disc(0.6 * r)) - 1e-4) & (dist >= 0.4 * r) & solid
@@ -223,33 +225,6 @@ def count_errors(predicted, truth) -> dict:
     mape = float(np.mean(np.abs(p[nz] - t[nz]) / t[nz]) * 100) if nz.any() else math.nan
     return {"mae": float(np.mean(np.abs(p - t))), "mape": mape, "bias": float(np.mean(p - t)),
             "n": int(p.size)}
-
-
-def count_files(model, paths, tile: int = 512, overlap: int = 64, red_radius: float | None = None,
-                masks_out=None, postprocess=None) -> list[dict]:
-    """Predict every image (files or folders) with ``model`` and count its cells.
-
-    Returns one row per image with the :data:`COUNT_COLUMNS`. With ``masks_out`` the predicted
-    masks and overlays are written there too (as :func:`bloodseg.infer.predict_files` does).
-    ``postprocess``: as in :func:`bloodseg.predict_image` (default: the checkpoint's own).
-    """
-    from .datasets import read_image
-    from .infer import _writable_dir, check_output_names, expand_inputs, predict_image
-    from .synthetic import overlay
-    files = expand_inputs(paths)
-    out_dir = _writable_dir(masks_out) if masks_out is not None else None
-    if out_dir is not None:
-        check_output_names(files, out_dir)
-    rows = []
-    for f in files:
-        image = read_image(f)
-        mask = predict_image(model, image, tile=tile, overlap=overlap, postprocess=postprocess)
-        counts = count_cells(mask, red_radius=red_radius)
-        rows.append({"image": str(f), **counts})
-        if out_dir is not None:
-            cv2.imwrite(str(out_dir / f"{f.stem}.png"), mask)
-            cv2.imwrite(str(out_dir / f"{f.stem}_overlay.png"), overlay(image, mask))
-    return rows
 
 
 def write_counts_csv(rows: list[dict], path) -> Path:

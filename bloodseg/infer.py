@@ -6,20 +6,18 @@ blends their softmax probabilities with a smooth window so seams do not show.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import read_image
-from .errors import BloodsegError, DataError
+from .errors import BloodsegError
 from .postprocess import check_postprocess, clean_white_cells, min_area_at
 from .preprocess import image_to_tensor
-from .synthetic import overlay
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
 
 
 def _pad_to(x: torch.Tensor, multiple: int = 16) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -50,23 +48,24 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 
 
 def predict_probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: int = 512,
-                          overlap: int = 64, clahe: bool = True, tta: bool = False) -> torch.Tensor:
+                          overlap: int = 64, clahe: bool = True, tta: bool = False,
+                          input_scale: float = 1.0) -> torch.Tensor:
     """Class probabilities ``C x H x W`` for one BGR uint8 image of any size.
 
     ``tta=True``: test-time augmentation, the mean of the probabilities of the image and of its
     horizontal, vertical and double flips (each flipped back), for 4x the inference time. The
     mean over this group of flips makes the prediction flip-equivariant.
 
-    A model with an ``input_scale`` attribute other than 1 (restored from its checkpoint, e.g.
-    0.5 for the BCCD models, trained on half-size photographs) sees the image resized by that
+    ``input_scale`` other than 1 (a :class:`~bloodseg.Segmenter` passes its own, e.g. 0.5 for the
+    BCCD models, trained on half-size photographs): the model sees the image resized by that
     factor (``tile`` and ``overlap`` then count resized pixels); its probabilities are resized
     back bilinearly, so the mask always has the image's size.
     """
-    scale = float(getattr(model, "input_scale", 1.0))
+    scale = float(input_scale)
     if scale == 1.0:
         return _probabilities(model, image_bgr, tile, overlap, clahe, tta)
-    if not scale > 0:
-        raise BloodsegError(f"model.input_scale must be positive; got {scale}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise BloodsegError(f"input_scale must be a positive number; got {input_scale}")
     h, w = image_bgr.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
@@ -112,116 +111,20 @@ def _probabilities(model: torch.nn.Module, image_bgr: np.ndarray, tile: int, ove
     return (probs / weight)[:, :h, :w]
 
 
-def resolve_postprocess(model: torch.nn.Module, postprocess=None) -> dict | None:
-    """The post-processing :func:`predict_image` applies: ``None`` -> the model's own (restored from
-    its checkpoint's ``"postprocess"``, e.g. the shipped BCCD checkpoint's white-cell cleanup), or
-    none; ``False`` -> none (the network's argmax alone); a dict -> that one (checked)."""
-    if postprocess is False:
-        return None
-    if postprocess is None or postprocess is True:
-        spec = getattr(model, "postprocess", None)
-        if spec is None and postprocess is True:
-            raise BloodsegError("postprocess=True, but this model carries no post-processing (its "
-                                "checkpoint has no 'postprocess'); pass a dict such as "
-                                "{'white_min_area': 4000, 'fill_white_holes': True}")
-        return None if spec is None else check_postprocess(spec)
-    return check_postprocess(postprocess)
+def predict_image(model: torch.nn.Module, image_bgr: np.ndarray, tile: int = 512, overlap: int = 64,
+                  clahe: bool = True, tta: bool = False, input_scale: float = 1.0,
+                  postprocess: dict | None = None) -> np.ndarray:
+    """Mask ``uint8 HxW`` with classes {0 background, 1 white cell, 2 red cell}: the argmax of
+    :func:`predict_probabilities`, then ``postprocess`` (a :func:`~bloodseg.postprocess.check_postprocess`
+    spec, e.g. ``{"white_min_area": 4000, "fill_white_holes": True}``) when given.
 
-
-def predict_image(model: torch.nn.Module, image_bgr: np.ndarray, tile: int = 512,
-                  overlap: int = 64, clahe: bool = True, tta: bool = False, postprocess=None) -> np.ndarray:
-    """Mask ``uint8 HxW`` with classes {0 background, 1 white cell, 2 red cell} (``tta``: see
-    :func:`predict_probabilities`).
-
-    ``postprocess``: ``None`` (default) applies the model's own post-processing when its
-    checkpoint carries one (:func:`bloodseg.postprocess.clean_white_cells` with the stored
-    ``white_min_area`` / ``fill_white_holes``, the area scaled if the model's ``input_scale`` was
-    changed since, :func:`bloodseg.postprocess.min_area_at`), ``False`` returns the network's
-    argmax alone, a dict gives the settings (see :func:`resolve_postprocess`).
+    A :class:`~bloodseg.Segmenter` calls this with the settings it carries; call it directly to
+    use a bare network.
     """
-    probs = predict_probabilities(model, image_bgr, tile=tile, overlap=overlap, clahe=clahe, tta=tta)
+    probs = predict_probabilities(model, image_bgr, tile=tile, overlap=overlap, clahe=clahe, tta=tta,
+                                  input_scale=input_scale)
     mask = probs.argmax(0).numpy().astype(np.uint8)
-    spec = resolve_postprocess(model, postprocess)
-    if spec is not None:
-        area = min_area_at(spec, float(getattr(model, "input_scale", 1.0)))
-        mask = clean_white_cells(mask, probs, area, spec["fill_white_holes"])
+    if postprocess:
+        spec = check_postprocess(postprocess)
+        mask = clean_white_cells(mask, probs, min_area_at(spec, input_scale), spec["fill_white_holes"])
     return mask
-
-
-def expand_inputs(paths) -> list[Path]:
-    """Files stay files; a folder becomes its image files (sorted). Missing paths are an error."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise DataError(f"input not found: {p}. Give image files or folders of images.")
-    if not out:
-        raise DataError("no input images given")
-    return out
-
-
-def _writable_dir(out_dir) -> Path:
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise DataError(f"cannot write to the output folder {out_dir}: {exc.strerror}. "
-                        "Choose a folder you can write to (--out).") from None
-    return out_dir
-
-
-def check_output_names(files: list[Path], out_dir: Path, suffixes=("", "_overlay")) -> None:
-    """Raise :class:`DataError` if outputs ``<stem><suffix>.png`` in ``out_dir`` would collide with
-    each other or overwrite one of the input ``files``."""
-    by_stem: dict[str, Path] = {}
-    for f in files:
-        if f.stem in by_stem and by_stem[f.stem].resolve() != f.resolve():
-            raise DataError(f"two inputs share the name {f.stem!r} ({by_stem[f.stem]} and {f}); their "
-                            f"outputs {f.stem}.png would overwrite each other in {out_dir}. Rename one, "
-                            "or predict them into different --out folders")
-        by_stem[f.stem] = f
-    inputs = {f.resolve() for f in files}
-    for f in files:
-        for suffix in suffixes:
-            target = (out_dir / f"{f.stem}{suffix}.png").resolve()
-            if target in inputs:
-                raise DataError(f"writing {target} would overwrite the input image {target}; choose "
-                                "another --out folder than the one that holds the images")
-
-
-def predict_files(model: torch.nn.Module, paths, out_dir, tile: int = 512, overlap: int = 64,
-                  overlays: bool = True, postprocess=None) -> list[dict]:
-    """Predict every image; write ``<stem>.png`` (mask, values 0/1/2) and ``<stem>_overlay.png``.
-
-    ``postprocess``: as in :func:`predict_image` (default: the checkpoint's own).
-    Refuses (before writing anything) when two inputs share a stem, or when an output would
-    overwrite an input image (e.g. ``--out`` is the input folder and an input is ``<stem>.png``).
-    """
-    files = expand_inputs(paths)
-    out_dir = _writable_dir(out_dir)
-    check_output_names(files, out_dir, ("", "_overlay") if overlays else ("",))
-    results = []
-    for f in files:
-        image = read_image(f)
-        mask = predict_image(model, image, tile=tile, overlap=overlap, postprocess=postprocess)
-        mask_path = out_dir / f"{f.stem}.png"
-        if not cv2.imwrite(str(mask_path), mask):
-            raise DataError(f"could not write {mask_path}")
-        row = {"image": str(f), "mask": str(mask_path), "height": mask.shape[0], "width": mask.shape[1],
-               **{f"fraction_{k}": float((mask == i).mean())
-                  for i, k in enumerate(("background", "white", "red"))}}
-        if overlays:
-            ov_path = out_dir / f"{f.stem}_overlay.png"
-            cv2.imwrite(str(ov_path), overlay(image, mask))
-            row["overlay"] = str(ov_path)
-        results.append(row)
-    return results

@@ -25,12 +25,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .classes import CLASS_NAMES
 from .errors import DataError
 
 __all__ = ["CLASS_NAMES", "confusion_matrix", "ConfusionMatrix", "scores", "per_image_scores"]
 
-#: The paper's labels: 0 background, 1 white cell, 2 red cell.
-CLASS_NAMES = ("background", "white cell", "red cell")
 
 
 def _as_tensor(x, what: str) -> torch.Tensor:

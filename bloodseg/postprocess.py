@@ -90,3 +90,25 @@ def clean_white_cells(mask: np.ndarray, probs=None, min_area: float = 0.0, fill_
     if fill_holes and white.any():
         out[ndimage.binary_fill_holes(white) & ~white] = WHITE
     return out
+
+
+def fill_small_holes(binary: np.ndarray, max_area: int) -> np.ndarray:
+    """Fill holes up to ``max_area`` px (a red cell's pale centre) but not larger enclosed plasma."""
+    holes = ndimage.binary_fill_holes(binary) & ~binary
+    if not holes.any():
+        return binary
+    labels, n = ndimage.label(holes)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    small = sizes <= max_area
+    small[0] = False
+    return binary | small[labels]
+
+
+def remove_small(binary: np.ndarray, min_area: int) -> np.ndarray:
+    labels, n = ndimage.label(binary)
+    if n == 0:
+        return binary
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_area
+    keep[0] = False
+    return keep[labels]

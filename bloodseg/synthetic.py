@@ -32,21 +32,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
+from .classes import BACKGROUND, RED_CELL, WHITE_CELL
+from .postprocess import fill_small_holes, remove_small
 from .errors import DataError
+from .io import write_image
 from .preprocess import clahe_on_luma
 
-BACKGROUND, WHITE_CELL, RED_CELL = 0, 1, 2
-CLASS_NAMES = ("background", "white cell", "red cell")
-
-# Colours of the three classes in figures, overlays and colour masks, OpenCV BGR order.
-# read_mask accepts masks painted in exactly these colours.
-#   0 background  black          (RGB   0,   0,   0)
-#   1 white cell  violet/blue    (RGB 140,  60, 200)
-#   2 red cell    red            (RGB 220,  60,  60)
-PALETTE_BGR = np.array([[0, 0, 0], [200, 60, 140], [60, 60, 220]], dtype=np.uint8)
-PALETTE_BGR.setflags(write=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,26 +379,6 @@ def make_smear(seed: int, size=(519, 775), return_counts: bool = False, **spec):
 
 # ----------------------------------------------------------------------------- colour baseline
 
-def _fill_small_holes(binary: np.ndarray, max_area: int) -> np.ndarray:
-    """Fill holes up to ``max_area`` px (a red cell's pale centre) but not larger enclosed plasma."""
-    holes = ndimage.binary_fill_holes(binary) & ~binary
-    if not holes.any():
-        return binary
-    labels, n = ndimage.label(holes)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    small = sizes <= max_area
-    small[0] = False
-    return binary | small[labels]
-
-
-def _remove_small(binary: np.ndarray, min_area: int) -> np.ndarray:
-    labels, n = ndimage.label(binary)
-    if n == 0:
-        return binary
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_area
-    keep[0] = False
-    return keep[labels]
 
 
 def stain_masks(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -441,7 +413,7 @@ def colour_threshold_baseline(image_bgr: np.ndarray) -> np.ndarray:
     purple, pink = stain_masks(image_bgr)
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     pink = cv2.morphologyEx(pink.astype(np.uint8), cv2.MORPH_OPEN, disc).astype(bool)
-    pink = _remove_small(_fill_small_holes(pink, int(800 * scale) + 1), int(80 * scale) + 1)
+    pink = remove_small(fill_small_holes(pink, int(800 * scale) + 1), int(80 * scale) + 1)
     purple = cv2.morphologyEx(purple.astype(np.uint8), cv2.MORPH_OPEN,
                               cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
     purple = cv2.dilate(purple, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))).astype(bool)
@@ -451,7 +423,7 @@ def colour_threshold_baseline(image_bgr: np.ndarray) -> np.ndarray:
     return mask
 
 
-# ----------------------------------------------------------------------------- files and figures
+# ----------------------------------------------------------------------------- files
 
 def write_synthetic(out_dir, n: int, seed: int = 0, size=(519, 775)) -> list[Path]:
     """Write ``n`` smears as ``out_dir/images/smear_0000.png`` + ``out_dir/masks/smear_0000.png``.
@@ -475,37 +447,8 @@ def write_synthetic(out_dir, n: int, seed: int = 0, size=(519, 775)) -> list[Pat
         name = f"smear_{i:04d}.png"
         for folder, array in (("images", image), ("masks", mask)):
             target = out / folder / name
-            try:
-                target.write_bytes(cv2.imencode(".png", array)[1].tobytes())
-            except OSError as exc:
-                raise DataError(f"cannot write {target.resolve()} ({exc.strerror or exc}); "
-                                "choose a folder you can write to with free space") from None
+            write_image(target, array)
         paths.append(out / "images" / name)
     return paths
 
 
-def _check_mask(mask: np.ndarray) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise DataError(f"a mask must be 2-D (HxW class ids); got shape {mask.shape}")
-    if mask.size and (mask.min() < 0 or mask.max() > 2):
-        bad = sorted(set(np.unique(mask).tolist()) - {0, 1, 2})[:5]
-        raise DataError(f"mask value(s) {bad} found; masks hold 0 background, 1 white cell, 2 red cell")
-    return mask.astype(np.intp)
-
-
-def colourise_mask(mask: np.ndarray) -> np.ndarray:
-    """Class mask ``HxW`` → BGR ``uint8 HxWx3`` in :data:`PALETTE_BGR` (for figures and colour masks)."""
-    return PALETTE_BGR[_check_mask(mask)]
-
-
-def overlay(image_bgr: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """Tint the cells of a BGR ``uint8 HxWx3`` image with the class colours; background stays as is."""
-    m = _check_mask(mask)
-    if image_bgr.shape[:2] != m.shape:
-        raise DataError(f"image {image_bgr.shape[:2]} and mask {m.shape} differ in size; "
-                        "pass the mask predicted for this image")
-    out = image_bgr.astype(np.float32)
-    cells = m > 0
-    out[cells] = (1 - alpha) * out[cells] + alpha * PALETTE_BGR[m[cells]]
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)

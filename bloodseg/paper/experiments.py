@@ -5,7 +5,7 @@ Read top to bottom:
 * **The paper's numbers** — :data:`PAPER_TABLE1`, :data:`PAPER_TABLE2` and the other constants
   below, copied once from Li et al. 2021 (Comput. Math. Methods Med., doi:10.1155/2021/5590180).
   Chapters and the claims ledger quote them from here; nothing else retypes them.
-* **Budgets** — :class:`Budget` and :func:`baseline_budget` / :func:`ablation_budget`: what a
+* **Budgets** — recipes (:class:`bloodseg.recipe.Recipe`) from :func:`baseline_budget` / :func:`ablation_budget`: what a
   profile can afford (width, epochs, patch size, subset). One function per experiment, so the
   settings a chapter states are the settings it ran.
 * **Runs** — :func:`prepare_data` and :func:`train_and_evaluate`: train a list of models with
@@ -35,55 +35,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import SegmentationDataset, extract_patches, synthetic_splits
-from .errors import BloodsegError
-from .models import build_model, count_parameters, parameter_memory_mb, position_scale
-from .ode import ode_blocks, set_tolerance
-from .profiles import Profile, get_profile
+from ..recipe import Recipe, get_recipe
+from ..classes import colourise_mask
+from ..datasets import SegmentationDataset, extract_patches, synthetic_splits
+from ..measure import time_inference
+from ..models import build_model, count_parameters, parameter_memory_mb, position_channels, position_scale
+from ..ode import ode_blocks, set_tolerance
+from ..preprocess import clahe_on_luma, image_to_tensor
+from ..checkpoint import load_model
+from ..train import evaluate, fit
+from .bench import training_step_cost
+from .reference import (CPA_COLUMNS, PAPER, PAPER_NODES_UNET_RTOLS, PAPER_PARAM_MEMORY_RATIO, PAPER_SETTINGS,
+                        PAPER_TABLE1, PAPER_TABLE1_RTOL, PAPER_TABLE2, paper_gain)
+from .report import RESULTS_DIR, load_results
 
-RUNS_DIR = Path(os.environ.get("BLOODSEG_RUNS", Path(__file__).resolve().parent.parent / "runs"))
+
+#: Where trained runs are cached: ``$BLOODSEG_RUNS``, else ``runs/`` under the working directory.
+RUNS_DIR = Path(os.environ.get("BLOODSEG_RUNS", "runs"))
 EXPERIMENT_FORMAT = 1   # bump to invalidate every cached run
 
-# =============================================================================== the paper's numbers
 
-PAPER = "Li et al. 2021, Comput. Math. Methods Med. 2021:5590180, doi:10.1155/2021/5590180"
 
-#: Table 1 of the paper (§3.2): one ODE-block (rtol 1e-3) at positions 1–9 vs the U-Net, 50 epochs,
-#: MISP01 test set (20 crops of 256x256). PA, CPA and MIoU in percent; CPA columns in the paper's
-#: order (background, red cells, white cells); ``time_s`` is the time to segment 20 images
-#: (4x GTX 1080 Ti, Keras/TensorFlow).
-PAPER_TABLE1 = {
-    "unet":       dict(pa=94.59, cpa=dict(background=92.55, red=96.54, white=94.10), miou=88.58, time_s=0.15),
-    "ode-unet-1": dict(pa=95.05, cpa=dict(background=94.25, red=95.97, white=93.92), miou=89.80, time_s=7.35),
-    "ode-unet-2": dict(pa=95.08, cpa=dict(background=94.23, red=95.69, white=95.98), miou=89.68, time_s=3.73),
-    "ode-unet-3": dict(pa=95.11, cpa=dict(background=95.14, red=95.70, white=91.65), miou=89.61, time_s=1.94),
-    "ode-unet-4": dict(pa=95.19, cpa=dict(background=94.08, red=96.51, white=93.42), miou=90.17, time_s=1.03),
-    "ode-unet-5": dict(pa=95.05, cpa=dict(background=95.62, red=94.62, white=94.53), miou=89.62, time_s=0.61),
-    "ode-unet-6": dict(pa=95.14, cpa=dict(background=93.78, red=96.34, white=95.39), miou=90.09, time_s=1.06),
-    "ode-unet-7": dict(pa=95.17, cpa=dict(background=93.80, red=96.59, white=94.19), miou=90.02, time_s=1.95),
-    "ode-unet-8": dict(pa=95.16, cpa=dict(background=94.33, red=96.30, white=92.98), miou=89.91, time_s=3.72),
-    "ode-unet-9": dict(pa=95.14, cpa=dict(background=94.33, red=96.23, white=93.15), miou=90.03, time_s=7.35),
-}
-
-#: Table 2 of the paper (§4.2): U-Net vs "ResNet" (our ``resunet``) vs NODEs-UNet, percent.
-#: (Its U-Net row differs from Table 1's: 94.42 / 88.43 vs 94.59 / 88.58; the paper does not say why.)
-#: The parameter-memory column "M" is lost in the text we have; §4.2 gives the ratio instead.
-PAPER_TABLE2 = {
-    "unet":       dict(pa=94.42, cpa=dict(background=92.55, red=96.54, white=94.10), miou=88.43),
-    "resunet":    dict(pa=94.84, cpa=dict(background=94.55, red=95.60, white=92.89), miou=89.48),
-    "nodes-unet": dict(pa=95.30, cpa=dict(background=94.58, red=95.94, white=95.37), miou=90.61),
-}
-
-#: §4.2: "the memory space occupied by the NODEs-UNet network is only 46% of the ResNet network".
-PAPER_PARAM_MEMORY_RATIO = 0.46
-#: §3.2 / §3.3: tolerance of the single block of Table 1; NODEs-UNet's three blocks.
-PAPER_TABLE1_RTOL = 1e-3
-PAPER_NODES_UNET_RTOLS = (1e-6, 1e-4, 1e-4)
-#: §2, §3.2, §4.1: the paper's training setting.
-PAPER_SETTINGS = dict(width=32, patch=256, epochs=50, n_test=20, train_val_patches=800, gpus=4)
-
-#: The order of the CPA columns in the paper's tables, and our class index of each.
-CPA_COLUMNS = (("background", 0), ("red", 2), ("white", 1))
 #: Threshold used to call Table 1's accuracy "about flat": spread of MIoU over the 9 positions.
 FLAT_SPREAD_PP = 2.0
 #: Spearman correlation between depth (U-Net level) and time at or below which "deeper is faster".
@@ -94,94 +66,49 @@ NOISE_SEEDS = (1, 2)
 POSITION_LEVEL = {p: int(round(math.log2(position_scale(p)))) for p in range(1, 10)}
 
 
-def paper_gain(table: dict, better: str, worse: str, key: str) -> float:
-    """The paper's improvement of ``better`` over ``worse`` in percentage points (e.g. +0.88 PA)."""
-    return round(table[better][key] - table[worse][key], 2)
-
-
 # =============================================================================== budgets
 
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """Everything that decides a training run besides the model: data, width, schedule, seed.
-
-    ``profile`` sizes the data (:func:`bloodseg.synthetic_splits`). When ``train_patch`` is set,
-    training and validation use ``crops_per_patch`` random crops of that size from each of the
-    profile's patches (cheaper steps); the test split is always the profile's own, whole.
-    ``max_train`` / ``max_val`` keep a seeded subset. ``n_timed`` images (test patches, cycled) are
-    timed one at a time: the paper's "time for 20 images".
-    """
-    profile: str
-    width: int
-    epochs: int
-    batch_size: int
-    lr: float
-    train_patch: int | None = None
-    crops_per_patch: int = 1
-    max_train: int | None = None
-    max_val: int | None = None
-    n_timed: int = 20
-    seed: int = 0
-
-    def describe(self) -> str:
-        crops = (f"{self.crops_per_patch} random {self.train_patch}x{self.train_patch} crop(s) per "
-                 "training/validation patch" if self.train_patch else "the profile's patches as they are")
-        subset = ""
-        if self.max_train or self.max_val:
-            subset = f", at most {self.max_train or 'all'} train / {self.max_val or 'all'} val patches"
-        return (f"profile {self.profile}: width {self.width}, {self.epochs} epoch(s), batch "
-                f"{self.batch_size}, Adam lr {self.lr:g}, seed {self.seed}; {crops}{subset}; "
-                f"time for {self.n_timed} test images")
+#: What chapters 5 and 6 change in a profile's recipe so that ten (chapter 5) or three (chapter 6)
+#: models train at one identical budget:
+#:
+#: * full – the paper's setting as it is (width 32, 256 px patches, 50 epochs).
+#: * quick – what a 2-core CPU affords for ten models in a few minutes: width 16, training and
+#:   validation on one random 64x64 crop of each 128 px patch (a quarter of the pixels per step),
+#:   3 epochs of batch 4; the test split stays the quick profile's 128 px patches. Measured while
+#:   choosing (one thread): at 64 px a training step of an ODE-UNet at position 1 or 9 (full
+#:   resolution, the expensive ones) costs about 4-5x a U-Net step, position 5 about 2x; with
+#:   batch 8 (half the updates for the same pixels) the ODE-UNets were still far from converged
+#:   after 3 epochs (test MIoU of ODE-UNet-9 0.69 vs 0.84 with batch 4).
+#: * smoke – seconds: the smoke profile, 1 epoch on 8 training patches, 3 timed images.
+ABLATION_CHANGES = {
+    "full": {},
+    "quick": {"train.epochs": 3, "train.batch_size": 4, "data.train_patch": 64, "data.crops_per_patch": 1},
+    "smoke": {"data.max_train": 8, "data.max_val": 3, "measure.n_timed": 3},
+}
 
 
-def _profile(profile) -> Profile:
-    return profile if isinstance(profile, Profile) else get_profile(profile)
+def baseline_budget(profile=None) -> Recipe:
+    """Chapter 4's U-Net: the profile's own recipe (quick: width 16, 128 px patches, 6 epochs)."""
+    return get_recipe(profile)
 
 
-def baseline_budget(profile=None) -> Budget:
-    """Chapter 4's U-Net: the profile's own setting (quick: width 16, 128 px patches, 6 epochs)."""
-    p = _profile(profile)
-    return Budget(profile=p.name, width=p.width, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-                  n_timed=5 if p.name == "smoke" else 20)
-
-
-def ablation_budget(profile=None) -> Budget:
-    """Chapters 5 and 6: ten (chapter 5) or three (chapter 6) models at one identical budget.
-
-    * full – the paper's setting (width 32, 256 px patches, 50 epochs).
-    * quick – what a 2-core CPU affords for ten models in a few minutes: width 16, training and
-      validation on one random 64x64 crop of each 128 px patch (a quarter of the pixels per step),
-      3 epochs of batch 4; the test split stays the quick profile's 128 px patches. Measured while
-      choosing (one thread): at 64 px a training step of an ODE-UNet at position 1 or 9 (full
-      resolution, the expensive ones) costs about 4-5x a U-Net step, position 5 about 2x; with
-      batch 8 (half the updates for the same pixels) the ODE-UNets were still far from converged
-      after 3 epochs (test MIoU of ODE-UNet-9 0.69 vs 0.84 with batch 4).
-    * smoke – seconds: the smoke profile, 1 epoch on 8 training patches, 3 timed images.
-    """
-    p = _profile(profile)
-    if p.name == "full":
-        return Budget(profile=p.name, width=p.width, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr)
-    if p.name == "quick":
-        return Budget(profile=p.name, width=p.width, epochs=3, batch_size=4, lr=p.lr, train_patch=64,
-                      crops_per_patch=1)
-    return Budget(profile=p.name, width=p.width, epochs=1, batch_size=p.batch_size, lr=p.lr, max_train=8,
-                  max_val=3, n_timed=3)
+def ablation_budget(profile=None) -> Recipe:
+    """Chapters 5 and 6: the profile's recipe with :data:`ABLATION_CHANGES` applied."""
+    r = get_recipe(profile)
+    return r.replace(**ABLATION_CHANGES[r.name])
 
 
 def nodes_settings(profile=None) -> dict:
-    """Chapter 6's extra measurements per profile: the test-time tolerances of the curve, the inner
-    width of the narrower f (``ode_hidden``), the size of the adjoint-vs-direct training step,
-    and whether ``torch.compile`` is tried: in the full profile, or with ``BLOODSEG_TRY_COMPILE=1``
-    (on a 2-core CPU, compiling the three f's took about as long as the rest of the chapter's
-    measurements, for a small gain)."""
-    p = _profile(profile)
-    b = ablation_budget(p)
-    if p.name == "smoke":
-        return dict(tolerances=(1e-2, 1e-6), hidden=2 * b.width, mem_size=64, mem_batch=2,
-                    try_compile=False, loose_rtol=1e-3)
-    try_compile = p.name == "full" or os.environ.get("BLOODSEG_TRY_COMPILE") == "1"
-    return dict(tolerances=(1e-1, 1e-2, 1e-3, 1e-4, 1e-6), hidden=2 * b.width,
-                mem_size=p.patch, mem_batch=2, try_compile=try_compile, loose_rtol=1e-3)
+    """Chapter 6's extra measurements, from the recipe's ``measure`` section: the test-time
+    tolerances of the curve, the inner width of the narrower f (``ode_hidden``, twice the width),
+    the size of the adjoint-vs-direct training step, and whether ``torch.compile`` is tried
+    (the full recipe, or ``BLOODSEG_TRY_COMPILE=1``: on a 2-core CPU, compiling the three f's
+    took about as long as the rest of the chapter's measurements, for a small gain)."""
+    b = ablation_budget(profile)
+    m = b.measure
+    try_compile = m.try_compile or os.environ.get("BLOODSEG_TRY_COMPILE") == "1"
+    return dict(tolerances=tuple(m.tolerances), hidden=2 * b.model.width, mem_size=m.mem_size,
+                mem_batch=m.mem_batch, try_compile=try_compile, loose_rtol=m.loose_rtol)
 
 
 # =============================================================================== data and runs
@@ -193,18 +120,18 @@ def _subset(samples: list, n: int | None, seed: int) -> list:
     return [samples[i] for i in keep]
 
 
-def prepare_data(budget: Budget) -> dict:
+def prepare_data(budget: Recipe) -> dict:
     """``{"train", "val", "test"}`` sample lists for ``budget`` plus ``"description"`` (sizes)."""
-    splits = synthetic_splits(budget.profile)
+    splits = synthetic_splits(budget.name)
     train, val, test = splits["train"], splits["val"], splits["test"]
-    if budget.train_patch:
-        train = extract_patches(train, budget.train_patch, budget.crops_per_patch, seed=budget.seed)
-        val = extract_patches(val, budget.train_patch, budget.crops_per_patch, seed=budget.seed + 1)
-    train = _subset(train, budget.max_train, budget.seed)
-    val = _subset(val, budget.max_val, budget.seed + 1)
+    if budget.data.train_patch:
+        train = extract_patches(train, budget.data.train_patch, budget.data.crops_per_patch, seed=budget.train.seed)
+        val = extract_patches(val, budget.data.train_patch, budget.data.crops_per_patch, seed=budget.train.seed + 1)
+    train = _subset(train, budget.data.max_train, budget.train.seed)
+    val = _subset(val, budget.data.max_val, budget.train.seed + 1)
     side = lambda ss: (f"{ss[0].mask.shape[1]}x{ss[0].mask.shape[0]}" if ss else "-")  # noqa: E731
     description = dict(n_train=len(train), n_val=len(val), n_test=len(test), train_size=side(train),
-                       val_size=side(val), test_size=side(test), profile=budget.profile)
+                       val_size=side(val), test_size=side(test), profile=budget.name)
     return dict(train=train, val=val, test=test, description=description)
 
 
@@ -223,14 +150,14 @@ def _spec(item) -> dict:
     return spec
 
 
-def _fingerprint(spec: dict, budget: Budget, data: dict) -> dict:
+def _fingerprint(spec: dict, budget: Recipe, data: dict) -> dict:
     return dict(format=EXPERIMENT_FORMAT, model=spec["model"], options=spec["options"],
-                budget=dataclasses.asdict(budget), data=data["description"])
+                budget=budget.to_dict(), data=data["description"])
 
 
-def run_dir(chapter: str, budget: Budget, label: str) -> Path:
+def run_dir(chapter: str, budget: Recipe, label: str) -> Path:
     """Where a run lives: ``runs/<chapter>/<profile>/<label>/``."""
-    return RUNS_DIR / chapter / budget.profile / label
+    return RUNS_DIR / chapter / budget.name / label
 
 
 def _read_json(path: Path):
@@ -246,14 +173,12 @@ def _timed_images(dataset, n: int) -> list[torch.Tensor]:
 
 def measure_time(model, dataset, n: int, warmup: int = 2) -> dict:
     """The paper's "time for n images": test images one at a time (cycled), after warm-up."""
-    from .bench import time_inference
     out = time_inference(model, _timed_images(dataset, n), warmup=warmup)
     out["nfe_forward_total"] = sum(out["nfe_forward"].values())
     return out
 
 
-def _evaluate(model, test_set, budget: Budget, per_image: bool) -> dict:
-    from .train import evaluate
+def _evaluate(model, test_set, budget: Recipe, per_image: bool) -> dict:
     metrics = evaluate(model, test_set, n_timed=0, per_image=per_image)
     for k in ("time_s", "n_timed", "nfe_forward"):
         metrics.pop(k, None)
@@ -270,22 +195,21 @@ def _epoch_line(label: str, epochs: int):
     return show
 
 
-def train_and_evaluate(specs, chapter: str, budget: Budget, data: dict | None = None,
+def train_and_evaluate(specs, chapter: str, budget: Recipe, data: dict | None = None,
                        per_image: bool = False, reuse_from=(), retime: bool = True,
                        verbose: bool = True) -> dict[str, dict]:
     """Train every model of ``specs`` with identical data, seed and budget; evaluate on the test split.
 
     ``specs``: model names (``"unet"``, ``"ode-unet-5"`` …) or dicts ``dict(label=..., model=...,
     options={...})`` for variants (e.g. ``ode_hidden``). Every model is built right after
-    ``torch.manual_seed(budget.seed)``, so the U-Net parts of all models start from the same weights.
+    ``torch.manual_seed(budget.train.seed)``, so the U-Net parts of all models start from the same weights.
 
     Each run lives in :func:`run_dir`; a finished run with the same settings (model, options, budget,
     data) is reused, also from the chapters in ``reuse_from``. Returns ``{label: result}`` where a
     result holds the test scores (``pa, cpa, recall, iou, miou`` as fractions), ``params``,
-    ``param_mb``, ``time_s`` for ``budget.n_timed`` images, ``time_20_s``, ``nfe_forward`` per
+    ``param_mb``, ``time_s`` for ``budget.measure.n_timed`` images, ``time_20_s``, ``nfe_forward`` per
     block, the training ``history``, ``train_s``, ``best_epoch``, ``run_dir`` and ``cached``.
     """
-    from .train import TrainConfig, fit, load_model
 
     data = data or prepare_data(budget)
     train_set, val_set = SegmentationDataset(data["train"]), SegmentationDataset(data["val"])
@@ -313,14 +237,13 @@ def train_and_evaluate(specs, chapter: str, budget: Budget, data: dict | None = 
                 shutil.rmtree(folder)            # settings changed: start over
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "fingerprint.json").write_text(json.dumps(fp, indent=1))
-            torch.manual_seed(budget.seed)
-            model = build_model(spec["model"], width=budget.width, **spec["options"])
-            cfg = TrainConfig(epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr,
-                              seed=budget.seed, progress=False)
+            torch.manual_seed(budget.train.seed)
+            model = build_model(spec["model"], width=budget.model.width, **spec["options"])
+            cfg = budget.replace(**{"train.progress": False})
             if verbose:
                 print(f"{label}: training ({count_parameters(model):,} parameters) ...", flush=True)
             history = fit(model, train_set, val_set, folder, cfg,
-                          on_epoch=_epoch_line(label, budget.epochs) if verbose else None)
+                          on_epoch=_epoch_line(label, budget.train.epochs) if verbose else None)
             best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
             best = load_model(folder / "best.pt")
             result = dict(label=label, model=spec["model"], options=spec["options"],
@@ -341,8 +264,8 @@ def train_and_evaluate(specs, chapter: str, budget: Budget, data: dict | None = 
     return results
 
 
-def _time_fields(model, test_set, budget: Budget) -> dict:
-    t = measure_time(model, test_set, budget.n_timed)
+def _time_fields(model, test_set, budget: Recipe) -> dict:
+    t = measure_time(model, test_set, budget.measure.n_timed)
     return dict(time_s=t["time_s"], n_timed=t["n_images"], time_20_s=t["time_per_image_s"] * 20,
                 nfe_forward=t["nfe_forward"], nfe_forward_total=t["nfe_forward_total"],
                 timed_size=list(test_set[0][0].shape[1:]) if len(test_set) else None)
@@ -350,7 +273,6 @@ def _time_fields(model, test_set, budget: Budget) -> dict:
 
 def load_run_model(result: dict, **overrides):
     """The best checkpoint of a run (a result of :func:`train_and_evaluate`), in eval mode on CPU."""
-    from .train import load_model
     return load_model(Path(result["run_dir"]) / "best.pt", device="cpu", **overrides)
 
 
@@ -469,12 +391,12 @@ def _positions_summary(times: dict, mious: dict, unet_time: float, unet_miou: fl
                 n_better_than_unet=sum(x > unet_miou for x in m), mean_gain_pp=float(np.mean(m)) - unet_miou)
 
 
-def seed_noise(results: dict, budget: Budget, chapter: str, data: dict, model: str = "unet",
+def seed_noise(results: dict, budget: Recipe, chapter: str, data: dict, model: str = "unet",
                seeds=NOISE_SEEDS) -> dict:
     """Train ``model`` again with other seeds (same data, same budget) and return how much its test
-    MIoU moves: ``dict(seeds, miou_pp, std_pp, range_pp)`` (seed ``budget.seed`` from ``results``)."""
-    mious = {budget.seed: 100 * results[model]["miou"]}
-    pas = {budget.seed: 100 * results[model]["pa"]}
+    MIoU moves: ``dict(seeds, miou_pp, std_pp, range_pp)`` (seed ``budget.train.seed`` from ``results``)."""
+    mious = {budget.train.seed: 100 * results[model]["miou"]}
+    pas = {budget.train.seed: 100 * results[model]["pa"]}
     for seed in seeds:
         b = dataclasses.replace(budget, seed=seed)
         r = train_and_evaluate([dict(label=f"{model}-seed{seed}", model=model)], chapter, b, data, retime=False)
@@ -548,7 +470,6 @@ def tolerance_curve(model, dataset, tolerances=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e
     Every ODE-block gets the same rtol = atol (:func:`bloodseg.set_tolerance`); the model's own
     tolerances are restored afterwards. Rows ``dict(rtol, pa, miou, time_20_s, nfe_forward)``.
     """
-    from .train import evaluate
     blocks = ode_blocks(model)
     saved = [(b.rtol, b.atol) for b in blocks]
     rows = []
@@ -636,7 +557,6 @@ def _time_pair(model, reference, dataset, n: int, prepare=None) -> tuple[float, 
     images = _timed_images(dataset, n)
     if prepare is not None:
         images = [prepare(im) for im in images]
-    from .bench import time_inference
     t = time_inference(model, images)["time_per_image_s"] * 20
     r2 = measure_time(reference, dataset, n)["time_per_image_s"] * 20
     return t, (r1 + r2) / 2
@@ -652,7 +572,6 @@ def inference_levers(nodes, unet, dataset, n_timed: int = 20, loose_rtol: float 
     ``(label, trained model)``, e.g. trained with ``ode_hidden``), alone and with ``loose_rtol``.
     The U-Net is timed right before and after each lever, so a busy machine affects both alike.
     """
-    from .train import evaluate
     rows = []
 
     def add(lever, model, note="", prepare=None, miou=None):
@@ -716,7 +635,6 @@ def adjoint_memory(ckpt: str | None, width: int, size: int, batch: int = 2, rtol
                    unet_ckpt: str | None = None) -> list[dict]:
     """Training-step time and peak memory of NODEs-UNet with direct backprop and with the adjoint,
     every block at ``rtol``, plus the U-Net for reference (see :mod:`bloodseg.bench` for how)."""
-    from .bench import training_step_cost
     rows = []
     base = training_step_cost("unet", width, size, batch, adjoint=None, ckpt=unet_ckpt)
     rows.append(dict(model="unet", backprop="direct", rtol=None, **_cost(base)))
@@ -777,7 +695,6 @@ def f_cost_table(width: int, size: int) -> list[dict]:
     The multiply-adds are the same at every level (channels double when the side halves); the
     feature map, which the element-wise work (GroupNorm, softplus, concatenating t) scales with,
     halves at every level down."""
-    from .models import position_channels
     rows = []
     for p in range(1, 10):
         c, side = position_channels(p, width), size // position_scale(p)
@@ -850,7 +767,6 @@ def plot_score_bars(frames: dict, columns=None, title: str = "", ylim=None):
 
 def predict_masks(model, samples) -> list[np.ndarray]:
     """Argmax masks of ``model`` for ``samples`` (one at a time, CLAHE as in training)."""
-    from .preprocess import image_to_tensor
     model = model.eval()
     with torch.inference_mode():
         return [model(image_to_tensor(s.image)[None]).argmax(1)[0].numpy().astype(np.uint8) for s in samples]
@@ -859,8 +775,6 @@ def predict_masks(model, samples) -> list[np.ndarray]:
 def prediction_grid(samples, predictions: dict, height: float = 2.2):
     """The paper's Fig. 7/8: per sample, original, CLAHE, label, then one column per model."""
     import matplotlib.pyplot as plt
-    from .preprocess import clahe_on_luma
-    from .synthetic import colourise_mask
     cols = ["original", "CLAHE (Y of YUV)", "label"] + list(predictions)
     fig, axes = plt.subplots(len(samples), len(cols), figsize=(height * len(cols), height * len(samples)),
                              squeeze=False)
@@ -1008,7 +922,6 @@ class _Missing(Exception):
 
 
 def _load(chapter: str, name: str, profile: str | None = None) -> dict:
-    from .report import load_results
     try:
         return load_results(chapter, name, profile=profile)
     except FileNotFoundError:
@@ -1038,7 +951,6 @@ CUDA_BENCH = ("05_placement_ablation", "bench_cuda_h100.json")
 def bench_depth_rho(where=CUDA_BENCH) -> float:
     """Spearman correlation between the U-Net level of the nine single-block positions and their
     time in a recorded ``bloodseg bench`` JSON (``(chapter, file name)`` under the results folder)."""
-    from .report import RESULTS_DIR
     path = Path(RESULTS_DIR) / where[0] / where[1]
     if not path.is_file():
         raise _Missing(str(path))
@@ -1255,7 +1167,6 @@ def claims_ledger(profile: str | None = None) -> list[dict]:
 
 def _provenance(chapter: str, profile=None) -> str:
     """Profile, device and date of a chapter's saved results ("" when it saved none)."""
-    from .report import RESULTS_DIR
     files = sorted((RESULTS_DIR / chapter).glob("*.json"))
     real = [f for f in files if not f.name.endswith(".smoke.json")]
     smoke = [f for f in files if f.name.endswith(".smoke.json")]

@@ -16,9 +16,18 @@ from pathlib import Path
 
 import torch
 
-from .profiles import Profile, get_profile
+from ..recipe import Recipe, get_recipe
 
-RESULTS_DIR = Path(os.environ.get("BLOODSEG_RESULTS", Path(__file__).resolve().parent.parent / "book" / "results"))
+
+def _default_results() -> Path:
+    """``$BLOODSEG_RESULTS``, else ``book/results`` under the working directory (a clone's root),
+    else ``results`` (a notebook runs in ``book/``)."""
+    if os.environ.get("BLOODSEG_RESULTS"):
+        return Path(os.environ["BLOODSEG_RESULTS"])
+    return Path("book/results") if Path("book").is_dir() else Path("results")
+
+
+RESULTS_DIR = _default_results()
 
 
 def device_name(device: torch.device | None = None) -> str:
@@ -31,7 +40,7 @@ def device_name(device: torch.device | None = None) -> str:
 @dataclasses.dataclass
 class Run:
     chapter: str
-    profile: Profile
+    profile: Recipe
     seed: int
     device: torch.device
     started: float
@@ -77,7 +86,7 @@ def _jsonable(x):
 
 def start_run(chapter: str, seed: int = 0, profile: str | None = None) -> Run:
     """Seed everything, print what this run is, and return a :class:`Run`."""
-    prof = get_profile(profile)
+    prof = get_recipe(profile)
     torch.manual_seed(seed)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     run = Run(chapter, prof, seed, device, time.perf_counter())

@@ -41,7 +41,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -50,58 +49,34 @@ import cv2
 import numpy as np
 import torch
 
-from .count import count_cells, count_errors
-from .datasets import (Sample, SegmentationDataset, augment, bccd_sample_dir, extract_patches, load_folder,
-                       make_splits, prepare_bccd)
-from .errors import CheckpointError, DataError
-from .infer import predict_image
-from .metrics import confusion_matrix, scores
-from .models import build_model
-from .profiles import Profile, get_profile
-from .synthetic import WHITE_CELL, colour_threshold_baseline, make_smear
-from .train import TrainConfig, fit, load_checkpoint, load_model, save_checkpoint
+from ..recipe import TrainRecipe, profile_name
+from ..bccd import bccd_source, prepare_cached, _voc_boxes
+from ..checkpoint import load_checkpoint, save_checkpoint, update_checkpoint
+from ..classes import WHITE_CELL
+from ..count import count_cells, count_errors
+from ..datasets import SegmentationDataset, augment, extract_patches, make_splits
+from ..errors import CheckpointError, DataError
+from ..infer import predict_image, predict_probabilities
+from ..io import Sample, load_folder, read_image
+from ..metrics import confusion_matrix, scores
+from ..models import build_model
+from ..postprocess import clean_white_cells
+from ..checkpoint import load_model
+from ..synthetic import colour_threshold_baseline, make_smear
+from ..train import fit
 
-__all__ = ["FULL_BCCD", "bccd_source", "prepare_cached", "RealPlan", "REAL_PLANS", "real_plan",
+
+__all__ = ["bccd_source", "prepare_cached", "RealPlan", "REAL_PLANS", "real_plan",
            "resize_sample", "synthetic_pretraining_splits", "score_row", "bccd_splits", "TrainedModel", "train_model",
            "evaluate_bccd", "WHITE_AREA_GRID", "white_components", "plot_white_components", "tune_white_cleanup",
            "plot_cleanup_tuning", "cleanup_rows", "cleanup_summary", "compare_cleanup", "plot_cleanup_comparison",
            "tune_checkpoint_cleanup", "failure_cases", "read_box_counts", "rbc_boxes_at_border", "count_vs_boxes",
-           "synthetic_counting", "train_bccd_checkpoint", "shipped_checkpoint", "SHIPPED_NAME", "gpu_runs_frame",
+           "synthetic_counting", "train_bccd_checkpoint", "gpu_runs_frame",
            "plot_gpu_runs"]
 
-#: Where the full BCCD copy lives on the project machines (``$BLOODSEG_BCCD`` overrides).
-FULL_BCCD = Path("/work/shared/data/bccd")
-
-#: File name of the shipped checkpoint in ``bloodseg/data/checkpoints/``.
-SHIPPED_NAME = "bccd-nodes-unet-w16.pt"
 
 # ----------------------------------------------------------------------------- data
 
-def bccd_source(profile=None) -> tuple[Path, str]:
-    """``(folder, "full" | "sample")``: the full BCCD when present (not in smoke), else the sample."""
-    p = profile if isinstance(profile, Profile) else get_profile(profile)
-    full = Path(os.environ.get("BLOODSEG_BCCD", FULL_BCCD))
-    if p.name != "smoke" and (full / "images").is_dir() and (full / "wbc_masks").is_dir():
-        return full, "full"
-    return bccd_sample_dir(), "sample"
-
-
-def prepare_cached(src, out) -> dict:
-    """:func:`prepare_bccd` ``src`` into ``out`` unless ``out`` already holds it; return the report.
-
-    The report gets ``"source"`` (the folder) and ``"reused"`` (True when nothing was redone).
-    """
-    src, out = Path(src).resolve(), Path(out)
-    stamp = out / "source.txt"
-    report_path = out / "bccd_report.json"
-    if stamp.is_file() and report_path.is_file() and stamp.read_text().strip() == str(src):
-        report = json.loads(report_path.read_text())
-        report.update(source=str(src), reused=True)
-        return report
-    report = prepare_bccd(src, out)
-    stamp.write_text(str(src) + "\n")
-    report.update(source=str(src), reused=False)
-    return report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +117,7 @@ REAL_PLANS = {
 
 def real_plan(profile=None) -> RealPlan:
     """The :class:`RealPlan` of a profile (name, :class:`Profile` or None for the current one)."""
-    p = profile if isinstance(profile, Profile) else get_profile(profile)
-    return REAL_PLANS[p.name]
+    return REAL_PLANS[profile_name(profile)]
 
 
 def resize_sample(s: Sample, scale: float) -> Sample:
@@ -210,7 +184,7 @@ def train_model(name: str, splits: dict, out_dir, plan: RealPlan, init=None, epo
 
     ``input_scale``: the factor the training images were resized by (``plan.scale`` for BCCD,
     1 for synthetic smears); it is saved in the checkpoints so that prediction resizes alike.
-    ``train_options``: further :class:`~bloodseg.train.TrainConfig` fields (e.g. ``schedule``,
+    ``train_options``: further :class:`~bloodseg.train.TrainRecipe` fields (e.g. ``schedule``,
     ``max_minutes``, ``batch_size``); ``on_epoch`` gets each epoch's history record.
     Writes ``out_dir/best.pt`` (lowest validation loss), ``last.pt`` and ``history.json``
     (:func:`bloodseg.train.fit`, always a fresh run). Returns the best epoch's model.
@@ -225,7 +199,7 @@ def train_model(name: str, splits: dict, out_dir, plan: RealPlan, init=None, epo
             raise CheckpointError(f"{init} holds a '{state['model_name']}' of width "
                                   f"{state['model_options'].get('width')}, not '{name}' of width {plan.width}")
         model.load_state_dict(state["model_state"])
-    cfg = TrainConfig(epochs=epochs or plan.epochs, batch_size=plan.batch_size,
+    cfg = TrainRecipe(epochs=epochs or plan.epochs, batch_size=plan.batch_size,
                       lr=lr or (plan.finetune_lr if init is not None else plan.lr), seed=seed, progress=False)
     if train_options:
         cfg = dataclasses.replace(cfg, **train_options)
@@ -348,8 +322,6 @@ def tune_white_cleanup(model: torch.nn.Module, samples: list[Sample], areas=WHIT
     "components": :func:`white_components` of the raw masks pooled, "n_images", "seconds"}``;
     ``chosen`` can be stored in a checkpoint (:func:`tune_checkpoint_cleanup`).
     """
-    from .postprocess import clean_white_cells
-    from .infer import predict_probabilities
     if not samples:
         raise DataError("tune_white_cleanup needs at least one labelled photograph")
     areas = sorted({float(a) for a in areas})
@@ -486,8 +458,7 @@ def tune_checkpoint_cleanup(ckpt, src=None, out=None, work="runs/tune-cleanup", 
     in the choice. Returns ``{"tuning", "test_raw", "test_cleaned", "checkpoint"}`` (score rows).
     ``bloodseg tune-cleanup`` is the command-line form.
     """
-    from .train import update_checkpoint
-    src = Path(src) if src is not None else bccd_source("quick")[0]
+    src = Path(src) if src is not None else bccd_source()[0]
     prep_dir = Path(work) / "bccd"
     prepare_cached(src, prep_dir)
     model = load_model(ckpt)
@@ -548,7 +519,6 @@ def rbc_boxes_at_border(src, names, margin: int = 2) -> dict:
     """How many red-cell boxes of the images ``names`` touch the image border (within ``margin``
     px), read from the raw BCCD folder ``src``: ``{"boxes", "at_border", "share"}``. BCCD boxes
     cells cut by the border too, which the counter leaves out when they are mostly outside."""
-    from .datasets import _voc_boxes, read_image
     total = edge = 0
     for name in names:
         xml = Path(src) / "annotations" / f"{name}.xml"
@@ -614,13 +584,6 @@ def synthetic_counting(n: int, model: torch.nn.Module | None = None, size=(480, 
 
 # ----------------------------------------------------------------------------- the shipped checkpoint
 
-def shipped_checkpoint() -> Path:
-    """Path of the BCCD-trained checkpoint that ships with bloodseg (see its README.md)."""
-    path = Path(__file__).resolve().parent / "data" / "checkpoints" / SHIPPED_NAME
-    if not path.is_file():
-        raise CheckpointError(f"the shipped checkpoint is missing at {path}; reinstall bloodseg, or "
-                              "make it with bloodseg.realdata.train_bccd_checkpoint()")
-    return path
 
 
 #: The recipe of the shipped checkpoint (:func:`train_bccd_checkpoint`'s defaults).
@@ -640,7 +603,7 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-un
     and writes ``out_dir/<SHIPPED_NAME-like name>`` holding weights only (no optimizer state) plus
     the recipe and metrics, and ``metrics.json``. Returns the metrics. About 10 minutes on two
     CPU cores with the defaults. Shipping it = copying the .pt into ``bloodseg/data/checkpoints/``.
-    ``train_options`` go to both trainings' :class:`~bloodseg.train.TrainConfig` (e.g.
+    ``train_options`` go to both trainings' :class:`~bloodseg.train.TrainRecipe` (e.g.
     ``{"schedule": "cosine"}``), except ``max_minutes``, which bounds the BCCD training only.
     ``init``: a checkpoint of the same model and width to continue from (e.g. an earlier run's
     ``.pt``) instead of the synthetic pretraining. ``tta``: also score with flip test-time
@@ -653,7 +616,7 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-un
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     if src is None:
-        src, kind = bccd_source("quick")
+        src, kind = bccd_source()
     else:
         src, kind = Path(src), "given"
     report = prepare_cached(src, out_dir / "bccd")

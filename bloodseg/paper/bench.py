@@ -45,17 +45,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import BloodsegError
-from .memory import count_saved_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
-from .models import MODEL_NAMES, build_model, count_parameters, parameter_memory_mb
-from .ode import nfe_report, ode_blocks
+from ..checkpoint import load_checkpoint
+from ..errors import BloodsegError
+from ..measure import count_saved_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from ..models import MODEL_NAMES, build_model, count_parameters, parameter_memory_mb
+from ..ode import nfe_report, ode_blocks
+from ..preprocess import image_to_tensor
+from ..checkpoint import model_from_checkpoint
+from ..synthetic import make_smear
+from .reference import PAPER_TABLE1
+
 
 __all__ = ["paper_time_ratios", "plot_time_ratios", "bench_images", "time_inference", "training_step_cost", "run_bench",
            "bench_rows", "format_bench", "checkpoint_for"]
 
 
 def _paper_times() -> dict:
-    from .experiments import PAPER_TABLE1
     return {name: row["time_s"] for name, row in PAPER_TABLE1.items()}
 
 
@@ -72,14 +77,10 @@ def bench_images(n: int, size: int, seed: int = 1000) -> list[torch.Tensor]:
 
     Real-looking content, not noise: with trained weights the NFE depends on the input.
     """
-    from .preprocess import image_to_tensor
-    from .synthetic import make_smear
     return [image_to_tensor(make_smear(seed + i, size=(size, size))[0])[None] for i in range(n)]
 
 
 def _bench_masks(n: int, size: int, seed: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
-    from .preprocess import image_to_tensor
-    from .synthetic import make_smear
     pairs = [make_smear(seed + i, size=(size, size)) for i in range(n)]
     x = torch.stack([image_to_tensor(img) for img, _ in pairs])
     y = torch.stack([torch.from_numpy(m.astype("int64")) for _, m in pairs])
@@ -126,7 +127,6 @@ def _build_for_bench(name: str, width: int, adjoint: bool | None, ckpt: str | No
     if adjoint is not None:
         extra["adjoint"] = bool(adjoint)
     if ckpt:
-        from .train import load_checkpoint, model_from_checkpoint
         return model_from_checkpoint(load_checkpoint(ckpt), ckpt, **extra)
     return build_model(name, width=width, **extra)
 

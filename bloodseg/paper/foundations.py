@@ -43,9 +43,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import BloodsegError
-from .memory import count_saved_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
-from .ode import ODEBlock, ResidualBlock
+from ..classes import CLASS_NAMES, PALETTE_BGR, colourise_mask, overlay
+from ..errors import BloodsegError, SolverError
+from ..measure import count_saved_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from ..metrics import ConfusionMatrix, confusion_matrix, scores
+from ..ode import ODEBlock, ResidualBlock
+from ..preprocess import clahe_on_luma
+from ..synthetic import colour_threshold_baseline
+
 
 __all__ = [
     "PaperExample", "GrowthExample", "EXAMPLES", "solve_example", "solver_study",
@@ -375,7 +380,6 @@ def nfe_during_training(channels: int = 8, size: int = 16, batch: int = 4, steps
     issue 153 (NFE grows as training goes on). Returns rows ``dict(step, loss, nfe_forward,
     nfe_backward)``; stops early (row ``error`` set) if the solver gives up.
     """
-    from .errors import SolverError
 
     torch.manual_seed(seed)
     block = ODEBlock(channels, rtol=rtol, max_steps=max_steps)
@@ -424,7 +428,6 @@ def clahe_contrast(images: dict, clip_limit: float = 2.0, tile_grid=(8, 8)) -> d
     measure, clip_limit, tile_grid, images)``: the two contrasts averaged over the images, and
     ``images``, one row ``dict(image, contrast_before, contrast_after, ratio)`` per image.
     """
-    from .preprocess import clahe_on_luma
 
     if not images:
         raise BloodsegError("clahe_contrast needs at least one image")
@@ -451,7 +454,6 @@ def plot_clahe(image_bgr: np.ndarray, clip_limit: float = 2.0, tile_grid=(8, 8),
     """
     import matplotlib.pyplot as plt
 
-    from .preprocess import clahe_on_luma
 
     after = clahe_on_luma(image_bgr, clip_limit=clip_limit, tile_grid=tuple(tile_grid))
     if fig is None:
@@ -481,7 +483,6 @@ def plot_pairs(rows, titles=None, overlay_alpha: float | None = None, height: fl
     (and, with ``overlay_alpha``, the mask tinted over the image). Returns the figure."""
     import matplotlib.pyplot as plt
 
-    from .synthetic import colourise_mask, overlay
 
     rows = list(rows)
     ncol = 3 if overlay_alpha else 2
@@ -509,7 +510,6 @@ def plot_gallery(samples, titles=None, height: float = 1.9):
     """Samples (or ``(image, mask)`` pairs) side by side: images on the top row, masks below."""
     import matplotlib.pyplot as plt
 
-    from .synthetic import colourise_mask
 
     samples = list(samples)
     fig, axes = plt.subplots(2, len(samples), figsize=(len(samples) * height, 2 * height), squeeze=False)
@@ -540,7 +540,6 @@ def class_fractions(masks) -> np.ndarray:
 
 def split_balance(splits: dict) -> list[dict]:
     """One row per split: ``split``, ``samples``, ``sources``, ``pixels`` and the three class fractions."""
-    from .synthetic import CLASS_NAMES
 
     rows = []
     for name, samples in splits.items():
@@ -556,7 +555,6 @@ def plot_split_balance(rows: list[dict], title: str = ""):
     """Grouped bar chart of :func:`split_balance` rows (class fractions per split)."""
     import matplotlib.pyplot as plt
 
-    from .synthetic import CLASS_NAMES, PALETTE_BGR
 
     colours = [tuple(c / 255 for c in PALETTE_BGR[i][::-1]) for i in range(3)]
     colours[0] = (0.6, 0.6, 0.6)   # black bars are hard to read: grey for background
@@ -580,8 +578,6 @@ def baseline_scores(pairs) -> dict:
     """Scores (:func:`bloodseg.metrics.scores`) of :func:`~bloodseg.colour_threshold_baseline` on
     ``(image BGR, mask)`` pairs (or Samples), from one confusion matrix over all of them, plus
     ``per_image_miou``."""
-    from .metrics import ConfusionMatrix, confusion_matrix, scores
-    from .synthetic import colour_threshold_baseline
 
     cm = ConfusionMatrix(3)
     per_image = []

@@ -1,0 +1,197 @@
+"""A :class:`Segmenter`: a trained network with everything needed to use it on a photograph.
+
+The network alone maps a normalised tensor to logits. To segment a smear photograph you also
+need: CLAHE on the luma, the scale the network was trained at (BCCD models see photographs at
+half size), how to tile a large image, the post-processing chosen for this network, the class
+names, and where it came from (its recipe and scores). A Segmenter keeps all of it together and
+is saved and loaded as one file (a weights-only checkpoint)::
+
+    seg = Segmenter.load(shipped_checkpoint())
+    mask = seg.predict(image_bgr)            # uint8 HxW in {0, 1, 2}
+    probs = seg.predict_proba(image_bgr)     # float 3xHxW
+    counts = seg.count(image_bgr)            # white and red cells
+    seg.save("my.pt")
+
+Old checkpoints (``input_scale`` / ``postprocess`` at the top level) load the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
+from .classes import CLASS_NAMES, overlay
+from .count import count_cells
+from .distributed import default_device
+from .errors import BloodsegError, CheckpointError
+from .infer import predict_image, predict_probabilities
+from .io import _writable_dir, check_output_names, expand_inputs, read_image, write_image
+from .postprocess import check_postprocess
+
+#: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
+SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "class_names")
+
+
+@dataclasses.dataclass
+class Segmenter:
+    """A network and how to use it. ``model`` is in eval mode; the other fields are plain values.
+
+    * ``input_scale`` — photographs are resized by this before the network sees them (masks
+      come back at full size);
+    * ``postprocess`` — the white-cell cleanup spec (:mod:`bloodseg.postprocess`) or None;
+    * ``clahe``, ``tile``, ``overlap``, ``tta`` — preprocessing, tiling, flip averaging;
+    * ``recipe``, ``metrics`` — how it was made and what it scored (dicts, as stored).
+    """
+    model: torch.nn.Module
+    input_scale: float = 1.0
+    postprocess: dict | None = None
+    clahe: bool = True
+    tile: int = 512
+    overlap: int = 64
+    tta: bool = False
+    class_names: tuple = CLASS_NAMES
+    recipe: dict | None = None
+    metrics: dict | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.input_scale, (int, float)) and self.input_scale > 0
+                and np.isfinite(self.input_scale)):
+            raise BloodsegError(f"input_scale must be a positive number; got {self.input_scale!r}")
+        self.input_scale = float(self.input_scale)
+        if self.postprocess is not None:
+            self.postprocess = check_postprocess(self.postprocess)
+        if self.tile % 16 or self.tile < 16 or not 0 <= self.overlap < self.tile:
+            raise BloodsegError(f"tile must be a positive multiple of 16 and 0 <= overlap < tile; got "
+                                f"tile {self.tile}, overlap {self.overlap}")
+        self.class_names = tuple(self.class_names)
+        self.model = unwrap(self.model).eval()
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def load(cls, path, device=None, **solver_overrides) -> "Segmenter":
+        """Read a checkpoint (``torch.load(weights_only=True)``: a file that would run code is
+        refused). ``solver_overrides`` change ODE solver settings (e.g. ``rtol=1e-3``)."""
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, path, **solver_overrides)
+        settings = dict(ckpt.get("segmenter") or {})
+        for key in ("input_scale", "postprocess"):   # checkpoints written before the Segmenter
+            if key not in settings and ckpt.get(key) is not None:
+                settings[key] = ckpt[key]
+        unknown = set(settings) - set(SETTINGS)
+        if unknown:
+            raise CheckpointError(f"{path} has unknown segmenter settings {sorted(unknown)}")
+        try:
+            seg = cls(model.to(device or default_device()), recipe=ckpt.get("recipe"),
+                      metrics=ckpt.get("metrics"), **settings)
+        except (BloodsegError, TypeError) as exc:
+            raise CheckpointError(f"{path} has invalid segmenter settings {settings}: {exc}") from None
+        return seg
+
+    def settings(self) -> dict:
+        """The use settings as plain values (what :meth:`save` stores under ``"segmenter"``)."""
+        out = {k: getattr(self, k) for k in SETTINGS}
+        out["class_names"] = list(self.class_names)
+        return out
+
+    def save(self, path, **extra) -> Path:
+        """Write one weights-only checkpoint (atomically): weights, architecture, settings, recipe,
+        metrics, and ``extra`` top-level entries."""
+        entries = dict(segmenter=self.settings(), **extra)
+        if self.recipe is not None:
+            entries["recipe"] = self.recipe
+        if self.metrics is not None:
+            entries["metrics"] = self.metrics
+        return save_checkpoint(path, self.model, **entries)
+
+    def replace(self, **changes) -> "Segmenter":
+        """A copy with some settings changed (the same network object)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ one image
+    def predict_proba(self, image_bgr: np.ndarray, tta: bool | None = None) -> torch.Tensor:
+        """Class probabilities ``float32 C x H x W`` for a BGR ``uint8 HxWx3`` image of any size."""
+        return predict_probabilities(self.model, image_bgr, tile=self.tile, overlap=self.overlap,
+                                     clahe=self.clahe, tta=self.tta if tta is None else tta,
+                                     input_scale=self.input_scale)
+
+    def predict(self, image_bgr: np.ndarray, postprocess=None, tta: bool | None = None) -> np.ndarray:
+        """Mask ``uint8 HxW`` in {0 background, 1 white cell, 2 red cell}.
+
+        ``postprocess``: None (default) applies this Segmenter's own cleanup (if any); False gives
+        the network's argmax alone; a dict is used as given; True without a stored spec is an error.
+        """
+        return predict_image(self.model, image_bgr, tile=self.tile, overlap=self.overlap, clahe=self.clahe,
+                             tta=self.tta if tta is None else tta, input_scale=self.input_scale,
+                             postprocess=self._postprocess(postprocess))
+
+    def count(self, image_bgr: np.ndarray, red_radius: float | None = None, postprocess=None) -> dict:
+        """White and red cells of one image (:func:`bloodseg.count.count_cells` on :meth:`predict`)."""
+        return count_cells(self.predict(image_bgr, postprocess), red_radius=red_radius)
+
+    def _postprocess(self, postprocess) -> dict | None:
+        if postprocess is False:
+            return None
+        if postprocess is None or postprocess is True:
+            if self.postprocess is None and postprocess is True:
+                raise BloodsegError("postprocess=True, but this segmenter carries no post-processing (its "
+                                    "checkpoint has no 'postprocess'); pass a dict such as "
+                                    "{'white_min_area': 4000, 'fill_white_holes': True}")
+            return self.postprocess
+        return check_postprocess(postprocess)
+
+    # ------------------------------------------------------------------ many files
+    def predict_files(self, paths, out_dir, overlays: bool = True, postprocess=None) -> list[dict]:
+        """Predict every image; write ``<stem>.png`` (mask, values 0/1/2) and ``<stem>_overlay.png``.
+
+        Refuses (before writing anything) when two inputs share a stem, or when an output would
+        overwrite an input image (e.g. ``--out`` is the input folder and an input is ``<stem>.png``).
+        Every file is written atomically.
+        """
+        files = expand_inputs(paths)
+        out_dir = _writable_dir(out_dir)
+        check_output_names(files, out_dir, ("", "_overlay") if overlays else ("",))
+        results = []
+        for f in files:
+            image = read_image(f)
+            mask = self.predict(image, postprocess)
+            mask_path = write_image(out_dir / f"{f.stem}.png", mask)
+            row = {"image": str(f), "mask": str(mask_path), "height": mask.shape[0], "width": mask.shape[1],
+                   **{f"fraction_{k}": float((mask == i).mean())
+                      for i, k in enumerate(("background", "white", "red"))}}
+            if overlays:
+                row["overlay"] = str(write_image(out_dir / f"{f.stem}_overlay.png", overlay(image, mask)))
+            results.append(row)
+        return results
+
+    def count_files(self, paths, red_radius: float | None = None, masks_out=None, postprocess=None) -> list[dict]:
+        """Count the cells of every image (files or folders); one row per image with
+        :data:`bloodseg.count.COUNT_COLUMNS`. With ``masks_out`` the masks and overlays are written too."""
+        files = expand_inputs(paths)
+        out_dir = _writable_dir(masks_out) if masks_out is not None else None
+        if out_dir is not None:
+            check_output_names(files, out_dir)
+        rows = []
+        for f in files:
+            image = read_image(f)
+            mask = self.predict(image, postprocess)
+            rows.append({"image": str(f), **count_cells(mask, red_radius=red_radius)})
+            if out_dir is not None:
+                write_image(out_dir / f"{f.stem}.png", mask)
+                write_image(out_dir / f"{f.stem}_overlay.png", overlay(image, mask))
+        return rows
+
+
+#: File name of the shipped checkpoint in ``bloodseg/data/checkpoints/``.
+SHIPPED_NAME = "bccd-nodes-unet-w16.pt"
+
+
+def shipped_checkpoint() -> Path:
+    """Path of the BCCD-trained checkpoint that ships with bloodseg (see its README.md)."""
+    path = Path(__file__).resolve().parent / "data" / "checkpoints" / SHIPPED_NAME
+    if not path.is_file():
+        raise CheckpointError(f"the shipped checkpoint is missing at {path}; reinstall bloodseg, or "
+                              "make it with bloodseg.realdata.train_bccd_checkpoint()")
+    return path
