@@ -211,6 +211,19 @@ def cmd_count(args) -> int:
     return 0
 
 
+def cmd_ddp_bench(args) -> int:
+    from .paper.ddp_scaling import bench_command
+    bench_command(args.model, args.width, args.patch, args.batch_size, args.steps, args.warmup,
+                  args.profile, args.bf16, json_path=args.json)
+    return 0
+
+
+def cmd_ddp_gradcheck(args) -> int:
+    from .paper.ddp_scaling import gradcheck_command
+    gradcheck_command(args.configs, args.width, args.size, args.batch, args.out)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-adjoint", action="store_true", help="skip the adjoint training step")
     s.add_argument("--json", help="also write the full results to this file")
     s.set_defaults(func=cmd_bench)
+
+    # Hidden (no help=, so not listed): the workers that bloodseg.paper.ddp_scaling launches under torchrun.
+    s = sub.add_parser("ddp-bench", description="Throughput of training steps in this process; run it under torchrun.")
+    s.add_argument("--model", default="nodes-unet")
+    s.add_argument("--width", type=int, default=8)
+    s.add_argument("--patch", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--steps", type=int, default=5)
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--profile", choices=("smoke", "quick", "full"))
+    s.add_argument("--bf16", action="store_true")
+    s.add_argument("--json", help="rank 0 writes the result here")
+    s.set_defaults(func=cmd_ddp_bench)
+
+    s = sub.add_parser("ddp-gradcheck", description="DDP gradients against one process; run it under torchrun.")
+    s.add_argument("--configs", required=True, help="JSON list of model configurations")
+    s.add_argument("--width", type=int, default=4)
+    s.add_argument("--size", type=int, default=32)
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_ddp_gradcheck)
     return p
 
 

@@ -15,9 +15,9 @@ this module holds what goes around it, in reading order:
 * :func:`torchrun_command`, :func:`slurm_script` — the command lines for one machine, several
   machines, and a SLURM cluster; :func:`launch` runs one from Python or a notebook.
 * :func:`benchmark` / :func:`measure_throughput` — images per second of training steps against
-  the number of processes (``python -m bloodseg.distributed bench`` under ``torchrun``).
+  the number of processes (``python -m bloodseg.cli ddp-bench`` under ``torchrun``).
 * :func:`gradient_check` — do N processes compute the gradients one process computes on the
-  whole batch? (``python -m bloodseg.distributed gradcheck`` under ``torchrun``.)
+  whole batch? (``python -m bloodseg.cli ddp-gradcheck`` under ``torchrun``.)
 * :func:`batch_and_lr` and the ``plot_*`` helpers of the book's chapter "Multi-GPU training".
 
 Effective batch and learning rate: ``TrainConfig.batch_size`` is per process, so ``N`` processes
@@ -27,7 +27,6 @@ al. 2017); without it the global batch grows and the learning rate stays.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -60,7 +59,9 @@ __all__ = [
     "cpu_cores",
     "benchmark",
     "measure_throughput",
+    "bench_command",
     "gradient_check",
+    "gradcheck_command",
     "GRADCHECK_CONFIGS",
     "batch_and_lr",
     "plot_batch_and_lr",
@@ -216,7 +217,7 @@ def benchmark(model: str = "nodes-unet", width: int = 8, patch: int = 64, batch_
               seed: int = 0) -> dict:
     """Time ``steps`` training steps (forward, backward, gradient all-reduce, Adam) in this process.
 
-    Run it under ``torchrun`` (``python -m bloodseg.distributed bench``): each process trains on
+    Run it under ``torchrun`` (``python -m bloodseg.cli ddp-bench``): each process trains on
     its own batches of ``batch_size`` real synthetic patches (cut from the profile's smears to
     ``patch`` px), exactly as :func:`bloodseg.train.fit` does: DDP, synchronised BatchNorm,
     cross-entropy. The data are turned into tensors before the clock starts, so the number is the
@@ -303,11 +304,11 @@ def measure_throughput(nprocs=(1, 2), model: str = "nodes-unet", width: int = 8,
         path = out_dir / f"bench-{model}-{n}x{threads or 'auto'}.json"
         if path.exists():
             path.unlink()
-        args = ["bench", "--model", model, "--width", width, "--patch", patch, "--batch-size",
+        args = ["ddp-bench", "--model", model, "--width", width, "--patch", patch, "--batch-size",
                 batch_size, "--steps", steps, "--warmup", warmup, "--json", path]
         if profile:
             args += ["--profile", profile]
-        launch(args, nproc=n, threads_per_process=threads, module="bloodseg.distributed",
+        launch(args, nproc=n, threads_per_process=threads, module="bloodseg.cli",
                echo=echo, timeout=timeout)
         rows.append(json.loads(path.read_text()))
     base = _baseline(rows)
@@ -408,7 +409,7 @@ def gradient_check(configs=GRADCHECK_CONFIGS, nproc: int = 2, width: int = 4, si
                    timeout: float | None = 600) -> list[dict]:
     """Do ``nproc`` DDP processes compute the gradients one process computes on the whole batch?
 
-    Launches ``torchrun`` (gloo, CPU) with ``python -m bloodseg.distributed gradcheck``: for every
+    Launches ``torchrun`` (gloo, CPU) with ``python -m bloodseg.cli ddp-gradcheck``: for every
     model configuration in ``configs`` (``model`` name plus :func:`~bloodseg.models.build_model`
     options), one training step on a seeded global batch of ``batch`` images ``size`` px, split
     over the processes, against the same step in one process. Returns one row per configuration:
@@ -422,8 +423,8 @@ def gradient_check(configs=GRADCHECK_CONFIGS, nproc: int = 2, width: int = 4, si
     path = out_dir / "gradcheck.pt"
     if path.exists():
         path.unlink()
-    launch(["gradcheck", "--configs", json.dumps(list(configs)), "--width", width, "--size", size,
-            "--batch", batch, "--out", path], nproc=nproc, module="bloodseg.distributed",
+    launch(["ddp-gradcheck", "--configs", json.dumps(list(configs)), "--width", width, "--size", size,
+            "--batch", batch, "--out", path], nproc=nproc, module="bloodseg.cli",
            threads_per_process=1, echo=echo, timeout=timeout)
     raw = torch.load(path, weights_only=True)
     rows = []
@@ -542,43 +543,32 @@ def plot_throughput(rows: list[dict]):
     return fig
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bloodseg.distributed",
-                                description="Throughput of training steps; run it under torchrun.")
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench")
-    b.add_argument("--model", default="nodes-unet")
-    b.add_argument("--width", type=int, default=8)
-    b.add_argument("--patch", type=int, default=64)
-    b.add_argument("--batch-size", type=int, default=4)
-    b.add_argument("--steps", type=int, default=5)
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--profile", choices=("smoke", "quick", "full"))
-    b.add_argument("--bf16", action="store_true")
-    b.add_argument("--json", help="rank 0 writes the result here")
-    g = sub.add_parser("gradcheck")
-    g.add_argument("--configs", required=True, help="JSON list of model configurations")
-    g.add_argument("--width", type=int, default=4)
-    g.add_argument("--size", type=int, default=32)
-    g.add_argument("--batch", type=int, default=4)
-    g.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+def bench_command(model: str = "nodes-unet", width: int = 8, patch: int = 64, batch_size: int = 4,
+                  steps: int = 5, warmup: int = 2, profile: str | None = None, bf16: bool = False,
+                  json_path: str | None = None) -> dict:
+    """``bloodseg ddp-bench`` under ``torchrun``: :func:`benchmark` in this process; rank 0 prints
+    the result as JSON and writes it to ``json_path``. The process group is closed afterwards."""
     try:
-        if args.command == "gradcheck":
-            _gradcheck_worker(json.loads(args.configs), args.width, args.size, args.batch, args.out)
-            return 0
-        result = benchmark(args.model, args.width, args.patch, args.batch_size, args.steps,
-                           args.warmup, args.profile, args.bf16)
+        result = benchmark(model, width, patch, batch_size, steps, warmup, profile, bf16)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result), flush=True)
-            if args.json:
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+            if json_path:
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        _close_process_group()
+    return result
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def gradcheck_command(configs: str, width: int = 4, size: int = 32, batch: int = 4, out: str = "gradcheck.pt") -> None:
+    """``bloodseg ddp-gradcheck`` under ``torchrun``: :func:`_gradcheck_worker` for the model
+    configurations in ``configs`` (a JSON list). The process group is closed afterwards."""
+    try:
+        _gradcheck_worker(json.loads(configs), width, size, batch, out)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
