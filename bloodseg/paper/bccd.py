@@ -17,9 +17,9 @@ Scale. BCCD was photographed at about twice the magnification of the paper's MIS
 our synthetic ones: a red cell is ~100 px across in BCCD (median RBC box 103 px) and ~50 px in a
 synthetic smear. The BCCD models therefore work on photographs resized by ``plan.scale`` = 0.5:
 the cells then have the size the synthetic pretraining taught, a 128 px patch holds a whole white
-cell, and every pass costs a quarter. The factor is stored in the checkpoint (``input_scale``) and
-:func:`bloodseg.predict_image` applies it, so masks always come out at the photograph's size and
-every score below is measured against the full-size labels.
+cell, and every pass costs a quarter. The factor is a :class:`bloodseg.Segmenter` setting
+(``input_scale``, stored in the checkpoint) and the Segmenter applies it, so masks always come out
+at the photograph's size and every score below is measured against the full-size labels.
 
 Training. :class:`RealPlan` sizes everything per profile (:data:`REAL_PLANS`).
 :func:`bccd_splits` cuts (resized) BCCD training images into patches (validation patches pick the
@@ -51,17 +51,16 @@ import torch
 
 from ..recipe import TrainRecipe, profile_name
 from ..bccd import bccd_source, prepare_cached, _voc_boxes
-from ..checkpoint import load_checkpoint, save_checkpoint, update_checkpoint
+from ..checkpoint import load_checkpoint, update_checkpoint
 from ..classes import WHITE_CELL
 from ..count import count_cells, count_errors
 from ..datasets import SegmentationDataset, augment, extract_patches, make_splits
 from ..errors import CheckpointError, DataError
-from ..infer import predict_image, predict_probabilities
 from ..io import Sample, load_folder, read_image
 from ..metrics import confusion_matrix, scores
 from ..models import build_model
 from ..postprocess import clean_white_cells
-from ..checkpoint import load_model
+from ..segmenter import Segmenter
 from ..synthetic import colour_threshold_baseline, make_smear
 from ..train import fit
 
@@ -165,10 +164,15 @@ class TrainedModel:
     """A trained network with where it came from."""
     name: str                # model name, e.g. "nodes-unet"
     init: str                # "scratch" or "synthetic" (fine-tuned from a synthetic pretraining)
-    model: torch.nn.Module   # the best epoch (lowest validation loss), eval mode
+    segmenter: Segmenter     # the best epoch (lowest validation loss), with its input_scale
     history: list
     seconds: float
     checkpoint: Path
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The bare network (eval mode); use :attr:`segmenter` to predict on photographs."""
+        return self.segmenter.model
 
     @property
     def label(self) -> str:
@@ -183,16 +187,17 @@ def train_model(name: str, splits: dict, out_dir, plan: RealPlan, init=None, epo
     """Train ``name`` (width ``plan.width``) on ``splits``; fine-tune from checkpoint ``init`` if given.
 
     ``input_scale``: the factor the training images were resized by (``plan.scale`` for BCCD,
-    1 for synthetic smears); it is saved in the checkpoints so that prediction resizes alike.
+    1 for synthetic smears); it is saved in the checkpoints (as the :class:`~bloodseg.Segmenter`
+    setting, and at the top level for older readers) so that prediction resizes alike.
     ``train_options``: further :class:`~bloodseg.train.TrainRecipe` fields (e.g. ``schedule``,
     ``max_minutes``, ``batch_size``); ``on_epoch`` gets each epoch's history record.
     Writes ``out_dir/best.pt`` (lowest validation loss), ``last.pt`` and ``history.json``
-    (:func:`bloodseg.train.fit`, always a fresh run). Returns the best epoch's model.
+    (:func:`bloodseg.train.fit`, always a fresh run). Returns the best epoch's model as a
+    :class:`~bloodseg.Segmenter` (``.segmenter``; ``.model`` is the bare network).
     """
     torch.manual_seed(seed)
     model = build_model(name, width=plan.width)
-    if input_scale != 1.0:
-        model.input_scale = float(input_scale)
+    settings = Segmenter(model, input_scale=input_scale).settings()   # checks input_scale
     if init is not None:
         state = load_checkpoint(init)
         if state["model_name"] != model.name or state["model_options"].get("width") != plan.width:
@@ -208,15 +213,25 @@ def train_model(name: str, splits: dict, out_dir, plan: RealPlan, init=None, epo
                   cfg, resume=False, on_epoch=on_epoch)
     seconds = time.perf_counter() - t0
     best = Path(out_dir) / "best.pt"
+    old_keys = {"input_scale": float(input_scale)} if input_scale != 1.0 else {}
+    for path in (best, Path(out_dir) / "last.pt"):
+        update_checkpoint(path, segmenter=settings, **old_keys)
     return TrainedModel(name, init_label or ("synthetic" if init is not None else "scratch"),
-                        load_model(best), history, seconds, best)
+                        Segmenter.load(best), history, seconds, best)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
+def _segmenter(model) -> Segmenter:
+    """A :class:`~bloodseg.Segmenter` as it is; a bare network as a Segmenter with the default
+    settings (input_scale 1, no cleanup)."""
+    return model if isinstance(model, Segmenter) else Segmenter(model)
+
+
 def _predictor(model_or_fn, tile: int, tta: bool = False, postprocess=None) -> Callable[[np.ndarray], np.ndarray]:
-    if isinstance(model_or_fn, torch.nn.Module):
-        return lambda image: predict_image(model_or_fn, image, tile=tile, tta=tta, postprocess=postprocess)
+    if isinstance(model_or_fn, (Segmenter, torch.nn.Module)):
+        seg = _segmenter(model_or_fn).replace(tile=tile, tta=tta)
+        return lambda image: seg.predict(image, postprocess=postprocess)
     return model_or_fn
 
 
@@ -236,10 +251,11 @@ def evaluate_bccd(model_or_fn, samples: list[Sample], tile: int = 1024, keep_mas
                   tta: bool = False, postprocess=None) -> dict:
     """Score whole images against the BCCD labels, gold and silver apart.
 
-    ``model_or_fn``: a model (run with :func:`bloodseg.predict_image`, whole image when it fits
-    ``tile``; ``tta``: flip test-time augmentation; ``postprocess``: as in ``predict_image``, so
-    ``None`` applies the checkpoint's own white-cell cleanup if it has one and ``False`` scores the
-    network's argmax alone) or a function image → mask (e.g. :func:`bloodseg.colour_threshold_baseline`).
+    ``model_or_fn``: a :class:`~bloodseg.Segmenter` (or a bare network, taken as a Segmenter with
+    default settings), run with :meth:`~bloodseg.Segmenter.predict` on the whole image when it fits
+    ``tile``; ``tta``: flip test-time augmentation; ``postprocess``: as in ``Segmenter.predict``, so
+    ``None`` applies the Segmenter's own white-cell cleanup if it has one and ``False`` scores the
+    network's argmax alone; or a function image → mask (e.g. :func:`bloodseg.colour_threshold_baseline`).
     Returns ``{"silver": scores() of ONE 3-class confusion matrix over all images (PA, CPA, IoU,
     MIoU) against the silver masks, "gold": white cell vs the rest over all images (iou, dice,
     precision, recall) against the human masks, "per_image": [{"name", "white_iou",
@@ -307,10 +323,11 @@ def plot_white_components(components: dict, chosen_area: float | None = None, ti
     return fig
 
 
-def tune_white_cleanup(model: torch.nn.Module, samples: list[Sample], areas=WHITE_AREA_GRID,
+def tune_white_cleanup(model, samples: list[Sample], areas=WHITE_AREA_GRID,
                        fills=(False, True), tile: int = 1024, tta: bool = False, chosen_on: str = "") -> dict:
     """Choose the white-cell cleanup (:func:`bloodseg.postprocess.clean_white_cells`) of ``model``
-    on ``samples``, which must NOT be the photographs it will be scored on (use the validation split).
+    (a :class:`~bloodseg.Segmenter`, or a bare network at input_scale 1) on ``samples``, which must
+    NOT be the photographs it will be scored on (use the validation split).
 
     Every ``(white_min_area, fill_white_holes)`` of ``areas`` x ``fills`` is scored by the gold
     white-cell IoU over all samples (one pooled count, as :func:`evaluate_bccd`). The rule: the
@@ -325,12 +342,13 @@ def tune_white_cleanup(model: torch.nn.Module, samples: list[Sample], areas=WHIT
     if not samples:
         raise DataError("tune_white_cleanup needs at least one labelled photograph")
     areas = sorted({float(a) for a in areas})
+    seg = _segmenter(model).replace(tile=tile)
     t0 = time.perf_counter()
     totals = {(a, f): np.zeros(3, np.int64) for a in areas for f in fills}
     raw = np.zeros(3, np.int64)
     components = {"predicted": [], "true_cells": []}
     for s in samples:
-        probs = predict_probabilities(model, s.image, tile=tile, tta=tta)
+        probs = seg.predict_proba(s.image, tta=tta)
         mask = probs.argmax(0).numpy().astype(np.uint8)
         raw += _white_counts(mask, s.mask)
         for k, v in white_components(mask, s.mask).items():
@@ -348,7 +366,7 @@ def tune_white_cleanup(model: torch.nn.Module, samples: list[Sample], areas=WHIT
     middle = math.sqrt(max(lo, 1.0) * max(hi, 1.0))
     area = min(tied, key=lambda a: (round(abs(math.log(max(a, 1.0) / middle)), 9), a))   # a tie: the smaller
     chosen = {"white_min_area": area, "fill_white_holes": bool(fill),
-              "input_scale": float(getattr(model, "input_scale", 1.0)),
+              "input_scale": seg.input_scale,
               "chosen_on": chosen_on or f"{len(samples)} labelled photographs", "tuned_iou": round(best_iou[fill], 4)}
     return {"rows": rows, "raw": _white_scores(*map(int, raw)), "chosen": chosen, "plateau": [lo, hi],
             "components": components, "n_images": len(samples), "seconds": time.perf_counter() - t0}
@@ -382,7 +400,7 @@ def plot_cleanup_tuning(tuning: dict, test_rows: list[dict] | None = None, goal:
     return fig
 
 
-def cleanup_rows(model: torch.nn.Module, samples: list[Sample], areas=WHITE_AREA_GRID, fills=(False, True),
+def cleanup_rows(model, samples: list[Sample], areas=WHITE_AREA_GRID, fills=(False, True),
                  tile: int = 1024) -> list[dict]:
     """The rows of :func:`tune_white_cleanup` for other photographs (to show, never to choose by)."""
     return tune_white_cleanup(model, samples, areas, fills, tile)["rows"]
@@ -411,7 +429,7 @@ def cleanup_summary(label: str, tuning: dict, test_rows: list[dict]) -> dict:
 
 
 def compare_cleanup(models: dict, val: list[Sample], test: list[Sample], tile: int = 1024) -> list[dict]:
-    """For each ``{label: model}``: choose its white-cell cleanup on ``val`` (:func:`tune_white_cleanup`),
+    """For each ``{label: Segmenter or network}``: choose its white-cell cleanup on ``val`` (:func:`tune_white_cleanup`),
     then score ``test`` raw and cleaned; one :func:`cleanup_summary` row per model, so that
     every network gets the same treatment."""
     rows = []
@@ -451,7 +469,9 @@ def tune_checkpoint_cleanup(ckpt, src=None, out=None, work="runs/tune-cleanup", 
                             tile: int = 1024) -> dict:
     """Choose a checkpoint's white-cell cleanup on BCCD's validation photographs, score the test
     photographs with and without it, and write the checkpoint again (``out``, default in place)
-    with ``"postprocess"`` set and ``metrics["cleanup"]`` recording the choice and the scores.
+    with the chosen cleanup as its :class:`~bloodseg.Segmenter`'s ``postprocess`` (under
+    ``"segmenter"``, and at the top level with ``input_scale`` for older readers) and
+    ``metrics["cleanup"]`` recording the choice and the scores.
 
     ``src``: a raw BCCD folder (default: :func:`bccd_source`), prepared into ``work/bccd`` (reused
     when already there). The test photographs play no part
@@ -461,16 +481,16 @@ def tune_checkpoint_cleanup(ckpt, src=None, out=None, work="runs/tune-cleanup", 
     src = Path(src) if src is not None else bccd_source()[0]
     prep_dir = Path(work) / "bccd"
     prepare_cached(src, prep_dir)
-    model = load_model(ckpt)
+    seg = Segmenter.load(ckpt)
     val = load_folder(prep_dir / "val")
     test = load_folder(prep_dir / "test")
-    tuning = tune_white_cleanup(model, val, tile=tile, chosen_on=f"BCCD validation split, {len(val)} photographs")
+    tuning = tune_white_cleanup(seg, val, tile=tile, chosen_on=f"BCCD validation split, {len(val)} photographs")
     log(f"tuned on {len(val)} validation photographs in {tuning['seconds']:.0f} s: {tuning['chosen']} "
         f"(raw val IoU {tuning['raw']['iou']:.4f})")
-    label = f"{model.name} w{model.options.get('width')}"
-    raw = score_row(label, evaluate_bccd(model, test, tile=tile, keep_masks=False, postprocess=False))
+    label = f"{seg.model.name} w{seg.model.options.get('width')}"
+    raw = score_row(label, evaluate_bccd(seg, test, tile=tile, keep_masks=False, postprocess=False))
     cleaned = score_row(label + " + white cleanup",
-                        evaluate_bccd(model, test, tile=tile, keep_masks=False, postprocess=tuning["chosen"]))
+                        evaluate_bccd(seg, test, tile=tile, keep_masks=False, postprocess=tuning["chosen"]))
     log(f"test ({len(test)} photographs): white IoU {raw['gold white IoU']:.4f} raw, "
         f"{cleaned['gold white IoU']:.4f} cleaned")
     state = load_checkpoint(ckpt)
@@ -480,7 +500,10 @@ def tune_checkpoint_cleanup(ckpt, src=None, out=None, work="runs/tune-cleanup", 
                           "val_components": tuning["components"], "test_raw": raw, "test_cleaned": cleaned,
                           "test_images": len(test), "val_images": len(val), "torch": str(torch.__version__)}
     metrics = json.loads(json.dumps(metrics, default=float))
-    target = update_checkpoint(ckpt, out=out, postprocess=tuning["chosen"], metrics=metrics)
+    settings = seg.replace(postprocess=tuning["chosen"]).settings()
+    old_keys = {"input_scale": seg.input_scale} if seg.input_scale != 1.0 else {}
+    target = update_checkpoint(ckpt, out=out, segmenter=settings, postprocess=settings["postprocess"],
+                               metrics=metrics, **old_keys)
     return {"tuning": tuning, "test_raw": raw, "test_cleaned": cleaned, "checkpoint": str(target)}
 
 
@@ -556,14 +579,16 @@ def count_vs_boxes(masks: list[np.ndarray], names: list[str], boxes: dict) -> di
             "red": red_stats}
 
 
-def synthetic_counting(n: int, model: torch.nn.Module | None = None, size=(480, 640),
+def synthetic_counting(n: int, model=None, size=(480, 640),
                        first_seed: int = 10_000) -> dict:
     """Count cells on ``n`` held-out synthetic smears (seeds ``first_seed`` ...) against exact counts.
 
-    Counts the exact masks ("oracle": the counting step alone) and, with ``model``, the predicted
-    masks (segmentation and counting together). Returns ``{"rows", "oracle": {"white", "red"},
+    Counts the exact masks ("oracle": the counting step alone) and, with ``model`` (a
+    :class:`~bloodseg.Segmenter` with its settings, e.g. ``seg.replace(input_scale=1.0)``, or a bare
+    network), the predicted masks (segmentation and counting together). Returns ``{"rows", "oracle": {"white", "red"},
     "predicted": {...}}`` with :func:`bloodseg.count.count_errors` entries.
     """
+    predict = _predictor(model, tile=1024) if model is not None else None
     rows = []
     for i in range(n):
         image, mask, exact = make_smear(first_seed + i, size=size, return_counts=True)
@@ -571,7 +596,7 @@ def synthetic_counting(n: int, model: torch.nn.Module | None = None, size=(480, 
         oracle = count_cells(mask)
         row.update(oracle_white=oracle["n_white"], oracle_red=oracle["n_red"])
         if model is not None:
-            pred = count_cells(predict_image(model, image, tile=1024))
+            pred = count_cells(predict(image))
             row.update(pred_white=pred["n_white"], pred_red=pred["n_red"])
         rows.append(row)
     out = {"rows": rows}
@@ -636,10 +661,10 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-un
                      train_options=train_options, on_epoch=epoch_log, init_label=init_label)
     log(f"trained on BCCD in {tm.seconds:.0f} s: " + json.dumps(tm.history[-1]))
     device = next(tm.model.parameters()).device
-    result = evaluate_bccd(tm.model, splits["test"], keep_masks=False)
+    result = evaluate_bccd(tm.segmenter, splits["test"], keep_masks=False)
     baseline = evaluate_bccd(colour_threshold_baseline, splits["test"], keep_masks=False)
     metrics = {"model": score_row(tm.label, result), "colour_baseline": score_row("colour baseline", baseline),
-               "model_tta": (score_row(tm.label + " + flip TTA", evaluate_bccd(tm.model, splits["test"],
+               "model_tta": (score_row(tm.label + " + flip TTA", evaluate_bccd(tm.segmenter, splits["test"],
                                                                               keep_masks=False, tta=True))
                              if tta else None),
                "init": None if init is None else str(init),
@@ -652,7 +677,8 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-un
                "train_seconds": round(tm.seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
                "torch": str(torch.__version__)}
     target = out_dir / f"bccd-{model}-w{plan.width}.pt"
-    save_checkpoint(target, tm.model, metrics=json.loads(json.dumps(metrics, default=float)))
+    tm.segmenter.replace(metrics=json.loads(json.dumps(metrics, default=float))).save(
+        target, **({"input_scale": tm.segmenter.input_scale} if tm.segmenter.input_scale != 1.0 else {}))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
     metrics["checkpoint"] = str(target)
     metrics["size_mb"] = round(target.stat().st_size / 2 ** 20, 2)

@@ -32,13 +32,8 @@ checkpoint is benched at its own width.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -47,7 +42,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint
 from ..errors import BloodsegError
-from ..measure import count_saved_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from ..measure import PeakMemory, count_saved_bytes, run_isolated, sync, time_inference
 from ..models import MODEL_NAMES, build_model, count_parameters, parameter_memory_mb
 from ..ode import nfe_report, ode_blocks
 from ..preprocess import image_to_tensor
@@ -87,38 +82,6 @@ def _bench_masks(n: int, size: int, seed: int = 2000) -> tuple[torch.Tensor, tor
     return x, y
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_inference(model: torch.nn.Module, images: list[torch.Tensor], warmup: int = 2,
-                   device=None) -> dict:
-    """Time ``model`` on ``images`` passed one at a time (after ``warmup`` untimed passes).
-
-    Returns ``dict(time_s, time_per_image_s, n_images, nfe_forward)`` where ``nfe_forward`` maps each
-    ODE-block to its mean forward NFE over the timed images (empty for models without blocks).
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model = model.to(device).eval()
-    images = [im.to(device) for im in images]
-    nfe_sum: dict[str, float] = {}
-    with torch.inference_mode():
-        for i in range(min(warmup, len(images))):
-            model(images[i])
-        _sync(device)
-        start = time.perf_counter()
-        for im in images:
-            model(im)
-            for block, (fwd, _) in nfe_report(model).items():
-                nfe_sum[block] = nfe_sum.get(block, 0) + fwd
-        _sync(device)
-        elapsed = time.perf_counter() - start
-    n = max(len(images), 1)
-    return dict(time_s=elapsed, time_per_image_s=elapsed / n, n_images=len(images),
-                nfe_forward={k: v / n for k, v in nfe_sum.items()})
-
-
 # --------------------------------------------------------------------------- training step
 
 def _build_for_bench(name: str, width: int, adjoint: bool | None, ckpt: str | None,
@@ -146,7 +109,7 @@ def _train_steps(cfg: dict) -> dict:
     saved = [0]
 
     def step(count_saved: bool):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         if count_saved:
@@ -158,51 +121,23 @@ def _train_steps(cfg: dict) -> dict:
         loss = F.cross_entropy(logits, y)
         loss.backward()
         opt.step()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
-    cpu = device.type == "cpu"
-    can_reset = cpu and reset_peak_rss()
-    rss_start = rss_bytes()
+    memory = PeakMemory(device)            # before the warm-up: the fallback counts from here
     for _ in range(int(cfg["warmup"])):
         step(False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        how = "torch.cuda.max_memory_allocated during the step minus allocated before (tensors only)"
-    elif can_reset:
-        before = rss_bytes()
-        reset_peak_rss()
-        how = ("peak RSS of a fresh process per model and mode (VmHWM reset before the step, minus "
-               "VmRSS before it; glibc mmap threshold 64 KiB)")
-    else:
-        before = rss_start
-        how = "ru_maxrss of a fresh process per model and mode minus its RSS before the first step"
+    memory.start()
     seconds = step(True)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - before
-    elif can_reset:
-        peak = peak_rss_bytes() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak_mb = memory.stop()
     saved_mb = saved[0] / 2 ** 20
     times = [seconds]
     for _ in range(int(cfg["repeats"]) - 1):
         times.append(step(False))
     report = nfe_report(model)
-    return dict(step_s=min(times), step_times_s=times, peak_mb=peak / 2 ** 20, saved_mb=saved_mb,
+    return dict(step_s=min(times), step_times_s=times, peak_mb=peak_mb, saved_mb=saved_mb,
                 nfe_forward=sum(f for f, _ in report.values()),
-                nfe_backward=sum(b for _, b in report.values()), memory_how=how)
-
-
-def _child() -> None:  # pragma: no cover - runs in the measuring subprocess
-    cfg = json.loads(sys.stdin.read())
-    try:
-        out = _train_steps(cfg)
-    except BloodsegError as exc:
-        out = dict(error=str(exc))
-    print("BLOODSEG_BENCH " + json.dumps(out), flush=True)
+                nfe_backward=sum(b for _, b in report.values()), memory_how=memory.how)
 
 
 def training_step_cost(model: str, width: int = 32, size: int = 256, batch: int = 2,
@@ -213,8 +148,8 @@ def training_step_cost(model: str, width: int = 32, size: int = 256, batch: int 
 
     ``options`` go to :func:`~bloodseg.build_model` (or override a checkpoint's solver settings,
     e.g. ``dict(rtol=1e-6)``).
-    On a CPU the steps run in a fresh Python process (see the module docstring), on CUDA in this
-    one. Returns ``dict(step_s, peak_mb, saved_mb, nfe_forward, nfe_backward, memory_how)``, or
+    On a CPU the steps run in a fresh Python process (:func:`bloodseg.measure.run_isolated`, see
+    the module docstring), on CUDA in this one; peak memory is :class:`bloodseg.measure.PeakMemory`. Returns ``dict(step_s, peak_mb, saved_mb, nfe_forward, nfe_backward, memory_how)``, or
     ``dict(error=...)`` when the solver gave up.
     """
     device = torch.device(device)
@@ -227,14 +162,7 @@ def training_step_cost(model: str, width: int = 32, size: int = 256, batch: int 
             return _train_steps(cfg)
         except BloodsegError as exc:
             return dict(error=str(exc))
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    proc = subprocess.run([sys.executable, "-c", "from bloodseg.bench import _child; _child()"],
-                          input=json.dumps(cfg), capture_output=True, text=True, env=env, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BLOODSEG_BENCH ")]
-    if proc.returncode != 0 or not lines:
-        raise BloodsegError(f"the measuring process for {model} failed (exit {proc.returncode}):\n"
-                            f"{proc.stderr.strip()[-2000:]}")
-    return json.loads(lines[-1][len("BLOODSEG_BENCH "):])
+    return run_isolated(f"{__name__}:_train_steps", cfg, threads=cfg["threads"], timeout=timeout)
 
 
 # --------------------------------------------------------------------------- the whole bench

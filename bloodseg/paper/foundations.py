@@ -10,14 +10,15 @@ Chapter 1 (ODEs and Euler steps)
     :func:`residual_vs_euler`, :func:`euler_convergence`, :func:`euler_trajectories`,
     :func:`nfe_vs_tolerance` on an ODE-block.
 Chapter 2 (ODE-blocks)
-    :func:`gradient_agreement` (adjoint vs direct backprop), :func:`training_step_cost` (peak
-    memory and time of one training step against tolerance), :func:`nfe_during_training`,
+    :func:`gradient_agreement` (adjoint vs direct backprop), :func:`block_step_cost` (peak
+    memory and time of one training step of a single ODE-block against tolerance), :func:`nfe_during_training`,
     :class:`ExplodingFunc` (dynamics that blow up, to show the step cap).
 Chapter 3 (data)
     :func:`luma_histogram`, :func:`luma_contrast`, :func:`clahe_contrast`, :func:`plot_clahe`, :func:`plot_pairs`, :func:`plot_gallery`, :func:`class_fractions`,
     :func:`split_balance`, :func:`plot_split_balance`, :func:`baseline_scores`.
 
-How memory is measured (:func:`training_step_cost`). On CUDA: ``torch.cuda.max_memory_allocated``
+How memory is measured (:func:`block_step_cost`, with :class:`bloodseg.measure.PeakMemory` and
+:func:`bloodseg.measure.run_isolated`, the harness ``bloodseg bench`` uses too). On CUDA: ``torch.cuda.max_memory_allocated``
 minus the memory allocated before the step (tensors only, exact). On a CPU there is no allocator
 counter, so the step runs in a fresh Python process and we read the kernel's peak resident set size
 (``VmHWM`` in ``/proc/self/status``, Linux), reset before every step by writing ``5`` to
@@ -32,11 +33,7 @@ backprop keeps for every evaluation of f, and that the adjoint avoids.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -45,7 +42,7 @@ import torch.nn as nn
 
 from ..classes import CLASS_NAMES, PALETTE_BGR, colourise_mask, overlay
 from ..errors import BloodsegError, SolverError
-from ..measure import count_saved_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from ..measure import PeakMemory, count_saved_bytes, run_isolated, sync
 from ..metrics import ConfusionMatrix, confusion_matrix, scores
 from ..ode import ODEBlock, ResidualBlock
 from ..preprocess import clahe_on_luma
@@ -55,7 +52,7 @@ from ..synthetic import colour_threshold_baseline
 __all__ = [
     "PaperExample", "GrowthExample", "EXAMPLES", "solve_example", "solver_study",
     "seeded_feature_map", "residual_vs_euler", "euler_convergence", "euler_trajectories", "nfe_vs_tolerance",
-    "ExplodingFunc", "gradient_agreement", "STEP_COST_SIZES", "training_step_cost", "nfe_during_training",
+    "ExplodingFunc", "gradient_agreement", "STEP_COST_SIZES", "block_step_cost", "nfe_during_training",
     "luma_histogram", "plot_clahe", "plot_pairs", "plot_gallery", "class_fractions", "split_balance",
     "plot_split_balance", "baseline_scores",
 ]
@@ -262,8 +259,7 @@ STEP_COST_SIZES = {
 
 def _one_step(block, x, target, opt, device):
     """One training step: forward, MSE loss, backward, SGD step. Returns (seconds, saved bytes)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     with count_saved_bytes() as saved:
@@ -271,8 +267,7 @@ def _one_step(block, x, target, opt, device):
     loss = torch.nn.functional.mse_loss(out, target)
     loss.backward()
     opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - start, saved.nbytes
 
 
@@ -283,7 +278,8 @@ def _step_cost_configs(cfg: dict) -> list[dict]:
     shape = (cfg["batch"], cfg["channels"], cfg["size"], cfg["size"])
     x = torch.randn(*shape, generator=gen).to(device)
     target = torch.randn(*shape, generator=gen).to(device)
-    cpu_peak = device.type == "cpu" and reset_peak_rss()   # False: no way to reset the peak RSS, time only
+    memory = PeakMemory(device)
+    measurable = device.type == "cuda" or memory.can_reset   # else: no way to reset the peak RSS, time only
     rows = []
     for adjoint in cfg["adjoint"]:
         torch.manual_seed(int(cfg["seed"]))
@@ -296,20 +292,10 @@ def _step_cost_configs(cfg: dict) -> list[dict]:
             block.load_state_dict(init)              # every tolerance starts from the same weights
             block.set_tolerance(float(tol))
             row = dict(adjoint=bool(adjoint), rtol=float(tol))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-            elif cpu_peak:
-                before = rss_bytes()
-                reset_peak_rss()
+            if measurable:
+                memory.start()
             seconds, saved = _one_step(block, x, target, opt, device)
-            if device.type == "cuda":
-                row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-            elif cpu_peak:
-                row["peak_mb"] = (peak_rss_bytes() - before) / 2 ** 20
-            else:
-                row["peak_mb"] = None
+            row["peak_mb"] = memory.stop() if measurable else None
             times = [seconds]
             for _ in range(int(cfg["repeats"]) - 1):
                 block.load_state_dict(init)
@@ -320,17 +306,12 @@ def _step_cost_configs(cfg: dict) -> list[dict]:
     return rows
 
 
-def _step_cost_child() -> None:   # pragma: no cover - runs in the measuring subprocess
-    cfg = json.loads(sys.stdin.read())
-    torch.set_num_threads(int(cfg["threads"]))
-    print("BLOODSEG_ROWS " + json.dumps(_step_cost_configs(cfg)))
-
-
-def training_step_cost(channels: int = 8, size: int = 16, batch: int = 2,
+def block_step_cost(channels: int = 8, size: int = 16, batch: int = 2,
                        tolerances=(1e-2, 1e-3, 1e-4), adjoint=(False, True), device=None,
                        repeats: int = 1, seed: int = 0, max_steps: int = 1000,
                        threads: int = 1, timeout: float = 600) -> list[dict]:
-    """Peak memory and time of one training step of a single ODE-block, per (adjoint, tolerance).
+    """Peak memory and time of one training step of a single ODE-block (not a whole network: for
+    that see :func:`bloodseg.paper.bench.training_step_cost`), per (adjoint, tolerance).
 
     The block (``ODEBlock(channels)``, dopri5) maps a seeded ``batch x channels x size x size``
     feature map; the step is forward, MSE loss against a seeded random target, backward and an
@@ -341,8 +322,8 @@ def training_step_cost(channels: int = 8, size: int = 16, batch: int = 2,
     module docstring for how; ``None`` where it cannot be measured), ``saved_mb`` the bytes
     autograd saved for backward during the forward, ``seconds`` the fastest of ``repeats`` steps.
 
-    On CPU the work runs in a fresh Python process (``sys.executable``) so that the peak RSS
-    belongs to this measurement alone, with ``threads`` intra-op threads (default 1: on a shared
+    On CPU the work runs in a fresh Python process (:func:`bloodseg.measure.run_isolated`) so that
+    the peak RSS belongs to this measurement alone, with ``threads`` intra-op threads (default 1: on a shared
     machine several OpenMP threads wait for each other and time the crowd, not the step); on
     CUDA it runs in this process.
     """
@@ -355,15 +336,9 @@ def training_step_cost(channels: int = 8, size: int = 16, batch: int = 2,
     if device.type == "cuda":
         rows, how = _step_cost_configs(cfg), "torch.cuda.max_memory_allocated (tensors only)"
     else:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        proc = subprocess.run([sys.executable, "-c", "from bloodseg.studies import _step_cost_child; "
-                               "_step_cost_child()"], input=json.dumps(cfg), capture_output=True,
-                              text=True, env=env, timeout=timeout)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BLOODSEG_ROWS ")]
-        if proc.returncode != 0 or not lines:
-            raise BloodsegError(f"the measuring process failed (exit {proc.returncode}):\n"
-                                f"{proc.stderr.strip()[-2000:]}")
-        rows = json.loads(lines[-1][len("BLOODSEG_ROWS "):])
+        rows = run_isolated(f"{__name__}:_step_cost_configs", cfg, threads=cfg["threads"], timeout=timeout)
+        if isinstance(rows, dict):      # a BloodsegError (e.g. the solver gave up) in the child
+            raise BloodsegError(f"the measuring process failed: {rows.get('error')}")
         how = "peak RSS of a fresh process (VmHWM, reset per step; glibc mmap threshold 64 KiB)"
     for row in rows:
         row["how"] = how if row["peak_mb"] is not None else "not measurable here"
