@@ -17,6 +17,7 @@ from .bccd import prepare_bccd
 from .count import write_counts_csv
 from .datasets import SegmentationDataset, training_splits
 from .distributed import cleanup_distributed, setup_distributed
+from .download import download_bccd
 from .errors import BloodsegError
 from .models import MODEL_NAMES, build_model
 from .recipe import Recipe, get_recipe
@@ -55,6 +56,13 @@ def cmd_synth(args) -> int:
     pairs = write_synthetic(args.out, args.n, seed=args.seed, size=size)
     print(f"wrote {len(pairs)} image/mask pairs ({size[1]}x{size[0]}) to {args.out}/images and "
           f"{args.out}/masks in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_download_bccd(args) -> int:
+    folder = download_bccd(args.out, mirror=args.mirror, progress=True)
+    print(f"BCCD in {folder} (every file checked against its SHA-256); use it with "
+          f"`export BLOODSEG_BCCD={Path(folder).resolve()}` or --src {folder}")
     return 0
 
 
@@ -154,6 +162,9 @@ def cmd_tune_cleanup(args) -> int:
 
 def _segmenter(args) -> Segmenter:
     seg = Segmenter.load(args.ckpt, **({"rtol": args.rtol} if getattr(args, "rtol", None) is not None else {}))
+    if getattr(args, "rtol", None) is not None:
+        from .ode import set_tolerance
+        set_tolerance(seg.model, args.rtol)   # checks the value even for a network without ODE-blocks
     if len(seg.class_names) != 3 or seg.model.options.get("classes", 3) != 3:
         raise BloodsegError(f"{args.ckpt} predicts {seg.model.options.get('classes')} classes, but 3 are "
                             "needed here (masks hold 0/1/2). Use a checkpoint trained with the same classes.")
@@ -239,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="default 519 775")
     s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("download-bccd", help="fetch the full BCCD (367 photographs) with checksums")
+    s.add_argument("--out", required=True, help="folder for the data (files already there and intact are kept)")
+    s.add_argument("--mirror", default=None,
+                   help="base URL or local folder with the same layout (default: the pinned upstream "
+                        "repositories, or $BLOODSEG_BCCD_MIRROR)")
+    s.set_defaults(func=cmd_download_bccd)
 
     s = sub.add_parser("prepare-bccd", help="turn the BCCD dataset into 3-class masks per split")
     s.add_argument("--src", required=True, help="BCCD folder (images/, wbc_masks/, annotations/, splits/)")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from bloodseg.datasets import Sample, bccd_sample_dir, prepare_bccd
+from bloodseg.bccd import bccd_sample_dir, prepare_bccd
+from bloodseg.io import Sample
 from bloodseg.synthetic import make_smear
 
 

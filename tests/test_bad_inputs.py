@@ -28,9 +28,11 @@ import numpy as np
 import pytest
 import torch
 
-from bloodseg import (BloodsegError, DataError, ODEBlock, build_model, load_checkpoint,
-                      load_labelme_folder, predict_image, save_checkpoint, set_tolerance,
-                      training_splits)
+from bloodseg import BloodsegError, DataError, ODEBlock, build_model, training_splits
+from bloodseg.checkpoint import load_checkpoint, save_checkpoint
+from bloodseg.infer import predict_image
+from bloodseg.labelme import load_labelme_folder
+from bloodseg.ode import set_tolerance
 from bloodseg.cli import main
 
 CLI_TIMEOUT_S = 120
@@ -270,7 +272,7 @@ def test_train_on_images_smaller_than_the_patch(tmp_path, capsys):
     root = dataset(tmp_path / "ds", h=48, w=60)
     rc, _, err = cli(capsys, *train_args(root, tmp_path / "run"))
     assert_clean_error(rc, err, "train", "image 's0'", str(root), "60x48", "64x64 training patch",
-                       "'smoke' profile", "--profile", "smoke 64")
+                       "'smoke' recipe", "--profile", "smoke 64")
     assert not (tmp_path / "run").exists()
 
 
