@@ -1,0 +1,144 @@
+"""The package's shape: one import direction, no cycles, a small public API, and behaviour kept
+across the redesign (the shipped checkpoint's masks are bit-identical to those computed before it)."""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import bloodseg
+import bloodseg.bccd
+
+ROOT = Path(bloodseg.__file__).resolve().parent
+CORE = sorted(p for p in ROOT.glob("*.py"))
+PAPER = sorted((ROOT / "paper").glob("*.py"))
+BEFORE = Path(__file__).parent / "data" / "shipped_masks_before_redesign.json"
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """``(imported bloodseg module, at module top?)`` for every import of a bloodseg module in ``path``."""
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    package = _module(path) if path.name == "__init__.py" else _module(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("bloodseg"):
+                names = [target] if node.module else [f"{target}.{a.name}" for a in node.names]
+                found += [(n, id(node) in top) for n in names]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, id(node) in top) for a in node.names if a.name.startswith("bloodseg")]
+    known = {_module(p) for p in CORE + PAPER}
+    out = []
+    for name, at_top in found:
+        while name not in known and "." in name:   # `from .x import f` names a function of module x
+            name = name.rpartition(".")[0]
+        if name in known:
+            out.append((name, at_top))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module(p): {m for m, _ in _imports(p)} - {_module(p)} for p in CORE + PAPER}
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if nxt == "bloodseg":          # importing the package itself only runs __init__
+                continue
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack + [nxt]))
+            if state.get(nxt) is None:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in graph:
+        if state.get(node) is None:
+            visit(node, [node])
+
+
+def test_core_never_imports_paper_and_imports_at_the_top():
+    """The library core never imports bloodseg.paper and imports only at module top. cli.py is the
+    layer above both (the `bloodseg` command runs the paper's experiments too); it imports
+    bloodseg.paper inside the commands that need it, to keep `bloodseg predict` quick to start."""
+    for path in CORE:
+        for name, at_top in _imports(path):
+            if path.name == "cli.py":
+                assert at_top or name.startswith("bloodseg.paper"), f"cli.py imports {name} in a function"
+                continue
+            assert not name.startswith("bloodseg.paper"), f"{path.name} imports {name}"
+            assert at_top, f"{path.name} imports {name} inside a function"
+
+
+def test_each_module_imports_alone():
+    """Every module imports in a fresh interpreter on its own (no order-dependent imports)."""
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    for path in CORE + PAPER:
+        proc = subprocess.run([sys.executable, "-c", code, _module(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{_module(path)}: {proc.stderr[-800:]}"
+
+
+def test_public_api_is_small_and_importable():
+    assert len(bloodseg.__all__) <= 25
+    for name in bloodseg.__all__:
+        assert hasattr(bloodseg, name), name
+    public = {n for n in dir(bloodseg) if not n.startswith("_")}
+    modules = {p.stem for p in CORE} | {"paper"}
+    assert public - modules - {"annotations"} == set(bloodseg.__all__)
+
+
+def test_one_argparse_and_no_machine_paths():
+    for path in CORE + PAPER:
+        text = path.read_text()
+        if path.name != "cli.py":
+            assert "argparse" not in text, f"{path} builds its own command line"
+        assert "/work/" not in text and "/home/" not in text, f"{path} holds a machine path"
+
+
+def _mask_hashes(folder: Path) -> dict[str, str]:
+    out = {}
+    for f in sorted(folder.glob("*.png")):
+        if not f.stem.endswith("_overlay"):
+            mask = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+            out[f.stem + ".jpg"] = hashlib.sha256(np.ascontiguousarray(mask).tobytes()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_shipped_checkpoint_masks_unchanged_by_the_redesign(tmp_path, raw):
+    """`bloodseg predict` with the shipped checkpoint on the vendored BCCD sample gives the same
+    masks, bit for bit, as ``bloodseg.predict_image`` gave before the redesign (hashes recorded
+    on commit 937c33e, tests/data/shipped_masks_before_redesign.json)."""
+    before = json.loads(BEFORE.read_text())["raw" if raw else "cleaned"]
+    images = bloodseg.bccd.bccd_sample_dir() / "images"
+    cmd = [sys.executable, "-m", "bloodseg.cli", "predict", "--ckpt", str(bloodseg.shipped_checkpoint()),
+           str(images), "--out", str(tmp_path), "--no-overlay"] + (["--raw"] if raw else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _mask_hashes(tmp_path) == before
