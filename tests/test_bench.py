@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from bloodseg.bench import (bench_rows, checkpoint_for, format_bench, paper_time_ratios, run_bench,
-                            training_step_cost)
+from bloodseg.paper.bench import (bench_rows, checkpoint_for, format_bench, paper_time_ratios, run_bench,
+                                  training_step_cost)
 from bloodseg.cli import main
 from bloodseg.errors import BloodsegError
-from bloodseg.experiments import PAPER_TABLE1
+from bloodseg.paper.reference import PAPER_TABLE1
 from bloodseg.models import build_model
-from bloodseg.train import save_checkpoint
+from bloodseg.checkpoint import save_checkpoint
 
 TINY = dict(width=4, size=32, n_images=2, batch=1)
 
@@ -109,7 +109,7 @@ def test_cli_bench_bad_model_is_one_clear_line(capsys):
 def test_plot_time_ratios_draws_the_paper_and_each_result():
     import matplotlib
     matplotlib.use("Agg")
-    from bloodseg.bench import paper_time_ratios, plot_time_ratios
+    from bloodseg.paper.bench import paper_time_ratios, plot_time_ratios
     fake = {"models": [{"model": f"ode-unet-{k}", "ratio_to_unet": float(k)} for k in range(1, 10)]}
     ax = plot_time_ratios({"fake device": fake})
     lines = {line.get_label(): line for line in ax.get_lines()}

@@ -123,7 +123,7 @@ def test_write_counts_csv(tmp_path):
 
 def test_cli_count_writes_a_csv(tmp_path):
     from bloodseg.models import build_model
-    from bloodseg.train import save_checkpoint
+    from bloodseg.checkpoint import save_checkpoint
     import torch
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "tiny.pt", build_model("unet", width=4))

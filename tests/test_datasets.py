@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from bloodseg.datasets import (Sample, SegmentationDataset, augment, extract_patches, labelme_to_mask,
-                               load_folder, load_labelme_folder, load_splits, make_splits, prepare_bccd,
-                               read_image, read_mask, synthetic_splits)
+from bloodseg.bccd import prepare_bccd
+from bloodseg.classes import colourise_mask
+from bloodseg.datasets import SegmentationDataset, augment, extract_patches, make_splits, synthetic_splits
 from bloodseg.errors import DataError
-from bloodseg.synthetic import colourise_mask
+from bloodseg.io import Sample, load_folder, load_splits, read_image, read_mask
+from bloodseg.labelme import labelme_to_mask, load_labelme_folder
 
 
 def write(path, array, ext=None):
