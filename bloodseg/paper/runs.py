@@ -120,8 +120,9 @@ def _spec(item) -> dict:
 
 
 def _fingerprint(spec: dict, budget: Recipe, data: dict) -> dict:
-    return dict(format=EXPERIMENT_FORMAT, model=spec["model"], options=spec["options"],
-                budget=budget.to_dict(), data=data["description"])
+    fp = dict(format=EXPERIMENT_FORMAT, model=spec["model"], options=spec["options"],
+              budget=budget.to_dict(), data=data["description"])
+    return json.loads(json.dumps(fp))   # as read back from result.json (tuples become lists)
 
 
 def run_dir(chapter: str, budget: Recipe, label: str) -> Path:
