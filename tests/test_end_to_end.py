@@ -1,6 +1,5 @@
 """The whole pipeline learns: a small U-Net trained briefly on synthetic smears beats the
 colour-threshold baseline clearly, on the same held-out test patches."""
-import dataclasses
 import json
 import subprocess
 import sys
@@ -10,14 +9,16 @@ import torch
 
 from bloodseg.datasets import SegmentationDataset, synthetic_splits, training_splits
 from bloodseg.metrics import ConfusionMatrix, scores
+from bloodseg.checkpoint import load_model
 from bloodseg.models import build_model
-from bloodseg.profiles import get_profile
+from bloodseg.recipe import TrainRecipe, get_recipe
 from bloodseg.synthetic import colour_threshold_baseline
-from bloodseg.train import TrainConfig, evaluate, fit, load_model
+from bloodseg.train import evaluate, fit
 
 # Small enough for CI (2 cores), big enough to learn: 96 px patches from 200x300 smears.
-TINY = dataclasses.replace(get_profile("smoke"), name="e2e", patch=96, width=8, n_source=10,
-                           crops_per_image=6, n_test=12, augment=2, image_size=(200, 300))
+TINY = get_recipe("smoke").replace("e2e", **{"data.patch": 96, "model.width": 8, "data.n_source": 10,
+                                             "data.crops_per_image": 6, "data.n_test": 12, "data.augment": 2,
+                                             "data.image_size": (200, 300)})
 
 
 def baseline_miou(samples):
@@ -33,8 +34,8 @@ def test_trained_unet_beats_the_colour_baseline(tmp_path):
     splits = synthetic_splits(TINY)
     sources = lambda key: {s.source for s in splits[key]}  # noqa: E731
     assert not sources("test") & (sources("train") | sources("val"))
-    model = build_model("unet", width=TINY.width)
-    cfg = TrainConfig(epochs=6, batch_size=8, lr=3e-3, seed=0, progress=False)
+    model = build_model("unet", width=TINY.model.width)
+    cfg = TrainRecipe(epochs=6, batch_size=8, lr=3e-3, seed=0, progress=False)
     history = fit(model, SegmentationDataset(splits["train"]), SegmentationDataset(splits["val"]),
                   tmp_path, cfg)
     best = load_model(tmp_path / "best.pt", device="cpu")
@@ -81,7 +82,7 @@ def test_cli_train_evaluate_predict_as_a_user_types_them(tmp_path):
 def test_training_splits_on_a_folder_hold_out_test_sources(tmp_path):
     from bloodseg.synthetic import write_synthetic
     write_synthetic(tmp_path, 6, seed=5, size=(160, 240))
-    splits = training_splits(tmp_path, get_profile("smoke"), seed=0)
+    splits = training_splits(tmp_path, get_recipe("smoke"), seed=0)
     src = {k: {s.source for s in v} for k, v in splits.items()}
     assert splits["train"] and splits["val"] and splits["test"]
     assert not src["test"] & (src["train"] | src["val"])

@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from bloodseg import (CheckpointError, SolverError, TrainConfig, build_model, fit, load_checkpoint,
-                      save_checkpoint)
+from bloodseg import CheckpointError, SolverError, build_model, fit
+from bloodseg.checkpoint import load_checkpoint, save_checkpoint
+from bloodseg.recipe import TrainRecipe
 
 TMP_NAME = re.compile(r"^\.(last|best)\.pt\.tmp-\d+$")
 RUN_FILES = {"last.pt", "best.pt", "history.json"}
@@ -40,7 +41,8 @@ TRAIN_CHILD = r'''
 import sys, time
 import torch
 torch.set_num_threads(1)
-from bloodseg import TrainConfig, build_model, fit
+from bloodseg import build_model, fit
+from bloodseg.recipe import TrainRecipe
 from conftest import ColourBlobs    # tests/ is on PYTHONPATH
 
 
@@ -60,7 +62,7 @@ class Blobs(ColourBlobs):
 out, sleep = sys.argv[1], float(sys.argv[2])
 torch.manual_seed(0)
 model = build_model("ode-unet-5", width=4)
-cfg = TrainConfig(epochs=2, batch_size=2, lr=1e-2, seed=3, checkpoint_every=1, progress=False)
+cfg = TrainRecipe(epochs=2, batch_size=2, lr=1e-2, seed=3, checkpoint_every=1, progress=False)
 history = fit(model, Blobs(12, 0, sleep), Blobs(4, 1), out, cfg)
 print("finished", len(history), "epochs", flush=True)
 '''
@@ -256,7 +258,7 @@ def test_exploding_dynamics_hit_the_step_cap_in_a_model_forward():
 def test_a_solver_error_inside_fit_names_the_block(tmp_path):
     start = time.monotonic()
     with pytest.raises(SolverError) as err:
-        fit(exploding_model(Exploding()), Tiny(4), Tiny(2), tmp_path, TrainConfig(epochs=1, batch_size=2, progress=False))
+        fit(exploding_model(Exploding()), Tiny(4), Tiny(2), tmp_path, TrainRecipe(epochs=1, batch_size=2, progress=False))
     assert time.monotonic() - start < 30
     msg = str(err.value)
     assert "ODE-block at position 5 could not finish its forward solve" in msg
@@ -270,7 +272,7 @@ def test_a_solver_error_in_the_adjoint_backward_solve_inside_fit(tmp_path):
         model(torch.rand(1, 3, 32, 32))
     start = time.monotonic()
     with pytest.raises(SolverError) as err:
-        fit(model, Tiny(4), Tiny(2), tmp_path, TrainConfig(epochs=1, batch_size=2, progress=False))
+        fit(model, Tiny(4), Tiny(2), tmp_path, TrainRecipe(epochs=1, batch_size=2, progress=False))
     assert time.monotonic() - start < 30
     msg = str(err.value)
     assert "ODE-block at position 5 could not finish its backward solve" in msg
