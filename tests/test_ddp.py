@@ -1,4 +1,5 @@
-"""Data-parallel training (torchrun + DDP, gloo on CPU, 2 processes) and bloodseg.distributed.
+"""Data-parallel training (torchrun + DDP, gloo on CPU, 2 processes): bloodseg.distributed and
+bloodseg.paper.ddp_scaling.
 
 The multi-process tests start real ``torchrun`` launches on loopback (``--standalone`` picks a
 free port), one thread per process. Run as a script under torchrun, this file is also the worker
@@ -17,13 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bloodseg.distributed import (GRADCHECK_CONFIGS, SyncBatchNorm2d, convert_sync_batchnorm,
-                                  ddp_options, gradient_check, launch, measure_throughput,
-                                  revert_sync_batchnorm, slurm_script, torchrun_command)
+from bloodseg.checkpoint import load_checkpoint
+from bloodseg.distributed import (DistInfo, SyncBatchNorm2d, cleanup_distributed, convert_sync_batchnorm,
+                                  ddp_options, revert_sync_batchnorm)
 from bloodseg.errors import BloodsegError, CheckpointError
 from bloodseg.models import build_model
 from bloodseg.ode import ODEBlock, nfe_report
-from bloodseg.train import DistInfo, TrainConfig, epoch_order, fit, load_checkpoint
+from bloodseg.paper.ddp_scaling import (GRADCHECK_CONFIGS, gradient_check, launch, measure_throughput,
+                                        slurm_script, torchrun_command)
+from bloodseg.recipe import TrainRecipe
+from bloodseg.train import epoch_order, fit
 from conftest import ColourBlobs
 
 RUN_FILES = {"best.pt", "last.pt", "history.json"}
@@ -50,7 +54,7 @@ class _Crash(Exception):
     pass
 
 
-CFG = TrainConfig(batch_size=4, lr=1e-2, seed=3, progress=False, checkpoint_every=1)
+CFG = TrainRecipe(batch_size=4, lr=1e-2, seed=3, progress=False, checkpoint_every=1)
 
 
 def _worker_fit(out: str, epochs: int, stop_after: int | None) -> None:
@@ -225,6 +229,16 @@ def test_python_m_bloodseg_cli_runs():
     assert res.returncode == 0 and "torchrun" in res.stdout and "--scale-lr" in res.stdout
 
 
+
+def test_ddp_workers_are_hidden_cli_subcommands():
+    """ddp_scaling launches `bloodseg ddp-bench` / `ddp-gradcheck`; `bloodseg --help` does not list them."""
+    from bloodseg.cli import build_parser
+    assert "ddp-bench" not in build_parser().format_help() and "ddp-gradcheck" not in build_parser().format_help()
+    args = build_parser().parse_args(["ddp-bench", "--model", "unet", "--width", "4", "--json", "x.json"])
+    assert (args.command, args.model, args.width, args.json) == ("ddp-bench", "unet", 4, "x.json")
+    args = build_parser().parse_args(["ddp-gradcheck", "--configs", "[]", "--out", "g.pt"])
+    assert (args.command, args.configs, args.out) == ("ddp-gradcheck", "[]", "g.pt")
+
 def test_bf16_autocast_keeps_the_ode_solve_in_float32():
     """Under bf16 autocast an adaptive solve at rtol 1e-6 would take ~30x the steps."""
     x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
@@ -247,5 +261,4 @@ if __name__ == "__main__":  # the torchrun worker of the fit tests
         for i in range(0, len(rest), 3):
             out, epochs, stop = rest[i:i + 3]
             _worker_fit(out, int(epochs), None if stop == "None" else int(stop))
-        from bloodseg.train import cleanup_distributed
         cleanup_distributed()
