@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from bloodseg.datasets import read_image, read_mask
+from bloodseg.checkpoint import save_checkpoint
 from bloodseg.errors import DataError
-from bloodseg.infer import predict_files, predict_image, predict_probabilities
+from bloodseg.infer import predict_image, predict_probabilities
+from bloodseg.io import read_image, read_mask
 from bloodseg.models import build_model
+from bloodseg.segmenter import Segmenter, shipped_checkpoint
 from bloodseg.synthetic import make_smear
-from bloodseg.train import load_model, save_checkpoint
 
 SIZES = [(300, 300), (77, 131), (519, 775), (33, 600)]        # (H, W), none a multiple of 16 in both
 
@@ -28,8 +29,7 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def trained_model():
     """The BCCD checkpoint shipped with bloodseg: a trained model whose masks mean something."""
-    from bloodseg.realdata import shipped_checkpoint
-    return load_model(shipped_checkpoint(), device="cpu")
+    return Segmenter.load(shipped_checkpoint(), device="cpu")
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -55,8 +55,8 @@ def test_tiny_images_are_padded():
 def test_tiled_prediction_agrees_with_whole_image_prediction(trained_model, bccd_sample):
     image = read_image(bccd_sample / "images" / "BloodImage_00007.jpg")[:300, :517]   # 300x517
     # the shipped model halves the image first (input_scale 0.5): 150x258, padded to 160x272
-    whole = predict_image(trained_model, image, tile=1024)         # one pass over the padded image
-    tiled = predict_image(trained_model, image, tile=128, overlap=32)   # 2 x 3 overlapping tiles
+    whole = trained_model.replace(tile=1024).predict(image)        # one pass over the padded image
+    tiled = trained_model.replace(tile=128, overlap=32).predict(image)   # 2 x 3 overlapping tiles
     agree = float((whole == tiled).mean())
     # measured 0.985 with the shipped checkpoint (0.975-0.985 on three sample photographs);
     # GroupNorm statistics differ per tile, so not 1
@@ -67,10 +67,10 @@ def test_tiled_prediction_agrees_with_whole_image_prediction(trained_model, bccd
 def test_full_bccd_image_and_odd_size(trained_model, bccd_sample):
     image = read_image(bccd_sample / "images" / "BloodImage_00015.jpg")
     assert image.shape[:2] == (480, 640)
-    mask = predict_image(trained_model, image)                     # 640 > 512: two overlapping tiles
+    mask = trained_model.predict(image)                            # 640 > 512: two overlapping tiles
     assert mask.shape == (480, 640)
     resized = cv2.resize(image, (775, 519), interpolation=cv2.INTER_AREA)
-    assert predict_image(trained_model, resized, tile=512).shape == (519, 775)
+    assert trained_model.replace(tile=512).predict(resized).shape == (519, 775)
 
 
 def test_predict_files_writes_mask_and_overlay(tiny_model, tmp_path):
@@ -80,7 +80,7 @@ def test_predict_files_writes_mask_and_overlay(tiny_model, tmp_path):
         path.parent.mkdir(exist_ok=True)
         cv2.imwrite(str(path), make_smear(i, size=(max(h, 32), max(w, 32)))[0][:h, :w])
         names.append(path.stem)
-    rows = predict_files(tiny_model, [tmp_path / "in"], tmp_path / "out")
+    rows = Segmenter(tiny_model).predict_files([tmp_path / "in"], tmp_path / "out")
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == sorted([f"{n}.png" for n in names] + [f"{n}_overlay.png" for n in names])
     for row, (h, w) in zip(rows, [(300, 300), (77, 131)]):
@@ -94,12 +94,12 @@ def test_predict_files_never_overwrites_its_inputs(tiny_model, tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), image)
     before = (tmp_path / "a.png").read_bytes()
     with pytest.raises(DataError, match="overwrite the input image"):
-        predict_files(tiny_model, [tmp_path / "a.png"], tmp_path)
+        Segmenter(tiny_model).predict_files([tmp_path / "a.png"], tmp_path)
     assert (tmp_path / "a.png").read_bytes() == before
     (tmp_path / "b").mkdir()
     cv2.imwrite(str(tmp_path / "b" / "a.jpg"), image)
     with pytest.raises(DataError, match="share the name"):
-        predict_files(tiny_model, [tmp_path / "a.png", tmp_path / "b" / "a.jpg"], tmp_path / "out")
+        Segmenter(tiny_model).predict_files([tmp_path / "a.png", tmp_path / "b" / "a.jpg"], tmp_path / "out")
 
 
 def test_cli_predict_subprocess(tmp_path):

@@ -1,4 +1,4 @@
-"""bloodseg.memory: the saved-for-backward byte counter and the peak-RSS readers."""
+"""bloodseg.measure: the saved-for-backward byte counter and the peak-RSS readers."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from bloodseg.memory import count_saved_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from bloodseg.measure import count_saved_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def test_counts_at_least_a_saved_activation_of_known_size():

@@ -4,10 +4,10 @@ import cv2
 import numpy as np
 import pytest
 
-from bloodseg.datasets import read_image, read_mask
+from bloodseg.classes import PALETTE_BGR, colourise_mask, overlay
 from bloodseg.errors import DataError
-from bloodseg.synthetic import (PALETTE_BGR, colour_threshold_baseline, colourise_mask, make_smear,
-                                overlay, write_synthetic)
+from bloodseg.io import read_image, read_mask
+from bloodseg.synthetic import colour_threshold_baseline, make_smear, write_synthetic
 
 from conftest import confusion, miou
 
