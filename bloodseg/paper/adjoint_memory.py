@@ -10,7 +10,7 @@ from .bench import training_step_cost
 def adjoint_memory(ckpt: str | None, width: int, size: int, batch: int = 2, rtol: float = 1e-6,
                    unet_ckpt: str | None = None) -> list[dict]:
     """Training-step time and peak memory of NODEs-UNet with direct backprop and with the adjoint,
-    every block at ``rtol``, plus the U-Net for reference (see :mod:`bloodseg.bench` for how)."""
+    every block at ``rtol``, plus the U-Net for reference (see :mod:`bloodseg.paper.bench` for how)."""
     rows = []
     base = training_step_cost("unet", width, size, batch, adjoint=None, ckpt=unet_ckpt)
     rows.append(dict(model="unet", backprop="direct", rtol=None, **_cost(base)))

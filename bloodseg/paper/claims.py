@@ -70,7 +70,7 @@ def bench_depth_rho(where=CUDA_BENCH) -> float:
 
 
 def _claims(profile=None) -> list[dict]:
-    """Each claim: text, the paper's value (from the constants above), how to measure ours, where."""
+    """Each claim: text, the paper's value (from :mod:`bloodseg.paper.reference`), how to measure ours, where."""
     P1, P2 = PAPER_TABLE1, PAPER_TABLE2
     t2 = lambda: _data("06_nodes_unet", "table2", profile)  # noqa: E731
     t1 = lambda: _data("05_placement_ablation", "table1", profile)  # noqa: E731

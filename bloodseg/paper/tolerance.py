@@ -17,7 +17,7 @@ from .runs import measure_time, timed_images
 def tolerance_curve(model, dataset, tolerances=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6), n_timed: int = 20) -> list[dict]:
     """Test-time tolerance (paper §4.2): scores, time and NFE of a trained model for each rtol.
 
-    Every ODE-block gets the same rtol = atol (:func:`bloodseg.set_tolerance`); the model's own
+    Every ODE-block gets the same rtol = atol (:func:`bloodseg.ode.set_tolerance`); the model's own
     tolerances are restored afterwards. Rows ``dict(rtol, pa, miou, time_20_s, nfe_forward)``.
     """
     blocks = ode_blocks(model)
