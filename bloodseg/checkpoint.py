@@ -78,6 +78,10 @@ def update_checkpoint(path, out=None, **entries) -> Path:
     ``entries`` added or replaced, e.g. ``postprocess=...`` or ``metrics=...``; weights untouched."""
     ckpt = load_checkpoint(path)
     ckpt.update(entries)
+    if isinstance(ckpt.get("segmenter"), dict):   # a Segmenter's settings win over the top level: keep them in step
+        for key in ("input_scale", "postprocess"):
+            if key in entries and "segmenter" not in entries:
+                ckpt["segmenter"] = {**ckpt["segmenter"], key: entries[key]}
     target = Path(out) if out is not None else Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _atomic_torch_save(ckpt, target)

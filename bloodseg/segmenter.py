@@ -80,6 +80,11 @@ class Segmenter:
         for key in ("input_scale", "postprocess"):   # checkpoints written before the Segmenter
             if key not in settings and ckpt.get(key) is not None:
                 settings[key] = ckpt[key]
+        if settings.get("postprocess") is not None:
+            try:
+                check_postprocess(settings["postprocess"])
+            except BloodsegError as exc:
+                raise CheckpointError(f"{path} has an invalid 'postprocess' entry: {exc}") from None
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise CheckpointError(f"{path} has unknown segmenter settings {sorted(unknown)}")

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from bloodseg import realdata as rd
-from bloodseg.datasets import Sample
+from bloodseg.checkpoint import load_checkpoint, save_checkpoint, update_checkpoint
 from bloodseg.errors import BloodsegError, CheckpointError
-from bloodseg.infer import predict_image, resolve_postprocess
+from bloodseg.infer import predict_image
+from bloodseg.io import Sample
 from bloodseg.models import build_model
+from bloodseg.paper import bccd as rd
 from bloodseg.postprocess import WHITE, check_postprocess, clean_white_cells, min_area_at
-from bloodseg.train import load_checkpoint, load_model, save_checkpoint, update_checkpoint
+from bloodseg.segmenter import Segmenter, shipped_checkpoint
 
 RED = 2
 
@@ -98,21 +99,21 @@ class PatternModel(torch.nn.Module):
 
 def test_predict_image_applies_the_models_own_cleanup_unless_told_not_to():
     mask = _scene()
-    model = PatternModel(mask)
+    model = Segmenter(PatternModel(mask))
     image = np.zeros((96, 96, 3), np.uint8)
-    assert np.array_equal(predict_image(model, image), mask)         # no cleanup carried: the argmax
+    assert np.array_equal(model.predict(image), mask)                # no cleanup carried: the argmax
     with pytest.raises(BloodsegError, match="carries no post-processing"):
-        predict_image(model, image, postprocess=True)
+        model.predict(image, postprocess=True)
     spec = {"white_min_area": 200, "fill_white_holes": True}
     cleaned = clean_white_cells(mask, _probs_for(mask), 200, True)
-    assert np.array_equal(predict_image(model, image, postprocess=spec), cleaned)
-    model.postprocess = check_postprocess(spec)
-    assert np.array_equal(predict_image(model, image), cleaned)       # default: the model's own
-    assert np.array_equal(predict_image(model, image, postprocess=True), cleaned)
-    assert np.array_equal(predict_image(model, image, postprocess=False), mask)
-    assert resolve_postprocess(model, False) is None
+    assert np.array_equal(model.predict(image, postprocess=spec), cleaned)
+    model = model.replace(postprocess=check_postprocess(spec))
+    assert np.array_equal(model.predict(image), cleaned)              # default: the model's own
+    assert np.array_equal(model.predict(image, postprocess=True), cleaned)
+    assert np.array_equal(model.predict(image, postprocess=False), mask)
+    assert model._postprocess(False) is None
     with pytest.raises(BloodsegError, match=">= 0"):
-        predict_image(model, image, postprocess={"white_min_area": -1, "fill_white_holes": False})
+        model.predict(image, postprocess={"white_min_area": -1, "fill_white_holes": False})
 
 
 def test_the_area_follows_the_scale_the_network_runs_at():
@@ -131,22 +132,22 @@ def test_checkpoints_carry_the_cleanup_and_update_keeps_the_weights(tmp_path):
     torch.manual_seed(0)
     model = build_model("unet", width=4)
     plain = save_checkpoint(tmp_path / "plain.pt", model)
-    assert getattr(load_model(plain, device="cpu"), "postprocess", None) is None
+    assert Segmenter.load(plain, device="cpu").postprocess is None
     spec = {"white_min_area": 3000.0, "fill_white_holes": True, "chosen_on": "test fixture"}
     updated = update_checkpoint(plain, out=tmp_path / "tuned.pt", postprocess=spec, metrics={"note": 1})
     assert "postprocess" not in load_checkpoint(plain)              # the original is left as it was
-    tuned = load_model(updated, device="cpu")
+    tuned = Segmenter.load(updated, device="cpu")
     assert tuned.postprocess == spec and load_checkpoint(updated)["metrics"] == {"note": 1}
-    for a, b in zip(model.state_dict().values(), tuned.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), tuned.model.state_dict().values()):
         assert torch.equal(a, b)
     # saving a model that carries a cleanup keeps it
-    again = save_checkpoint(tmp_path / "again.pt", tuned)
-    assert load_model(again, device="cpu").postprocess == spec
+    again = tuned.save(tmp_path / "again.pt")
+    assert Segmenter.load(again, device="cpu").postprocess == spec
     # in place, and no temporary files left behind
     update_checkpoint(again, postprocess={"white_min_area": -1, "fill_white_holes": True})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.pt", "plain.pt", "tuned.pt"]
     with pytest.raises(CheckpointError, match="invalid 'postprocess'"):
-        load_model(again, device="cpu")
+        Segmenter.load(again, device="cpu")
 
 
 def test_tuning_picks_the_middle_of_the_plateau_and_reports_every_setting():
@@ -177,8 +178,8 @@ def test_tuning_picks_the_middle_of_the_plateau_and_reports_every_setting():
 
 def test_cli_tune_cleanup_then_predict_with_and_without_it(bccd_sample, tmp_path, capsys):
     from bloodseg import cli
-    from bloodseg.datasets import read_image, read_mask
-    shipped = rd.shipped_checkpoint()
+    from bloodseg.io import read_image, read_mask
+    shipped = shipped_checkpoint()
     out = tmp_path / "tuned.pt"
     assert cli.main(["tune-cleanup", "--ckpt", str(shipped), "--src", str(bccd_sample), "--out", str(out),
                      "--work", str(tmp_path / "work")]) == 0
@@ -194,12 +195,12 @@ def test_cli_tune_cleanup_then_predict_with_and_without_it(bccd_sample, tmp_path
     for a, b in zip(load_checkpoint(shipped)["model_state"].values(), ckpt["model_state"].values()):
         assert torch.equal(a, b)                                     # same weights, only the cleanup added
 
-    model = load_model(out, device="cpu")
+    model = Segmenter.load(out, device="cpu")
     photo = sorted((bccd_sample / "images").iterdir())[0]
     for flag, folder, postprocess in (([], "clean", None), (["--raw"], "raw", False)):
         assert cli.main(["predict", "--ckpt", str(out), str(photo), "--out", str(tmp_path / folder),
                          "--no-overlay"] + flag) == 0
-        expected = predict_image(model, read_image(photo), postprocess=postprocess)
+        expected = model.predict(read_image(photo), postprocess=postprocess)
         assert np.array_equal(read_mask(tmp_path / folder / f"{photo.stem}.png"), expected)
 
 
