@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from bloodseg import realdata as rd
+from bloodseg.checkpoint import load_checkpoint
 from bloodseg.errors import CheckpointError
 from bloodseg.infer import predict_image
+from bloodseg.paper import bccd as rd
+from bloodseg.segmenter import Segmenter, shipped_checkpoint
 from bloodseg.synthetic import colour_threshold_baseline
-from bloodseg.train import load_checkpoint, load_model
 
 TINY = dataclasses.replace(rd.REAL_PLANS["smoke"], width=4, patch=64, crops_per_image=1, val_images=2,
                            eval_images=2, pretrain_smears=2, pretrain_crops=2, epochs=1, pretrain_epochs=1)
@@ -26,10 +27,10 @@ def prepared(bccd_sample, tmp_path_factory):
 
 
 def test_smoke_always_uses_the_vendored_sample(monkeypatch, tmp_path):
-    folder, kind = rd.bccd_source("smoke")
+    folder, kind = rd.bccd_source(prefer_full=False)                  # what the smoke profile asks for
     assert kind == "sample" and (folder / "images").is_dir()
     monkeypatch.setenv("BLOODSEG_BCCD", str(tmp_path / "nowhere"))
-    assert rd.bccd_source("quick")[1] == "sample"                   # no full copy there: the sample
+    assert rd.bccd_source()[1] == "sample"                          # no full copy there: the sample
 
 
 def test_prepare_cached_reuses_its_output(prepared, bccd_sample):
@@ -95,13 +96,13 @@ def test_train_pretrain_and_finetune(tmp_path, prepared):
     tuned = rd.train_model("unet", splits, tmp_path / "tuned", TINY, init=pre.checkpoint, input_scale=0.5)
     assert tuned.init == "synthetic" and "pretrained" in tuned.label
     assert load_checkpoint(tuned.checkpoint)["input_scale"] == 0.5
-    assert load_model(tuned.checkpoint).input_scale == 0.5
-    assert predict_image(tuned.model, splits["test"][0].image).shape == (480, 640)
+    assert Segmenter.load(tuned.checkpoint).input_scale == 0.5
+    assert tuned.segmenter.predict(splits["test"][0].image).shape == (480, 640)
     # a cleanup tuned for the starting weights is not carried into the new network
-    from bloodseg.train import update_checkpoint
+    from bloodseg.checkpoint import update_checkpoint
     update_checkpoint(pre.checkpoint, postprocess={"white_min_area": 4000, "fill_white_holes": True})
     again = rd.train_model("unet", splits, tmp_path / "again", TINY, init=pre.checkpoint, input_scale=0.5)
-    assert getattr(again.model, "postprocess", None) is None and "postprocess" not in load_checkpoint(again.checkpoint)
+    assert again.segmenter.postprocess is None and "postprocess" not in load_checkpoint(again.checkpoint)
     with pytest.raises(CheckpointError, match="width"):
         rd.train_model("unet", splits, tmp_path / "bad", dataclasses.replace(TINY, width=8), init=pre.checkpoint)
 
@@ -111,12 +112,11 @@ def test_input_scale_resizes_at_prediction():
     torch.manual_seed(0)
     model = build_model("unet", width=4).eval()
     image = np.random.default_rng(0).integers(0, 255, (90, 130, 3), dtype=np.uint8)
-    model.input_scale = 0.5
-    assert predict_image(model, image).shape == (90, 130)
+    assert predict_image(model, image, input_scale=0.5).shape == (90, 130)
 
 
 def test_shipped_checkpoint_loads_and_documents_itself():
-    path = rd.shipped_checkpoint()
+    path = shipped_checkpoint()
     assert path.stat().st_size < 20 * 2 ** 20
     assert (path.parent / "README.md").is_file()
     ckpt = load_checkpoint(path)
@@ -133,7 +133,7 @@ def test_shipped_checkpoint_loads_and_documents_itself():
     assert cleanup["chosen"]["white_min_area"] == ckpt["postprocess"]["white_min_area"]
     assert cleanup["test_raw"]["gold white IoU"] == metrics["model"]["gold white IoU"]
     assert f"{cleanup['test_cleaned']['gold white IoU']:.4f}" in readme
-    model = load_model(path, device="cpu")
+    model = Segmenter.load(path, device="cpu")
     assert model.input_scale == ckpt["input_scale"]
     assert model.postprocess["white_min_area"] == ckpt["postprocess"]["white_min_area"]
     assert not math.isnan(json.loads(json.dumps(metrics))["model"]["silver MIoU"])
@@ -150,7 +150,7 @@ def test_cli_train_bccd_trains_scores_and_continues(bccd_sample, tmp_path, capsy
     assert metrics["model"]["images"] == metrics["data"]["test_images"] > 0
     assert 0 <= metrics["model"]["gold white IoU"] <= 1 and 0 <= metrics["model_tta"]["gold white IoU"] <= 1
     assert metrics["model_tta"]["model"].endswith("+ flip TTA") and metrics["train_options"]["schedule"] == "cosine"
-    assert load_model(ckpt, device="cpu").input_scale == 0.5        # prediction will resize alike
+    assert Segmenter.load(ckpt, device="cpu").input_scale == 0.5    # prediction will resize alike
 
     assert cli.main(["train-bccd", "--out", str(tmp_path / "b"), "--init", str(ckpt)] + small) == 0
     cont = json.loads((tmp_path / "b" / "metrics.json").read_text())
