@@ -1,4 +1,4 @@
-"""The measurements behind chapters 1-3 (bloodseg.studies): they must measure what they claim."""
+"""The measurements behind chapters 1-3 (bloodseg.paper.foundations): they must measure what they claim."""
 import math
 import time
 
@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from bloodseg import studies  # noqa: E402
+from bloodseg.paper import foundations as studies  # noqa: E402
 from bloodseg.datasets import synthetic_splits  # noqa: E402
 from bloodseg.errors import BloodsegError, SolverError  # noqa: E402
 from bloodseg.ode import ODEBlock  # noqa: E402
@@ -100,8 +100,8 @@ def test_exploding_dynamics_hit_the_step_cap_quickly():
     assert time.perf_counter() - start < 5
 
 
-def test_training_step_cost_direct_memory_grows_with_nfe_adjoint_stays_flat():
-    rows = studies.training_step_cost(channels=4, size=16, batch=2, tolerances=(1e-2, 1e-5))
+def test_block_step_cost_direct_memory_grows_with_nfe_adjoint_stays_flat():
+    rows = studies.block_step_cost(channels=4, size=16, batch=2, tolerances=(1e-2, 1e-5))
     assert len(rows) == 4
     direct = [r for r in rows if not r["adjoint"]]
     adjoint = [r for r in rows if r["adjoint"]]
