@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -36,10 +37,29 @@ def bccd_sample_dir() -> Path:
     return path
 
 
-def _voc_boxes(xml_path: Path) -> dict[str, list[tuple[int, int, int, int]]]:
+def _parse_xml(data: bytes, where: str) -> ET.Element:
+    """Parse untrusted XML, refusing DTDs and entities (billion laughs, external entities)."""
+    refused = (f"refused the Pascal VOC file {where}: it declares a DOCTYPE or entities, which VOC "
+               "files never need (and which can expand to gigabytes); restore it from the BCCD dataset")
     try:
-        root = ET.parse(xml_path).getroot()
-    except (ET.ParseError, OSError) as exc:
+        import defusedxml.ElementTree as SafeET
+    except ImportError:
+        SafeET = None
+    if SafeET is None:
+        if b"<!DOCTYPE" in data.upper() or b"<!ENTITY" in data.upper():
+            raise DataError(refused)
+        return ET.fromstring(data)
+    try:
+        return SafeET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except ValueError:   # defusedxml's DTDForbidden / EntitiesForbidden subclass ValueError
+        raise DataError(refused) from None
+
+
+def _voc_boxes(xml_path: Path) -> dict[str, list[tuple[int, int, int, int]]]:
+    xml_path = Path(xml_path)
+    try:
+        root = _parse_xml(_read_bytes(xml_path, "Pascal VOC"), str(xml_path.absolute()))
+    except ET.ParseError as exc:
         raise DataError(f"cannot parse the Pascal VOC file {xml_path.absolute()} ({exc}); "
                         "restore it from the BCCD dataset") from None
     boxes: dict[str, list] = {"RBC": [], "WBC": [], "Platelets": []}
@@ -50,8 +70,9 @@ def _voc_boxes(xml_path: Path) -> dict[str, list[tuple[int, int, int, int]]]:
             continue
         try:
             box = tuple(int(round(float(bb.findtext(k)))) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except (TypeError, ValueError):
-            raise DataError(f"a box of {name!r} in {xml_path.absolute()} has non-numeric corners") from None
+        except (TypeError, ValueError, OverflowError):   # missing, text, inf
+            raise DataError(f"a box of {name!r} in {xml_path.absolute()} has missing or non-numeric corners; "
+                            "restore the file from the BCCD dataset") from None
         boxes.setdefault(name, []).append(box)
     return boxes
 
@@ -82,7 +103,18 @@ def silver_red_cells(image_bgr: np.ndarray, white: np.ndarray) -> np.ndarray:
 
 
 def _read_ids(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        ids = [line.strip() for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise DataError(f"cannot read split file {path.absolute()} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"split file {path.absolute()} is not text (one image id per line); restore it "
+                        "from the BCCD dataset") from None
+    for ident in ids:   # an id becomes a file name in the output: no folders, no '..'
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", ident) or set(ident) == {"."}:
+            raise DataError(f"split file {path.absolute()} lists {ident[:80]!r}, not an image id such as "
+                            "BloodImage_00001 (ids are file names without folders); restore the file")
+    return ids
 
 
 def prepare_bccd(src, out, limit: int | None = None) -> dict:
@@ -135,8 +167,11 @@ def prepare_bccd(src, out, limit: int | None = None) -> dict:
         for ident in ids:
             number = ident.rsplit("_", 1)[-1]
             image = read_image(src / "images" / f"{ident}.jpg")
-            gold = cv2.imdecode(np.frombuffer(_read_bytes(src / "wbc_masks" / f"BloodImage_Mask_{number}.png",
-                                                          "white-cell mask"), np.uint8), cv2.IMREAD_GRAYSCALE)
+            try:
+                gold = cv2.imdecode(np.frombuffer(_read_bytes(src / "wbc_masks" / f"BloodImage_Mask_{number}.png",
+                                                              "white-cell mask"), np.uint8), cv2.IMREAD_GRAYSCALE)
+            except cv2.error:   # a header declaring a huge size
+                gold = None
             if gold is None or gold.shape != image.shape[:2]:
                 raise DataError(f"white-cell mask for {ident} is unreadable or not {image.shape[1]}x"
                                 f"{image.shape[0]}: {(src / 'wbc_masks').absolute()}; restore it from the dataset")

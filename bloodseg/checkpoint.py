@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .distributed import default_device
-from .errors import CheckpointError
+from .errors import BloodsegError, CheckpointError
 from .models import build_model
 
 
@@ -34,6 +34,11 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:   # a full disk (ENOSPC, EFBIG), a read-only or vanished folder
+        kept = (f"the previous {path.name} is kept unchanged" if path.exists()
+                else f"no {path.name} was written")
+        raise CheckpointError(f"cannot write checkpoint {path.absolute()} ({exc.strerror or exc}); {kept}. "
+                              "Free disk space or choose another output folder, then run again.") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -68,7 +73,11 @@ def save_checkpoint(path, model, optimizer=None, **state) -> Path:
         **state,
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the folder {path.parent.absolute()} for checkpoint {path.name} "
+                              f"({exc.strerror or exc}); choose an output folder you can write to") from None
     _atomic_torch_save(payload, path)
     return path
 
@@ -124,6 +133,12 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint", classes: int | None = N
     ``classes`` / ``name``, when given, must match the checkpoint (a clear error otherwise).
     ``option_overrides`` may change solver settings (e.g. ``rtol``) but not the architecture.
     """
+    missing = [k for k in ("model_name", "model_options", "model_state") if k not in ckpt]
+    if missing or not isinstance(ckpt["model_name"], str) or not isinstance(ckpt["model_options"], dict) \
+            or not isinstance(ckpt["model_state"], dict):
+        raise CheckpointError(f"{path} is damaged: " + (f"it lacks {', '.join(missing)}" if missing else
+                              "model_name must be a string, model_options and model_state dicts")
+                              + ". Use a best.pt/last.pt written by bloodseg.")
     opts = dict(ckpt["model_options"])
     if name is not None and name != ckpt["model_name"]:
         raise CheckpointError(f"{path} holds a '{ckpt['model_name']}' model, not '{name}'. "
@@ -132,10 +147,15 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint", classes: int | None = N
         raise CheckpointError(f"{path} predicts {opts.get('classes', 3)} classes, but {classes} "
                               "are needed here. Use a checkpoint trained with the same classes.")
     opts.update(option_overrides)
-    model = build_model(ckpt["model_name"], **opts)
+    try:
+        model = build_model(ckpt["model_name"], **opts)
+    except (BloodsegError, TypeError, ValueError, KeyError, RuntimeError) as exc:   # RuntimeError: out of memory
+        raise CheckpointError(f"{path} describes a model that cannot be built ('{ckpt['model_name']}' "
+                              f"with options {opts!r:.200}): {exc}. Use a best.pt/last.pt written by "
+                              "bloodseg.") from None
     try:
         model.load_state_dict(ckpt["model_state"])
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
         first = str(exc).splitlines()[0:3]
         raise CheckpointError(f"the weights in {path} do not fit a '{ckpt['model_name']}' model "
                               f"with options {opts}: {' '.join(first)}") from None

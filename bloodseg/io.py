@@ -25,6 +25,12 @@ _CLASSES_TEXT = "masks hold 0 background, 1 white cell, 2 red cell"
 
 
 def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        path.stat()
+    except (OSError, ValueError) as exc:   # missing, a name too long, a NUL byte, a link loop
+        if not isinstance(exc, FileNotFoundError):
+            raise DataError(f"cannot open {what} file {str(path)[:300]!r} ({getattr(exc, 'strerror', None) or exc}); "
+                            "check the path and the file name") from None
     if not path.exists():
         raise DataError(f"{what} file not found: {path.absolute()}; check the path and the file name")
     if path.is_dir():
@@ -56,7 +62,11 @@ def _looks_truncated(data: bytes) -> bool:
 def _decode(data: bytes, where: str) -> np.ndarray:
     image = None
     if not _looks_truncated(data):
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        try:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        except cv2.error:   # e.g. a header declaring more than CV_IO_MAX_IMAGE_PIXELS pixels
+            raise DataError(f"cannot decode {where}: its header declares an image too large to "
+                            "decode (or is corrupt); re-export it as PNG/JPEG at a sane size") from None
     if image is None:
         raise DataError(f"cannot decode {where}: is it an image? The file may be truncated or "
                         "corrupt; re-export it as PNG/JPEG")

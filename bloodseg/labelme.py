@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from pathlib import Path
 
 import cv2
@@ -30,13 +31,19 @@ def _default_class(label: str):
     return None
 
 
+#: Points farther than this (px) from the origin are refused: no photograph is that large, and
+#: OpenCV's drawing functions overflow on them.
+_MAX_COORD = 1 << 20
+
+
 def _points(shape: dict, index: int, where: str, need: int) -> np.ndarray:
     label = shape.get("label")
     try:
         pts = np.asarray(shape.get("points"), dtype=np.float64)
     except (TypeError, ValueError):
         pts = np.zeros((0,))
-    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < need or not np.isfinite(pts).all():
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < need or not np.isfinite(pts).all() \
+            or (np.abs(pts) > _MAX_COORD).any():   # cv2 overflows on huge coordinates
         kind = shape.get("shape_type") or "polygon"
         raise DataError(f"malformed {kind} (shape {index}, label {label!r}) in {where}: needs "
                         f"{'at least ' if kind == 'polygon' else ''}{need} numeric [x, y] points, got "
@@ -58,15 +65,23 @@ def _labelme_image(doc: dict, json_path: Path) -> np.ndarray:
                         "with the image next to the JSON")
     rel = str(rel).replace("\\", "/")
     folder = json_path.parent.resolve()
-    target = (folder / rel).resolve()
+    try:
+        target = (folder / rel).resolve()
+        found = target.exists()
+    except (ValueError, OSError) as exc:     # a NUL byte, a link loop, a name too long
+        raise DataError(f"imagePath {rel[:80]!r} in {where} is not a usable file name ({exc}); set it "
+                        "to the image's file name, or save with imageData embedded") from None
     if Path(rel).is_absolute() or not target.is_relative_to(folder):
         raise DataError(f"imagePath {rel!r} in {where} points outside the dataset folder {folder}; "
                         "for safety only images inside that folder are read. Move the image next to "
                         "the JSON and set imagePath to its file name, or save with imageData embedded")
-    if not target.exists():
+    if not found:
         raise DataError(f"image for {where} not found: {target} (from imagePath {rel!r}); "
                         "put the image there or save the JSON with imageData embedded")
-    return read_image(target)
+    try:
+        return read_image(target)
+    except DataError as exc:   # say which annotation asked for it
+        raise DataError(f"{exc} (the image named by imagePath {rel!r:.80} in {where})") from None
 
 
 def labelme_to_mask(json_path, label_map: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +98,7 @@ def labelme_to_mask(json_path, label_map: dict | None = None) -> tuple[np.ndarra
     where = str(json_path.absolute())
     try:
         doc = json.loads(_read_bytes(json_path, "LabelMe JSON").decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DataError(f"{where} is not valid JSON ({exc}); is it a LabelMe file?") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("shapes", []), list):
         raise DataError(f"{where} is not a LabelMe file (expected an object with a 'shapes' list)")
@@ -95,6 +110,11 @@ def labelme_to_mask(json_path, label_map: dict | None = None) -> tuple[np.ndarra
     image = _labelme_image(doc, json_path)
     h, w = image.shape[:2]
     exp_h, exp_w = doc.get("imageHeight"), doc.get("imageWidth")
+    for key, value in (("imageHeight", exp_h), ("imageWidth", exp_w)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value != int(value)):
+            raise DataError(f"{key} in {where} is {value!r:.40}, not a whole number of pixels; "
+                            "re-save the file in LabelMe")
     if (exp_h is not None and int(exp_h) != h) or (exp_w is not None and int(exp_w) != w):
         raise DataError(f"image size mismatch in {where}: the JSON says {exp_w}x{exp_h} (WxH) but the "
                         f"image is {w}x{h}; the annotation belongs to another image or the image was "
@@ -102,6 +122,9 @@ def labelme_to_mask(json_path, label_map: dict | None = None) -> tuple[np.ndarra
 
     drawn = []
     for i, shape in enumerate(doc.get("shapes", [])):
+        if not isinstance(shape, dict):
+            raise DataError(f"shape {i} in {where} is {type(shape).__name__} {shape!r:.40}, not an object "
+                            "with label and points; fix or delete it in LabelMe")
         label = str(shape.get("label", "")).strip().lower()
         cls = user[label] if label in user else _default_class(label)
         if cls is None:

@@ -50,6 +50,14 @@ class ModelRecipe:
     options: dict = dataclasses.field(default_factory=dict)   # e.g. rtol, method, ode_hidden
 
 
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainRecipe:
     """Every knob of a training run (:func:`bloodseg.train.fit`).
@@ -76,21 +84,22 @@ class TrainRecipe:
 
     def validate(self) -> None:
         """Raise :class:`BloodsegError` naming the first field that cannot work."""
-        if not (isinstance(self.epochs, int) and isinstance(self.batch_size, int)) \
+        if not (_whole(self.epochs) and _whole(self.batch_size)) \
                 or self.epochs < 1 or self.batch_size < 1:
             raise BloodsegError(f"epochs and batch_size must be whole numbers >= 1; got "
                                 f"{self.epochs!r}, {self.batch_size!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+        if not (_real(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
             raise BloodsegError(f"learning rate must be a positive number; got {self.lr}")
         if self.optimizer not in ("adam", "adamw"):
             raise BloodsegError(f"optimizer must be 'adam' or 'adamw'; got {self.optimizer!r}")
         if self.schedule not in ("constant", "cosine"):
             raise BloodsegError(f"schedule must be 'constant' or 'cosine'; got {self.schedule!r}")
-        if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
+        if not (_real(self.max_minutes) and self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
             raise BloodsegError(f"max_minutes must be 0 (no limit) or a positive number; got {self.max_minutes}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+        if not (_real(self.weight_decay) and self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise BloodsegError(f"weight_decay must be >= 0; got {self.weight_decay}")
-        if self.checkpoint_every < 0 or self.num_workers < 0:
+        if not (_whole(self.checkpoint_every) and _whole(self.num_workers)) \
+                or self.checkpoint_every < 0 or self.num_workers < 0:
             raise BloodsegError(f"checkpoint_every and num_workers must be >= 0; got "
                                 f"{self.checkpoint_every}, {self.num_workers}")
 
@@ -147,7 +156,11 @@ class Recipe:
             raise BloodsegError(f"a recipe must be a dict with a 'name'; got {type(d).__name__}")
         sections = {}
         for key, kind in _SECTIONS.items():
-            values = dict(d.get(key) or {})
+            values = d.get(key) or {}
+            if not isinstance(values, dict):
+                raise BloodsegError(f"recipe section {key!r} must be a dict of fields; got "
+                                    f"{type(values).__name__} {values!r:.60}")
+            values = dict(values)
             names = {f.name for f in dataclasses.fields(kind)}
             extra = set(values) - names
             if extra:

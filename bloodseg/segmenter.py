@@ -76,7 +76,12 @@ class Segmenter:
         refused). ``solver_overrides`` change ODE solver settings (e.g. ``rtol=1e-3``)."""
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, path, **solver_overrides)
-        settings = dict(ckpt.get("segmenter") or {})
+        settings = ckpt.get("segmenter")
+        settings = {} if settings is None else settings
+        if not isinstance(settings, dict):
+            raise CheckpointError(f"{path} is damaged: its segmenter settings are a "
+                                  f"{type(settings).__name__}, not a dict; re-save it with Segmenter.save")
+        settings = dict(settings)
         for key in ("input_scale", "postprocess"):   # checkpoints written before the Segmenter
             if key not in settings and ckpt.get(key) is not None:
                 settings[key] = ckpt[key]
@@ -91,7 +96,7 @@ class Segmenter:
         try:
             seg = cls(model.to(device or default_device()), recipe=ckpt.get("recipe"),
                       metrics=ckpt.get("metrics"), **settings)
-        except (BloodsegError, TypeError) as exc:
+        except (BloodsegError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path} has invalid segmenter settings {settings}: {exc}") from None
         return seg
 
