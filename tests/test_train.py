@@ -11,8 +11,10 @@ import torch
 
 from bloodseg.errors import CheckpointError, TrainingError
 from bloodseg.models import build_model
-from bloodseg.train import (TrainConfig, epoch_order, evaluate, fit, load_checkpoint, load_model,
-                            save_checkpoint, DistInfo)
+from bloodseg.checkpoint import load_checkpoint, load_model, save_checkpoint
+from bloodseg.distributed import DistInfo
+from bloodseg.recipe import TrainRecipe
+from bloodseg.train import epoch_order, evaluate, fit
 from conftest import ColourBlobs
 
 
@@ -21,7 +23,7 @@ def tiny(name="unet", **kw):
     return build_model(name, width=4, **kw)
 
 
-CFG = TrainConfig(epochs=2, batch_size=4, lr=1e-2, seed=3, progress=False)
+CFG = TrainRecipe(epochs=2, batch_size=4, lr=1e-2, seed=3, progress=False)
 
 
 def test_fit_learns_and_keeps_the_best_checkpoint(tmp_path):
@@ -82,7 +84,7 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-2, seed=3, progress=False)
+    cfg = TrainRecipe(epochs=2, batch_size=4, lr=1e-2, seed=3, progress=False)
     model = tiny()
     fit(model, ColourBlobs(8), ColourBlobs(4, 1), tmp_path, cfg, epochs=1)
     good = load_checkpoint(tmp_path / "last.pt")
@@ -132,7 +134,7 @@ def test_a_crash_while_writing_leaves_the_old_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="disk full"):     # the OSError, reported as a CheckpointError
         save_checkpoint(path, model, epoch=2)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

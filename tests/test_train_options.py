@@ -13,7 +13,10 @@ from conftest import ColourBlobs
 from bloodseg import cli
 from bloodseg.errors import BloodsegError
 from bloodseg.models import build_model
-from bloodseg.train import TrainConfig, epoch_lr, fit, load_checkpoint, setup_distributed
+from bloodseg.checkpoint import load_checkpoint
+from bloodseg.distributed import setup_distributed
+from bloodseg.recipe import TrainRecipe
+from bloodseg.train import epoch_lr, fit
 
 
 def tiny():
@@ -22,16 +25,16 @@ def tiny():
 
 
 def test_cosine_schedule_values():
-    cfg = TrainConfig(epochs=4, schedule="cosine")
+    cfg = TrainRecipe(epochs=4, schedule="cosine")
     lrs = [epoch_lr(cfg, 1e-3, e) for e in range(4)]
     assert lrs[0] == pytest.approx(1e-3)
     assert lrs[2] == pytest.approx(0.5e-3)                    # half way down at the middle epoch
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 0
-    assert [epoch_lr(TrainConfig(epochs=4), 1e-3, e) for e in range(4)] == [1e-3] * 4
+    assert [epoch_lr(TrainRecipe(epochs=4), 1e-3, e) for e in range(4)] == [1e-3] * 4
 
 
 def test_fit_follows_the_schedule_and_a_resumed_run_continues_it(tmp_path):
-    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2, seed=1, progress=False, schedule="cosine")
+    cfg = TrainRecipe(epochs=3, batch_size=4, lr=1e-2, seed=1, progress=False, schedule="cosine")
     whole = fit(tiny(), ColourBlobs(8), ColourBlobs(2, 50), tmp_path / "a", cfg, device="cpu")
     assert [h["lr"] for h in whole] == pytest.approx([epoch_lr(cfg, 1e-2, e) for e in range(3)])
     fit(tiny(), ColourBlobs(8), ColourBlobs(2, 50), tmp_path / "b", cfg, device="cpu", epochs=1)
@@ -41,7 +44,7 @@ def test_fit_follows_the_schedule_and_a_resumed_run_continues_it(tmp_path):
 
 
 def test_max_minutes_stops_between_epochs_and_the_run_can_go_on(tmp_path, capsys):
-    cfg = TrainConfig(epochs=4, batch_size=4, lr=1e-2, progress=False, max_minutes=1e-6)
+    cfg = TrainRecipe(epochs=4, batch_size=4, lr=1e-2, progress=False, max_minutes=1e-6)
     history = fit(tiny(), ColourBlobs(8), ColourBlobs(2, 50), tmp_path, cfg, device="cpu")
     assert len(history) == 1                                    # the first epoch always runs
     assert "stopping after epoch 1 of 4" in capsys.readouterr().out
@@ -56,12 +59,12 @@ def test_max_minutes_stops_between_epochs_and_the_run_can_go_on(tmp_path, capsys
     ("epochs", 0, "epochs and batch_size")])
 def test_bad_config_values_are_refused(field, value, words):
     with pytest.raises(BloodsegError, match=words):
-        TrainConfig(**{field: value}).validate()
+        TrainRecipe(**{field: value}).validate()
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--epochs", "0"], "epochs and batch_size must be >= 1"),
-    (["--batch-size", "0"], "epochs and batch_size must be >= 1"),
+    (["--epochs", "0"], "epochs and batch_size must be whole numbers >= 1"),
+    (["--batch-size", "0"], "epochs and batch_size must be whole numbers >= 1"),
     (["--lr", "0"], "learning rate must be a positive number"),
     (["--checkpoint-every", "-1"], "checkpoint_every"),
     (["--width", "0"], "--width must be a positive"),
