@@ -34,10 +34,13 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:   # a full disk (ENOSPC, EFBIG), a read-only or vanished folder
+    except (OSError, RuntimeError) as exc:   # a full disk (ENOSPC, EFBIG), a read-only or vanished folder
+        # torch's zip writer reports a failed write as RuntimeError ("unexpected pos ...")
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else \
+            f"the write failed: {str(exc).splitlines()[0][:160]}; is the disk full?"
         kept = (f"the previous {path.name} is kept unchanged" if path.exists()
                 else f"no {path.name} was written")
-        raise CheckpointError(f"cannot write checkpoint {path.absolute()} ({exc.strerror or exc}); {kept}. "
+        raise CheckpointError(f"cannot write checkpoint {path.absolute()} ({reason}); {kept}. "
                               "Free disk space or choose another output folder, then run again.") from None
     finally:
         if tmp.exists():

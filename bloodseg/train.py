@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -253,88 +254,163 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
     out_dir = _writable_out_dir(Path(out_dir), info)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
 
-    net = unwrap(model).to(device)
-    classes = int(net.options.get("classes", 3))
-    lr = cfg.lr * (info.world_size if cfg.scale_lr else 1)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    state = _resume(last_path, net, optimizer, info) if resume and last_path.exists() else _State()
-    model, sync_bn = _data_parallel(net, device, cfg, info)
-    show = (cfg.progress if cfg.progress is not None else _default_progress()) and info.is_main
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
-                else contextlib.nullcontext())
-    stored = full_recipe.replace(train=cfg).to_dict() if full_recipe else None
+    with _run_lock(out_dir, info):   # one training run per folder (rank 0 holds it)
+        net = unwrap(model).to(device)
+        classes = int(net.options.get("classes", 3))
+        lr = cfg.lr * (info.world_size if cfg.scale_lr else 1)
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        optimizer = opt_cls(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        state = _resume(last_path, net, optimizer, info) if resume and last_path.exists() else _State()
+        model, sync_bn = _data_parallel(net, device, cfg, info)
+        show = (cfg.progress if cfg.progress is not None else _default_progress()) and info.is_main
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
+                    else contextlib.nullcontext())
+        stored = full_recipe.replace(train=cfg).to_dict() if full_recipe else None
 
-    def checkpoint(epoch, step, path=last_path, partial=None):
-        if info.is_main:
-            save_checkpoint(path, net, optimizer, epoch=epoch, step=step, history=state.history,
-                            best_val_loss=state.best, rng=_rng_state(), partial=partial,
-                            config=dataclasses.asdict(cfg), recipe=stored, world_size=info.world_size)
+        def checkpoint(epoch, step, path=last_path, partial=None):
+            if info.is_main:
+                try:
+                    save_checkpoint(path, net, optimizer, epoch=epoch, step=step, history=state.history,
+                                    best_val_loss=state.best, rng=_rng_state(), partial=partial,
+                                    config=dataclasses.asdict(cfg), recipe=stored, world_size=info.world_size)
+                except CheckpointError as exc:   # a full disk: say where the run can resume from
+                    raise CheckpointError(f"{exc} {_last_good(last_path)}") from None
 
-    first, started = state.epoch, time.perf_counter()
-    for epoch in range(first, cfg.epochs):
-        if _out_of_time(cfg, epoch, first, started, device, info):
-            break
-        for group in optimizer.param_groups:  # the recipe decides, not the checkpoint (scale_lr, N)
-            group["lr"] = epoch_lr(cfg, lr, epoch)
-        model.train()
-        t0 = time.perf_counter()
-        order = epoch_order(len(train_set), cfg.seed, epoch, info)
-        step0 = state.step if epoch == first else 0
-        sums = torch.zeros(4, dtype=torch.float64)  # loss*n, n, nfe_fwd, nfe_bwd
-        if step0 and state.partial is not None:
-            sums += torch.tensor(state.partial, dtype=torch.float64)
-        batches = _loader(train_set, order[step0 * cfg.batch_size:], cfg.batch_size, cfg.num_workers)
-        bar = _progress(batches, show, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        step = step0
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
-                _stop_on_nan(loss, epoch, step, lr, out_dir, last_path, best_path)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            nf, nb = _sum_nfe(model)
-            sums += torch.tensor([loss.item() * len(x), len(x), nf, nb], dtype=torch.float64)
-            if show:
-                bar.set_postfix(loss=f"{loss.item():.4f}", nfe=nf)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                so_far = all_reduce_sum(sums.clone().to(device), info).cpu()  # every rank calls it
-                checkpoint(epoch, step, partial=so_far.tolist())
-        sums = all_reduce_sum(sums.to(device), info).cpu()
-        n_steps_total = max(1, -(-len(order) // cfg.batch_size)) * info.world_size
-        val = validate(net, val_set, device, cfg.batch_size, info, classes)  # not the DDP wrapper
-        record = {
-            "epoch": epoch + 1,
-            "loss": float(sums[0] / sums[1].clamp(min=1)),
-            "val_loss": val["loss"],
-            "val_miou": val["miou"],
-            "val_pa": val["pa"],
-            "nfe_forward": float(sums[2] / n_steps_total),
-            "nfe_backward": float(sums[3] / n_steps_total),
-            "time_s": time.perf_counter() - t0,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        state.history.append(record)
-        improved = record["val_loss"] < state.best
-        if improved:
-            state.best = record["val_loss"]
-        if info.is_main:
+        first, started = state.epoch, time.perf_counter()
+        for epoch in range(first, cfg.epochs):
+            if _out_of_time(cfg, epoch, first, started, device, info):
+                break
+            for group in optimizer.param_groups:  # the recipe decides, not the checkpoint (scale_lr, N)
+                group["lr"] = epoch_lr(cfg, lr, epoch)
+            model.train()
+            t0 = time.perf_counter()
+            order = epoch_order(len(train_set), cfg.seed, epoch, info)
+            step0 = state.step if epoch == first else 0
+            sums = torch.zeros(4, dtype=torch.float64)  # loss*n, n, nfe_fwd, nfe_bwd
+            if step0 and state.partial is not None:
+                sums += torch.tensor(state.partial, dtype=torch.float64)
+            batches = _loader(train_set, order[step0 * cfg.batch_size:], cfg.batch_size, cfg.num_workers)
+            bar = _progress(batches, show, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+            step = step0
+            for x, y in bar:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+                if not torch.isfinite(loss):
+                    _stop_on_nan(loss, epoch, step, lr, out_dir, last_path, best_path)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                nf, nb = _sum_nfe(model)
+                sums += torch.tensor([loss.item() * len(x), len(x), nf, nb], dtype=torch.float64)
+                if show:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", nfe=nf)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    so_far = all_reduce_sum(sums.clone().to(device), info).cpu()  # every rank calls it
+                    checkpoint(epoch, step, partial=so_far.tolist())
+            sums = all_reduce_sum(sums.to(device), info).cpu()
+            n_steps_total = max(1, -(-len(order) // cfg.batch_size)) * info.world_size
+            val = validate(net, val_set, device, cfg.batch_size, info, classes)  # not the DDP wrapper
+            record = {
+                "epoch": epoch + 1,
+                "loss": float(sums[0] / sums[1].clamp(min=1)),
+                "val_loss": val["loss"],
+                "val_miou": val["miou"],
+                "val_pa": val["pa"],
+                "nfe_forward": float(sums[2] / n_steps_total),
+                "nfe_backward": float(sums[3] / n_steps_total),
+                "time_s": time.perf_counter() - t0,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            state.history.append(record)
+            improved = record["val_loss"] < state.best
             if improved:
-                checkpoint(epoch + 1, 0, best_path)
-            checkpoint(epoch + 1, 0)
-            (out_dir / "history.json").write_text(json.dumps(state.history, indent=1))
-            if on_epoch is not None:
-                on_epoch(record)
-    if info.world_size > 1:
-        dist.barrier()
-        if sync_bn:
-            revert_sync_batchnorm(net)
-    return state.history
+                state.best = record["val_loss"]
+            if info.is_main:
+                if improved:
+                    checkpoint(epoch + 1, 0, best_path)
+                checkpoint(epoch + 1, 0)
+                try:
+                    (out_dir / "history.json").write_text(json.dumps(state.history, indent=1))
+                except OSError as exc:
+                    raise TrainingError(f"cannot write {out_dir / 'history.json'} ({exc.strerror or exc}). "
+                                        f"{_last_good(last_path)}") from None
+                if on_epoch is not None:
+                    on_epoch(record)
+        if info.world_size > 1:
+            dist.barrier()
+            if sync_bn:
+                revert_sync_batchnorm(net)
+        return state.history
+
+
+def _last_good(last_path: Path) -> str:
+    if last_path.exists():
+        return (f"The last good checkpoint is {last_path.absolute()}: free disk space and run again "
+                "with the same output folder to resume from it.")
+    return f"No checkpoint of this run was written yet (none in {last_path.parent.absolute()})."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # alive, another user's
+        return True
+    try:                         # a killed run its parent has not reaped yet is a zombie: gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: Path, info: DistInfo):
+    """Rank 0 holds ``out_dir/.lock`` (its pid) while it trains: a second :func:`fit` into the same
+    folder is refused instead of overwriting ``last.pt`` under the first. A lock whose pid is not
+    alive (a killed run), or is this process's own (a restarted container), is stale and taken over."""
+    if not info.is_main:
+        yield
+        return
+    lock = out_dir / ".lock"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = lock.read_text().strip()
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:      # released meanwhile: try again
+                continue
+            except OSError:
+                text, age = "", 0.0
+            pid = int(text) if text.isdigit() else None
+            if (pid is not None and pid != os.getpid() and _pid_alive(pid)) or (pid is None and age < 30):
+                who = f"pid {pid}" if pid is not None else "a process that is starting"
+                raise TrainingError(f"another training run ({who}) is writing to {out_dir.absolute()} "
+                                    f"(lock file {lock.absolute()}). Wait for it to finish or choose another "
+                                    f"output folder; if no such run exists, delete {lock.absolute()}.") from None
+            lock.unlink(missing_ok=True)   # stale: its process is gone
+            continue
+        except OSError as exc:
+            raise TrainingError(f"cannot create the lock file {lock.absolute()} ({exc.strerror or exc}); "
+                                "choose an output folder you can write to") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        break
+    else:
+        raise TrainingError(f"could not take the lock {lock.absolute()}; another run keeps taking it. "
+                            "Choose another output folder.")
+    try:
+        yield
+    finally:
+        try:
+            if lock.read_text().strip() == str(os.getpid()):
+                lock.unlink()
+        except OSError:
+            pass
 
 
 def _stop_on_nan(loss, epoch: int, step: int, lr: float, out_dir: Path, last_path: Path, best_path: Path):
