@@ -115,6 +115,15 @@ class MeasureRecipe:
     try_compile: bool = False                           # also time torch.compile'd ODE functions
 
 
+def _plain(x):
+    """Tuples to lists, recursively: what JSON gives back, so a stored recipe compares equal."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
 _SECTIONS = {"data": DataRecipe, "model": ModelRecipe, "train": TrainRecipe, "measure": MeasureRecipe}
 
 
@@ -147,7 +156,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """Plain JSON-able values (tuples become lists), as stored in checkpoints and records."""
-        return {"name": self.name, **{k: dataclasses.asdict(getattr(self, k)) for k in _SECTIONS}}
+        return _plain({"name": self.name, **{k: dataclasses.asdict(getattr(self, k)) for k in _SECTIONS}})
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
