@@ -113,7 +113,8 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path):
         killed = load_checkpoint(run_dir / "last.pt")
         assert killed["epoch"] == 1 and 2 <= killed["step"] < STEPS_PER_EPOCH   # really inside epoch 2
         assert len(killed["history"]) == 1 and killed["partial"] is not None
-        _leftovers(run_dir, RUN_FILES)
+        # a killed run leaves its lock (pid of a dead process): the resumed run takes it over
+        _leftovers(run_dir, RUN_FILES | {".lock"})
 
         resumed = subprocess.run([sys.executable, str(script), str(run_dir), "0"], env=env, text=True,
                                  capture_output=True, timeout=180)
