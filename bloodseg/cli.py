@@ -20,6 +20,7 @@ from .distributed import cleanup_distributed, setup_distributed
 from .download import download_bccd
 from .errors import BloodsegError
 from .models import MODEL_NAMES, build_model
+from .ode import set_tolerance
 from .recipe import Recipe, get_recipe
 from .segmenter import Segmenter, shipped_checkpoint
 from .synthetic import write_synthetic
@@ -163,7 +164,6 @@ def cmd_tune_cleanup(args) -> int:
 def _segmenter(args) -> Segmenter:
     seg = Segmenter.load(args.ckpt, **({"rtol": args.rtol} if getattr(args, "rtol", None) is not None else {}))
     if getattr(args, "rtol", None) is not None:
-        from .ode import set_tolerance
         set_tolerance(seg.model, args.rtol)   # checks the value even for a network without ODE-blocks
     if len(seg.class_names) != 3 or seg.model.options.get("classes", 3) != 3:
         raise BloodsegError(f"{args.ckpt} predicts {seg.model.options.get('classes')} classes, but 3 are "

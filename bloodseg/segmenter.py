@@ -13,6 +13,11 @@ is saved and loaded as one file (a weights-only checkpoint)::
     seg.save("my.pt")
 
 Old checkpoints (``input_scale`` / ``postprocess`` at the top level) load the same way.
+
+``solver`` (None, or a spec of :mod:`bloodseg.calibrate` such as ``{"method": "euler", "steps": 1}``)
+replaces the trained ODE solver of every ODE-block at prediction time; :meth:`Segmenter.calibrate`
+chooses one on validation photographs, and ``Segmenter.load(path, exact=True)`` (or
+``seg.replace(solver=None)``) gives the trained solver back, bit for bit.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibrate import apply_solver, check_solver, trained_solver
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from .classes import CLASS_NAMES, overlay
 from .count import count_cells
@@ -32,7 +38,7 @@ from .io import _writable_dir, check_output_names, expand_inputs, read_image, wr
 from .postprocess import check_postprocess
 
 #: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
-SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "class_names")
+SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "class_names", "solver")
 
 
 @dataclasses.dataclass
@@ -43,7 +49,11 @@ class Segmenter:
       come back at full size);
     * ``postprocess`` — the white-cell cleanup spec (:mod:`bloodseg.postprocess`) or None;
     * ``clahe``, ``tile``, ``overlap``, ``tta`` — preprocessing, tiling, flip averaging;
-    * ``recipe``, ``metrics`` — how it was made and what it scored (dicts, as stored).
+    * ``recipe``, ``metrics`` — how it was made and what it scored (dicts, as stored);
+    * ``solver`` — the ODE solver used to predict (a :mod:`bloodseg.calibrate` spec), or None for
+      the trained one. The network is shared between copies (:meth:`replace`), so the solver is
+      set on it again at every prediction, and the trained settings are kept here (``trained``,
+      read from the network when a Segmenter is first built), not on the network.
     """
     model: torch.nn.Module
     input_scale: float = 1.0
@@ -55,6 +65,8 @@ class Segmenter:
     class_names: tuple = CLASS_NAMES
     recipe: dict | None = None
     metrics: dict | None = None
+    solver: dict | None = None
+    trained: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not (isinstance(self.input_scale, (int, float)) and self.input_scale > 0
@@ -68,12 +80,22 @@ class Segmenter:
                                 f"tile {self.tile}, overlap {self.overlap}")
         self.class_names = tuple(self.class_names)
         self.model = unwrap(self.model).eval()
+        if self.solver is not None:
+            self.solver = check_solver(self.solver)
+        if self.trained is None:
+            self.trained = tuple(trained_solver(self.model))
+        self._use_solver()
+
+    def _use_solver(self) -> None:
+        """Put this Segmenter's solver (or the trained one) on every ODE-block of the network."""
+        apply_solver(self.model, self.solver, self.trained)
 
     # ------------------------------------------------------------------ files
     @classmethod
-    def load(cls, path, device=None, **solver_overrides) -> "Segmenter":
+    def load(cls, path, device=None, exact: bool = False, **solver_overrides) -> "Segmenter":
         """Read a checkpoint (``torch.load(weights_only=True)``: a file that would run code is
-        refused). ``solver_overrides`` change ODE solver settings (e.g. ``rtol=1e-3``)."""
+        refused). ``solver_overrides`` change ODE solver settings (e.g. ``rtol=1e-3``).
+        ``exact=True`` ignores a stored (calibrated) ``solver``: the trained solver is used."""
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, path, **solver_overrides)
         settings = ckpt.get("segmenter")
@@ -93,6 +115,14 @@ class Segmenter:
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise CheckpointError(f"{path} has unknown segmenter settings {sorted(unknown)}")
+        if settings.get("solver") is not None:
+            try:
+                check_solver(settings["solver"])
+            except BloodsegError as exc:
+                raise CheckpointError(f"{path} has an invalid 'solver' entry: {exc}; load it with "
+                                      "exact=True (--exact) or re-save it with Segmenter.save") from None
+        if exact:
+            settings["solver"] = None
         try:
             seg = cls(model.to(device or default_device()), recipe=ckpt.get("recipe"),
                       metrics=ckpt.get("metrics"), **settings)
@@ -117,12 +147,24 @@ class Segmenter:
         return save_checkpoint(path, self.model, **entries)
 
     def replace(self, **changes) -> "Segmenter":
-        """A copy with some settings changed (the same network object)."""
+        """A copy with some settings changed (the same network object, the same trained solver)."""
         return dataclasses.replace(self, **changes)
+
+    def calibrate(self, samples, **kw) -> "Segmenter":
+        """A copy with the solver :func:`bloodseg.calibrate.calibrate` chooses on ``samples``
+        (VALIDATION photographs with gold masks, never the test ones), and the calibration table
+        in ``metrics["calibration"]``. ``kw`` go to :func:`~bloodseg.calibrate.calibrate`."""
+        import json
+        from .calibrate import calibrate
+        result = calibrate(self, samples, **kw)
+        metrics = dict(self.metrics or {})
+        metrics["calibration"] = json.loads(json.dumps(result, default=float))
+        return self.replace(solver=result["chosen"], metrics=metrics)
 
     # ------------------------------------------------------------------ one image
     def predict_proba(self, image_bgr: np.ndarray, tta: bool | None = None) -> torch.Tensor:
         """Class probabilities ``float32 C x H x W`` for a BGR ``uint8 HxWx3`` image of any size."""
+        self._use_solver()
         return predict_probabilities(self.model, image_bgr, tile=self.tile, overlap=self.overlap,
                                      clahe=self.clahe, tta=self.tta if tta is None else tta,
                                      input_scale=self.input_scale)
@@ -133,6 +175,7 @@ class Segmenter:
         ``postprocess``: None (default) applies this Segmenter's own cleanup (if any); False gives
         the network's argmax alone; a dict is used as given; True without a stored spec is an error.
         """
+        self._use_solver()
         return predict_image(self.model, image_bgr, tile=self.tile, overlap=self.overlap, clahe=self.clahe,
                              tta=self.tta if tta is None else tta, input_scale=self.input_scale,
                              postprocess=self._postprocess(postprocess))

@@ -2,10 +2,10 @@
 
 The chapter "Real smears" (book/08_real_smears.ipynb) is a sequence of calls into this module.
 
-Data. :func:`bccd_source` picks the full BCCD copy (``$BLOODSEG_BCCD``, else
-``/work/shared/data/bccd``) when it exists and the vendored 16-image sample otherwise (always the
-sample in the smoke profile); :func:`prepare_cached` runs :func:`bloodseg.datasets.prepare_bccd`
-once per source. Labels come in two grades, and every score says which:
+Data. :func:`bloodseg.bccd.bccd_source` picks the full BCCD copy (``$BLOODSEG_BCCD``, see
+``bloodseg download-bccd``) when it exists and the vendored 16-image sample otherwise (the chapter
+asks for the sample in the smoke profile, ``prefer_full=False``); :func:`prepare_cached` runs
+:func:`bloodseg.bccd.prepare_bccd` once per source. Labels come in two grades, and every score says which:
 
 * **gold** – the white-cell masks drawn by people (Banik et al. 2020): white-cell IoU and Dice
   (:func:`evaluate_bccd`, ``gold``) are real measurements;
