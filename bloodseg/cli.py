@@ -162,7 +162,11 @@ def cmd_tune_cleanup(args) -> int:
 
 
 def _segmenter(args) -> Segmenter:
-    seg = Segmenter.load(args.ckpt, **({"rtol": args.rtol} if getattr(args, "rtol", None) is not None else {}))
+    # --exact, and --rtol (a tolerance of the trained solver), use the trained solver even when a
+    # calibrated one is stored in the checkpoint
+    exact = bool(getattr(args, "exact", False)) or getattr(args, "rtol", None) is not None
+    seg = Segmenter.load(args.ckpt, exact=exact,
+                         **({"rtol": args.rtol} if getattr(args, "rtol", None) is not None else {}))
     if getattr(args, "rtol", None) is not None:
         set_tolerance(seg.model, args.rtol)   # checks the value even for a network without ODE-blocks
     if len(seg.class_names) != 3 or seg.model.options.get("classes", 3) != 3:
@@ -171,6 +175,37 @@ def _segmenter(args) -> Segmenter:
     if getattr(args, "tile", None) is not None:
         seg = seg.replace(tile=args.tile, overlap=args.overlap)
     return seg
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import solver_label, white_iou_score
+    from .io import load_folder
+    if (args.data is None) == (args.bccd_src is None):
+        raise BloodsegError("give exactly one of --data DIR (images/ and masks/) and --bccd-src DIR "
+                            "(raw BCCD: its validation photographs are used, scored by gold white-cell IoU)")
+    seg = Segmenter.load(args.ckpt, exact=True)
+    score, what = None, "MIoU (one confusion matrix over all images)"
+    if args.data is not None:
+        samples = load_folder(args.data)
+    else:
+        from .bccd import prepare_cached
+        prepare_cached(args.bccd_src, Path(args.work) / "bccd")
+        samples = load_folder(Path(args.work) / "bccd" / "val")
+        score, what = white_iou_score, "gold white-cell IoU over all images"
+    out = Path(args.out) if args.out else Path(Path(args.ckpt).stem + "-calibrated.pt")
+    print(f"calibrating on {len(samples)} validation images ({what}), max drop {args.max_drop} pp", flush=True)
+    new = seg.calibrate(samples, max_drop_pp=args.max_drop, score=score,
+                        log=lambda m: print(m, flush=True))
+    table = new.metrics["calibration"]
+    print(f"{'solver':>18} {'score':>8} {'drop pp':>8} {'s/image':>8}  NFE per block")
+    for r in table["rows"]:
+        sc = "failed" if r["score"] is None else f"{r['score']:.4f}"
+        dp = "" if r["drop_pp"] is None else f"{r['drop_pp']:+.2f}"
+        print(f"{r['label']:>18} {sc:>8} {dp:>8} {r['seconds_per_image']:8.4f}  "
+              f"{' '.join(f'{v:g}' for v in r['nfe_per_block'].values())}")
+    new.save(out)   # atomic; the input is overwritten only when --out names it
+    print(f"chosen: {solver_label(table['chosen'])}; wrote {out}")
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -336,6 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work", default="runs/tune-cleanup", help="folder for the prepared BCCD masks")
     s.set_defaults(func=cmd_tune_cleanup)
 
+    s = sub.add_parser("calibrate", help="choose a cheaper ODE solver on validation images and store it in "
+                                         "a copy of the checkpoint",
+                       description="Score and time the trained ODE solver and cheaper ones (Euler, midpoint, "
+                                   "RK4 with 1-4 steps, dopri5 at loose tolerances) on VALIDATION images, keep "
+                                   "the fastest within --max-drop percentage points of the trained solver, and "
+                                   "write the checkpoint with it; predict and count then use it (unless --exact).")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--data", help="validation folder with images/ and masks/ (score: MIoU)")
+    s.add_argument("--bccd-src", help="raw BCCD folder: calibrate on its validation photographs (score: gold "
+                                      "white-cell IoU)")
+    s.add_argument("--work", default="runs/calibrate", help="folder for the prepared BCCD masks")
+    s.add_argument("--out", help="write the checkpoint here (default: <ckpt name>-calibrated.pt in the current folder)")
+    s.add_argument("--max-drop", type=float, default=0.3, help="largest score drop allowed, in percentage points")
+    s.set_defaults(func=cmd_calibrate)
+
     s = sub.add_parser("evaluate", help="PA / CPA / MIoU and time of a checkpoint on a split")
     s.add_argument("--ckpt", required=True)
     s.add_argument("--data", default="synthetic")
@@ -356,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-overlay", action="store_true")
     s.add_argument("--raw", action="store_true",
                    help="the network's masks as they are, without the checkpoint's white-cell cleanup")
+    s.add_argument("--exact", action="store_true",
+                   help="use the trained ODE solver even when the checkpoint stores a calibrated one")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("count", help="count white and red cells per image (CSV)",
@@ -371,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the network's masks as they are, without the checkpoint's white-cell cleanup")
     s.add_argument("--tile", type=int, default=512)
     s.add_argument("--overlap", type=int, default=64)
+    s.add_argument("--exact", action="store_true",
+                   help="use the trained ODE solver even when the checkpoint stores a calibrated one")
     s.set_defaults(func=cmd_count)
 
     s = sub.add_parser("bench", help="parameters, memory, inference time, NFE and training-step cost "

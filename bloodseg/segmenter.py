@@ -115,14 +115,14 @@ class Segmenter:
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise CheckpointError(f"{path} has unknown segmenter settings {sorted(unknown)}")
+        if exact:   # the trained solver; a stored one is not even read
+            settings["solver"] = None
         if settings.get("solver") is not None:
             try:
                 check_solver(settings["solver"])
             except BloodsegError as exc:
                 raise CheckpointError(f"{path} has an invalid 'solver' entry: {exc}; load it with "
                                       "exact=True (--exact) or re-save it with Segmenter.save") from None
-        if exact:
-            settings["solver"] = None
         try:
             seg = cls(model.to(device or default_device()), recipe=ckpt.get("recipe"),
                       metrics=ckpt.get("metrics"), **settings)
