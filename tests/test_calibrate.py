@@ -141,7 +141,8 @@ def test_calibrate_measures_time_and_nfe_and_the_segmenter_keeps_the_table(seg, 
     new = seg.calibrate(samples, grid=grid, max_drop_pp=100.0)          # every spec is good enough
     table = new.metrics["calibration"]
     rows = {r["label"]: r for r in table["rows"]}
-    assert all(r["ok"] and r["seconds_per_image"] > 0 and 0 <= r["score"] <= 1 for r in rows.values())
+    assert all(r["ok"] and r["seconds_per_image"] > 0 and r["pass_seconds_per_image"] > 0 and 0 <= r["score"] <= 1
+               for r in rows.values())
     assert set(rows["euler-1"]["nfe_per_block"].values()) == {1.0}
     assert set(rows["rk4-2"]["nfe_per_block"].values()) == {8.0}
     assert min(rows["trained"]["nfe_per_block"].values()) >= 8         # dopri5: >= 8 evaluations
