@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..recipe import Recipe, get_recipe
+from .notebooks import setup_figures
 
 
 def _default_results() -> Path:
@@ -87,6 +88,7 @@ def _jsonable(x):
 def start_run(chapter: str, seed: int = 0, profile: str | None = None) -> Run:
     """Seed everything, print what this run is, and return a :class:`Run`."""
     prof = get_recipe(profile)
+    setup_figures()                      # inline figures as JPEG at a set dpi: small notebooks
     torch.manual_seed(seed)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     run = Run(chapter, prof, seed, device, time.perf_counter())
