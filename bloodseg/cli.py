@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .bccd import prepare_bccd
+from .bccd import prepare_bccd, prepare_cached
+from .calibrate import solver_label, white_iou_score
 from .count import write_counts_csv
 from .datasets import SegmentationDataset, training_splits
 from .distributed import cleanup_distributed, setup_distributed
 from .download import download_bccd
 from .errors import BloodsegError
+from .io import load_folder
 from .models import MODEL_NAMES, build_model
 from .ode import set_tolerance
 from .recipe import Recipe, get_recipe
@@ -178,8 +180,6 @@ def _segmenter(args) -> Segmenter:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import solver_label, white_iou_score
-    from .io import load_folder
     if (args.data is None) == (args.bccd_src is None):
         raise BloodsegError("give exactly one of --data DIR (images/ and masks/) and --bccd-src DIR "
                             "(raw BCCD: its validation photographs are used, scored by gold white-cell IoU)")
@@ -188,7 +188,6 @@ def cmd_calibrate(args) -> int:
     if args.data is not None:
         samples = load_folder(args.data)
     else:
-        from .bccd import prepare_cached
         prepare_cached(args.bccd_src, Path(args.work) / "bccd")
         samples = load_folder(Path(args.work) / "bccd" / "val")
         score, what = white_iou_score, "gold white-cell IoU over all images"
@@ -217,12 +216,40 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _batch_options(args) -> dict:
+    if args.pixel_size_um is not None and args.instances is None:
+        raise BloodsegError("--pixel-size-um gives the cells' areas in µm² in the --instances tables; "
+                            "add --instances DIR")
+    return dict(skip_existing=args.skip_existing, progress=True if args.progress else None,
+                instances=args.instances, pixel_size_um=args.pixel_size_um,
+                save_probabilities=args.save_probabilities)
+
+
+def _batch_segmenter(args) -> Segmenter:
+    seg = _segmenter(args)
+    return seg.replace(tta=True) if args.tta else seg
+
+
+def _summary(command: str, rows, done: str) -> int:
+    """Print the "N written, K failed" line on stderr; exit status 1 when an image failed."""
+    failed = [r for r in rows if "error" in r]
+    skipped = sum(1 for r in rows if r.get("skipped"))
+    line = f"bloodseg {command}: {len(rows) - len(failed) - skipped} {done}, {len(failed)} failed"
+    if skipped:
+        line += f", {skipped} skipped (their outputs were already there)"
+    print(line, file=sys.stderr)
+    for r in failed:
+        print(f"  failed: {r['image']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_predict(args) -> int:
-    rows = _segmenter(args).predict_files(args.images, args.out, overlays=not args.no_overlay,
-                                          postprocess=False if args.raw else None)
+    rows = _batch_segmenter(args).predict_files(args.images, args.out, overlays=not args.no_overlay,
+                                                postprocess=False if args.raw else None, **_batch_options(args))
     for r in rows:
-        print(f"{r['image']} -> {r['mask']}")
-    return 0
+        if "error" not in r:
+            print(f"{r['image']} -> {r['mask']}" + (" (kept)" if r.get("skipped") else ""))
+    return _summary("predict", rows, "written")
 
 
 def cmd_bench(args) -> int:
@@ -247,14 +274,17 @@ def cmd_count(args) -> int:
 
     if args.ckpt is None:
         args.ckpt = shipped_checkpoint()
-    rows = _segmenter(args).count_files(args.images, red_radius=args.red_radius, masks_out=args.masks,
-                                        postprocess=False if args.raw else None)
+    if args.skip_existing and args.masks is None:
+        raise BloodsegError("--skip-existing needs --masks DIR: the counts are made again from the saved masks")
+    rows = _batch_segmenter(args).count_files(args.images, red_radius=args.red_radius, masks_out=args.masks,
+                                              postprocess=False if args.raw else None, **_batch_options(args))
+    counted = [r for r in rows if "error" not in r]
     print("image,n_white,n_red")
-    for r in rows:
+    for r in counted:
         print(f"{r['image']},{r['n_white']},{r['n_red']}")
     if args.out:
-        print(f"wrote {write_counts_csv(rows, args.out)}")
-    return 0
+        print(f"wrote {write_counts_csv(counted, args.out)}")
+    return _summary("count", rows, "counted")
 
 
 def cmd_ddp_bench(args) -> int:
@@ -408,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the network's masks as they are, without the checkpoint's white-cell cleanup")
     s.add_argument("--exact", action="store_true",
                    help="use the trained ODE solver even when the checkpoint stores a calibrated one")
+    _add_batch_flags(s)
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("count", help="count white and red cells per image (CSV)",
@@ -425,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overlap", type=int, default=64)
     s.add_argument("--exact", action="store_true",
                    help="use the trained ODE solver even when the checkpoint stores a calibrated one")
+    _add_batch_flags(s)
     s.set_defaults(func=cmd_count)
 
     s = sub.add_parser("bench", help="parameters, memory, inference time, NFE and training-step cost "
@@ -464,6 +496,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_ddp_gradcheck)
     return p
+
+
+def _add_batch_flags(s) -> None:
+    """Flags shared by predict and count (see Segmenter.predict_files)."""
+    s.add_argument("--skip-existing", action="store_true",
+                   help="keep images whose outputs are already there and decode (continue an interrupted run)")
+    s.add_argument("--instances", metavar="DIR",
+                   help="also write <stem>_instances.png (16-bit, one id per cell) and <stem>_cells.csv here")
+    s.add_argument("--pixel-size-um", type=float, metavar="X",
+                   help="side of one pixel in micrometres: cell areas in µm² in the --instances tables")
+    s.add_argument("--save-probabilities", action="store_true",
+                   help="also write <stem>_probs.npz (class probabilities, float16, compressed)")
+    s.add_argument("--tta", action="store_true", help="average the predictions over flips (slower)")
+    s.add_argument("--progress", action="store_true",
+                   help="show the progress bar even when stderr is not a terminal")
+    s.epilog = ("An image that cannot be read or predicted is reported and skipped; the others are written. "
+                "Exit status 0: all done; 1: some images failed; 2: nothing could be done (bad "
+                "checkpoint, output folder, options).")
 
 
 def _version() -> str:

@@ -187,6 +187,24 @@ def write_image(path, array: np.ndarray) -> Path:
     return path
 
 
+def write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (a hidden temporary file in the same folder, then a
+    rename), like :func:`write_image`: for CSV tables and ``.npz`` arrays next to the masks."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"cannot write {path.absolute()} ({exc.strerror or exc}); "
+                        "choose an output folder you can write to, with free space") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def expand_inputs(paths) -> list[Path]:
     """Files stay files; a folder becomes its image files (sorted). Missing paths are an error."""
     out: list[Path] = []

@@ -22,12 +22,13 @@ chooses one on validation photographs, and ``Segmenter.load(path, exact=True)`` 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .calibrate import apply_solver, check_solver, trained_solver
+from .calibrate import apply_solver, calibrate, check_solver, trained_solver
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from .classes import CLASS_NAMES, overlay
 from .count import count_cells
@@ -35,7 +36,7 @@ from .distributed import default_device
 from .errors import BloodsegError, CheckpointError
 from .infer import predict_image, predict_probabilities
 from .io import _writable_dir, check_output_names, expand_inputs, read_image, write_image
-from .postprocess import check_postprocess
+from .postprocess import check_postprocess, clean_white_cells, min_area_at
 
 #: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
 SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "class_names", "solver")
@@ -154,8 +155,6 @@ class Segmenter:
         """A copy with the solver :func:`bloodseg.calibrate.calibrate` chooses on ``samples``
         (VALIDATION photographs with gold masks, never the test ones), and the calibration table
         in ``metrics["calibration"]``. ``kw`` go to :func:`~bloodseg.calibrate.calibrate`."""
-        import json
-        from .calibrate import calibrate
         result = calibrate(self, samples, **kw)
         metrics = dict(self.metrics or {})
         metrics["calibration"] = json.loads(json.dumps(result, default=float))
@@ -196,45 +195,148 @@ class Segmenter:
         return check_postprocess(postprocess)
 
     # ------------------------------------------------------------------ many files
-    def predict_files(self, paths, out_dir, overlays: bool = True, postprocess=None) -> list[dict]:
-        """Predict every image; write ``<stem>.png`` (mask, values 0/1/2) and ``<stem>_overlay.png``.
+    # Batch runs stream: one image is read, predicted, written and dropped before the next (only
+    # the small per-image rows are kept). An image that cannot be read or predicted (a
+    # BloodsegError: empty, truncated, not an image, ...) is reported on stderr and skipped; its
+    # row is ``{"image": path, "error": reason}``. An output that cannot be written (disk full)
+    # stops the run: every later image would fail the same way. ``skip_existing=True`` keeps an
+    # image whose outputs are all there and decode (its row gets ``"skipped": True``), so an
+    # interrupted run continues where it stopped. ``progress`` (None: when stderr is a terminal)
+    # shows a tqdm bar with images/s on stderr.
 
-        Refuses (before writing anything) when two inputs share a stem, or when an output would
-        overwrite an input image (e.g. ``--out`` is the input folder and an input is ``<stem>.png``).
-        Every file is written atomically.
-        """
+    def _mask_and_probs(self, image, postprocess, need_probs: bool):
+        if not need_probs:
+            return self.predict(image, postprocess), None
+        probs = self.predict_proba(image)
+        mask = probs.argmax(0).numpy().astype(np.uint8)
+        spec = self._postprocess(postprocess)
+        if spec:
+            mask = clean_white_cells(mask, probs, min_area_at(spec, self.input_scale), spec["fill_white_holes"])
+        return mask, probs
+
+    def _outputs(self, f: Path, out_dir, overlays: bool, instances_dir, save_probabilities: bool) -> list[Path]:
+        from .instances import instance_paths
+        out = []
+        if out_dir is not None:
+            out += [out_dir / f"{f.stem}.png"] + ([out_dir / f"{f.stem}_overlay.png"] if overlays else [])
+        if instances_dir is not None:
+            out += list(instance_paths(instances_dir, f.stem))
+        if save_probabilities:
+            out.append((out_dir if out_dir is not None else instances_dir) / f"{f.stem}_probs.npz")
+        return out
+
+    def _existing_mask(self, f: Path, outputs: list[Path], has_mask: bool):
+        """The saved mask of ``f`` when every output is there and decodes, else None."""
+        from .instances import _decodes
+        from .io import read_mask
+        try:
+            if not all(p.is_file() for p in outputs):
+                return None
+            for p in outputs[1:] if has_mask else outputs:
+                if p.name.endswith("_overlay.png"):
+                    read_image(p)
+                elif not _decodes(p):
+                    return None
+            return read_mask(outputs[0]) if has_mask else True
+        except BloodsegError:
+            return None
+
+    def _batch(self, paths, out_dir, overlays, postprocess, skip_existing, progress, instances_dir,
+               pixel_size_um, save_probabilities, row_of, what: str) -> list[dict]:
+        import sys
+
+        from tqdm import tqdm
+
+        from .instances import _check_pixel_size, instances, write_instances, write_probabilities
         files = expand_inputs(paths)
-        out_dir = _writable_dir(out_dir)
-        check_output_names(files, out_dir, ("", "_overlay") if overlays else ("",))
-        results = []
-        for f in files:
-            image = read_image(f)
-            mask = self.predict(image, postprocess)
-            mask_path = write_image(out_dir / f"{f.stem}.png", mask)
-            row = {"image": str(f), "mask": str(mask_path), "height": mask.shape[0], "width": mask.shape[1],
+        _check_pixel_size(pixel_size_um)
+        if out_dir is not None:
+            out_dir = _writable_dir(out_dir)
+            check_output_names(files, out_dir, ("", "_overlay") if overlays else ("",))
+        if instances_dir is not None:
+            instances_dir = _writable_dir(instances_dir)
+            check_output_names(files, instances_dir, ("_instances",))
+        if save_probabilities and out_dir is None and instances_dir is None:
+            raise BloodsegError("save_probabilities needs an output folder (the masks' or the instances' folder)")
+        if skip_existing and out_dir is None and instances_dir is None:
+            raise BloodsegError("skip_existing needs outputs to look for: give a masks or instances folder")
+        need_probs = instances_dir is not None or save_probabilities
+        show = sys.stderr.isatty() if progress is None else bool(progress)
+        bar = tqdm(files, desc=what, unit="image", file=sys.stderr, disable=not show, dynamic_ncols=True)
+        rows = []
+        for f in bar:
+            outputs = self._outputs(f, out_dir, overlays, instances_dir, save_probabilities)
+            if skip_existing:
+                mask = self._existing_mask(f, outputs, out_dir is not None)
+                if mask is not None:
+                    rows.append({**row_of(f, mask if out_dir is not None else None, outputs), "skipped": True})
+                    continue
+            try:
+                image = read_image(f)
+                mask, probs = self._mask_and_probs(image, postprocess, need_probs)
+                cells = instances(mask, probs, pixel_size_um) if instances_dir is not None else None
+            except BloodsegError as exc:
+                reason = str(exc)
+                rows.append({"image": str(f), "error": reason})
+                tqdm.write(f"skipped {f.name}: {reason}", file=sys.stderr)
+                continue
+            if out_dir is not None:
+                write_image(out_dir / f"{f.stem}.png", mask)
+                if overlays:
+                    write_image(out_dir / f"{f.stem}_overlay.png", overlay(image, mask))
+            if cells is not None:
+                write_instances(*cells, instances_dir, f.stem)
+            if save_probabilities:
+                write_probabilities(outputs[-1], probs)
+            row = row_of(f, mask, outputs)
+            if cells is not None:
+                row["n_cells"] = len(cells[1])
+            rows.append(row)
+            del image, mask, probs, cells
+        bar.close()
+        return rows
+
+    def predict_files(self, paths, out_dir, overlays: bool = True, postprocess=None, *, skip_existing: bool = False,
+                      progress: bool | None = None, instances=None, pixel_size_um=None,
+                      save_probabilities: bool = False) -> list[dict]:
+        """Predict every image (files or folders); write ``<stem>.png`` (mask, values 0/1/2) and
+        ``<stem>_overlay.png``; with ``instances`` (a folder) ``<stem>_instances.png`` and
+        ``<stem>_cells.csv`` (:mod:`bloodseg.instances`, ``pixel_size_um`` gives areas in µm²); with
+        ``save_probabilities`` ``<stem>_probs.npz`` (float16) next to the masks.
+
+        Returns one row per input, in order: ``{"image", "mask", "height", "width", "fraction_*",
+        "overlay"}`` for a written image, the same with ``"skipped": True`` for one kept by
+        ``skip_existing``, and ``{"image", "error"}`` for one that failed (reported on stderr and
+        skipped; see the comment above). Refuses (before writing anything) when two inputs share a
+        stem, or when an output would overwrite an input image. Every file is written atomically.
+        """
+        def row_of(f, mask, outputs):
+            row = {"image": str(f), "mask": str(outputs[0]), "height": mask.shape[0], "width": mask.shape[1],
                    **{f"fraction_{k}": float((mask == i).mean())
                       for i, k in enumerate(("background", "white", "red"))}}
             if overlays:
-                row["overlay"] = str(write_image(out_dir / f"{f.stem}_overlay.png", overlay(image, mask)))
-            results.append(row)
-        return results
+                row["overlay"] = str(outputs[1])
+            return row
+        return self._batch(paths, out_dir, overlays, postprocess, skip_existing, progress, instances,
+                           pixel_size_um, save_probabilities, row_of, "predict")
 
-    def count_files(self, paths, red_radius: float | None = None, masks_out=None, postprocess=None) -> list[dict]:
+    def count_files(self, paths, red_radius: float | None = None, masks_out=None, postprocess=None, *,
+                    skip_existing: bool = False, progress: bool | None = None, instances=None,
+                    pixel_size_um=None, save_probabilities: bool = False) -> list[dict]:
         """Count the cells of every image (files or folders); one row per image with
-        :data:`bloodseg.count.COUNT_COLUMNS`. With ``masks_out`` the masks and overlays are written too."""
-        files = expand_inputs(paths)
-        out_dir = _writable_dir(masks_out) if masks_out is not None else None
-        if out_dir is not None:
-            check_output_names(files, out_dir)
-        rows = []
-        for f in files:
-            image = read_image(f)
-            mask = self.predict(image, postprocess)
-            rows.append({"image": str(f), **count_cells(mask, red_radius=red_radius)})
-            if out_dir is not None:
-                write_image(out_dir / f"{f.stem}.png", mask)
-                write_image(out_dir / f"{f.stem}_overlay.png", overlay(image, mask))
-        return rows
+        :data:`bloodseg.count.COUNT_COLUMNS`. With ``masks_out`` the masks and overlays are written
+        too; ``instances``, ``pixel_size_um``, ``save_probabilities`` (into ``masks_out``, else
+        ``instances``), ``skip_existing`` (the count is made again from the saved mask, without the
+        network; needs ``masks_out``) and ``progress`` as in :meth:`predict_files`. A failed image
+        gives ``{"image", "error"}``."""
+        if skip_existing and masks_out is None:
+            raise BloodsegError("skip_existing needs masks_out (--masks): the counts are made again from the "
+                                "saved masks")
+
+        def row_of(f, mask, outputs):
+            return {"image": str(f), **count_cells(mask, red_radius=red_radius)}
+        return self._batch(paths, masks_out, True, postprocess, skip_existing, progress, instances,
+                           pixel_size_um, save_probabilities, row_of, "count")
 
 
 #: File name of the shipped checkpoint in ``bloodseg/data/checkpoints/``.
