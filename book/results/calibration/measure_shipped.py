@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="first N photographs of each split (a quick check only)")
     args = p.parse_args()
     t_all = time.perf_counter()
+    commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "bloodseg"))   # at the start
     prepare_cached(args.bccd_src, Path(args.work) / "bccd")
     val = load_folder(Path(args.work) / "bccd" / "val")
     test = load_folder(Path(args.work) / "bccd" / "test")
@@ -105,7 +106,7 @@ def main() -> None:
         "exact_path_bit_identical_first_8_test_photos": exact_identical,
         "calibrated_checkpoint": args.out_ckpt,
         "provenance": {
-            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "bloodseg")),
+            "git_commit": commit, "git_dirty": dirty,
             "command": " ".join([Path(sys.executable).name] + sys.argv),
             "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                       f"torch threads {torch.get_num_threads()}, shared with other jobs; load average "
