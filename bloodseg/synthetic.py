@@ -271,12 +271,28 @@ def _visible_counts(mask: np.ndarray, red: list, white: list) -> dict:
     return counts
 
 
+def _instance_map(mask: np.ndarray, red: list, white: list) -> dict:
+    """Exact cell instances of a painted smear (see :func:`make_smear`, ``return_instances``)."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), np.int32)
+    cells = []
+    for key, cls, group in (("red", RED_CELL, red), ("white", WHITE_CELL, white)):   # painting order
+        for (blob, *_), sl, _, _, cov, _ in _on_image(group, h, w):
+            own = cov >= 0.5
+            if not own.any():
+                continue
+            visible = int((own & (mask[sl] == cls)).sum())
+            cells.append({"id": len(cells) + 1, "class": key, "counted": visible >= 0.5 * _full_area(blob)})
+            labels[sl][own & (mask[sl] == cls)] = len(cells)     # the topmost cell of its class keeps a pixel
+    return {"labels": labels, "cells": cells}
+
+
 def smear_counts(seed: int, size=(519, 775), **spec) -> dict:
     """Exact cell counts of ``make_smear(seed, size, **spec)``: ``make_smear(..., return_counts=True)[2]``."""
     return make_smear(seed, size=size, return_counts=True, **spec)[2]
 
 
-def make_smear(seed: int, size=(519, 775), return_counts: bool = False, **spec):
+def make_smear(seed: int, size=(519, 775), return_counts: bool = False, return_instances: bool = False, **spec):
     """Paint one synthetic blood smear; return ``(image, mask)``, or ``(image, mask, counts)``.
 
     ``image`` is OpenCV BGR ``uint8 HxWx3``; ``mask`` is ``uint8 HxW`` with 0 background
@@ -290,6 +306,11 @@ def make_smear(seed: int, size=(519, 775), return_counts: bool = False, **spec):
     hidden under a white cell or a platelet, not cut off by the border); overlapping red cells
     stay visible, each of them. ``n_white_drawn`` / ``n_red_drawn`` count every cell with at
     least one pixel in the image. Image and mask are the same either way.
+
+    With ``return_instances=True`` one more item (last) gives the exact cells: ``{"labels": int32
+    HxW, "cells": [{"id", "class" ("white"/"red"), "counted"}]}``; a pixel of class 1 or 2 holds the
+    id of the topmost cell of that class drawn there (0 elsewhere), and ``counted`` says whether the
+    cell counts in ``n_white``/``n_red``.
     """
     cfg = _spec(spec)
     h, w = _check_size(size)
@@ -372,9 +393,12 @@ def make_smear(seed: int, size=(519, 775), return_counts: bool = False, **spec):
     quality = int(rng.integers(int(cfg.jpeg_quality[0]), int(cfg.jpeg_quality[1]) + 1))
     _, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    out = (image, mask)
     if return_counts:
-        return image, mask, _visible_counts(mask, red, white)
-    return image, mask
+        out += (_visible_counts(mask, red, white),)
+    if return_instances:
+        out += (_instance_map(mask, red, white),)
+    return out
 
 
 # ----------------------------------------------------------------------------- colour baseline
