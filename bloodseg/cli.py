@@ -1,6 +1,8 @@
 """The ``bloodseg`` command. Each subcommand is a thin layer over a library function.
 
-Errors a user can cause print one clear line (no traceback) and exit with status 2.
+Errors a user can cause print one clear line (no traceback) and exit with status 2. ``predict``
+and ``count`` report an image they cannot read or predict, skip it, do the others, and exit with
+status 1 ("N written, K failed" on stderr).
 """
 from __future__ import annotations
 

@@ -191,3 +191,30 @@ def test_memory_stays_flat_over_200_images(ckpt, tmp_path):
     print(f"\nRSS after image 20: {rss[20] / 2 ** 20:.1f} MiB, after image 200: {rss[200] / 2 ** 20:.1f} MiB, "
           f"growth {growth:+.1f} MiB")
     assert growth < 30, growth
+
+
+def test_progress_bar_on_stderr_with_images_per_second(ckpt, folder, tmp_path, capsys):
+    files = [str(folder / f"img_{i:03d}.png") for i in range(10, 16)]
+    assert cli.main(["predict", "--ckpt", str(ckpt), *files, "--out", str(tmp_path / "a")]) == 0
+    assert "image/s" not in capsys.readouterr().err            # not a terminal: no bar
+    assert cli.main(["predict", "--ckpt", str(ckpt), *files, "--out", str(tmp_path / "b"), "--progress"]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert "image/s" in stderr and "6/6" in stderr and "image/s" not in stdout
+    assert "bloodseg predict: 6 written, 0 failed" in stderr
+
+
+def test_an_image_the_network_cannot_predict_is_skipped_too(ckpt, folder, tmp_path, capsys):
+    from bloodseg.errors import SolverError
+    seg = Segmenter.load(ckpt)
+    plain = seg.predict
+
+    def predict(image, *a, **kw):
+        if image.shape == (1, 1, 3):
+            raise SolverError("the ODE solver reached its step cap on this image")
+        return plain(image, *a, **kw)
+    seg.predict = predict
+    files = [folder / "img_006.png", folder / "img_007.png", folder / "img_008.png"]
+    rows = seg.predict_files(files, tmp_path / "o", progress=False)
+    assert [("error" in r) for r in rows] == [False, True, False]
+    assert rows[1] == {"image": str(files[1]), "error": "the ODE solver reached its step cap on this image"}
+    assert "skipped img_007.png: the ODE solver reached its step cap" in capsys.readouterr().err
