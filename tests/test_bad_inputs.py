@@ -355,12 +355,18 @@ def test_predict_on_truncated_zero_byte_and_missing_images(tmp_path, capsys):
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
     (tmp_path / "zero.png").write_bytes(b"")
+    # an unreadable image is reported (file + reason) and skipped: the others are written, exit 1
     for image, fragments in (
             (cut, [f"cannot decode {cut}", "truncated or corrupt", "re-export"]),
-            (tmp_path / "zero.png", [f"image file is empty (0 bytes): {tmp_path / 'zero.png'}", "re-export"]),
-            (tmp_path / "nope.png", [f"input not found: {tmp_path / 'nope.png'}", "Give image files or folders"])):
+            (tmp_path / "zero.png", [f"image file is empty (0 bytes): {tmp_path / 'zero.png'}", "re-export"])):
+        (tmp_path / "masks" / "whole.png").unlink(missing_ok=True)
         rc, out, err = cli(capsys, "predict", "--ckpt", ckpt, whole, image, "--out", tmp_path / "masks")
-        assert_clean_error(rc, err, "predict", *fragments)
+        assert rc == 1 and "Traceback" not in err and f"skipped {image.name}:" in err
+        assert all(f in err for f in fragments), err
+        assert (tmp_path / "masks" / "whole.png").exists() and not (tmp_path / "masks" / f"{image.stem}.png").exists()
+    # a missing input stops the run before anything is predicted (exit 2)
+    rc, out, err = cli(capsys, "predict", "--ckpt", ckpt, whole, tmp_path / "nope.png", "--out", tmp_path / "m2")
+    assert_clean_error(rc, err, "predict", f"input not found: {tmp_path / 'nope.png'}", "Give image files or folders")
     rc, out, err = cli(capsys, "predict", "--ckpt", ckpt, whole, "--out", tmp_path / "masks")
     assert rc == 0 and (tmp_path / "masks" / "whole.png").exists()
 
