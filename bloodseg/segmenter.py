@@ -35,7 +35,22 @@ from .count import count_cells
 from .distributed import default_device
 from .errors import BloodsegError, CheckpointError
 from .infer import predict_image, predict_probabilities
-from .io import _writable_dir, check_output_names, expand_inputs, read_image, write_image
+from .instances import (
+    _check_pixel_size,
+    _decodes,
+    instance_paths,
+    instances,
+    write_instances,
+    write_probabilities,
+)
+from .io import (
+    _writable_dir,
+    check_output_names,
+    expand_inputs,
+    read_image,
+    read_mask,
+    write_image,
+)
 from .postprocess import check_postprocess, clean_white_cells, min_area_at
 
 #: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
@@ -215,7 +230,6 @@ class Segmenter:
         return mask, probs
 
     def _outputs(self, f: Path, out_dir, overlays: bool, instances_dir, save_probabilities: bool) -> list[Path]:
-        from .instances import instance_paths
         out = []
         if out_dir is not None:
             out += [out_dir / f"{f.stem}.png"] + ([out_dir / f"{f.stem}_overlay.png"] if overlays else [])
@@ -227,8 +241,6 @@ class Segmenter:
 
     def _existing_mask(self, f: Path, outputs: list[Path], has_mask: bool):
         """The saved mask of ``f`` when every output is there and decodes, else None."""
-        from .instances import _decodes
-        from .io import read_mask
         try:
             if not all(p.is_file() for p in outputs):
                 return None
@@ -247,7 +259,6 @@ class Segmenter:
 
         from tqdm import tqdm
 
-        from .instances import _check_pixel_size, instances, write_instances, write_probabilities
         files = expand_inputs(paths)
         _check_pixel_size(pixel_size_um)
         if out_dir is not None:
