@@ -254,6 +254,13 @@ def cmd_predict(args) -> int:
     return _summary("predict", rows, "written")
 
 
+def cmd_reproduce(args) -> int:
+    from .paper.reproduce import reproduce
+    reproduce(args.experiment, scale=args.scale, seeds=args.seeds, max_minutes=args.max_minutes,
+              out=args.out, progress=True if args.progress else None)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .paper.bench import format_bench, run_bench
     result = run_bench(models=args.models, width=args.width, size=args.size, n_images=args.n_images,
@@ -476,6 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-adjoint", action="store_true", help="skip the adjoint training step")
     s.add_argument("--json", help="also write the full results to this file")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("reproduce", help="train every model of a paper experiment on several seeds; one "
+                                         "JSON record per (model, seed) with provenance, resumable")
+    s.add_argument("experiment", choices=("table1", "table2", "tolerance", "adjoint-memory", "all"))
+    s.add_argument("--scale", default="quick", choices=("quick", "study", "full", "smoke"),
+                   help="the recipe: quick (chapters' CPU ablation), study (provisional converged CPU "
+                        "recipe), full (the paper's); smoke is for tests")
+    s.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every model (default 3)")
+    s.add_argument("--max-minutes", type=float, default=0.0,
+                   help="start no unit that would end after this many minutes (0: no limit); run "
+                        "again to continue")
+    s.add_argument("--out", default="book/results", help="records go to OUT/EXPERIMENT/SCALE/ (default book/results)")
+    s.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    s.set_defaults(func=cmd_reproduce)
 
     # Hidden (no help=, so not listed): the workers that bloodseg.paper.ddp_scaling launches under torchrun.
     s = sub.add_parser("ddp-bench", description="Throughput of training steps in this process; run it under torchrun.")

@@ -1,0 +1,331 @@
+"""Evidence for the paper's claims: every model of an experiment trained on several seeds, one record each.
+
+``bloodseg reproduce EXPERIMENT --scale S --seeds N`` trains the models of ``EXPERIMENT`` (see
+:data:`EXPERIMENTS`) at the recipe of scale ``S`` (:func:`scale_recipe`) on seeds ``0..N-1``. The unit
+of work is one (model, seed) run; its record is one JSON file
+``<out>/<experiment>/<scale>/<label>-seed<k>.json`` with provenance (:data:`PROVENANCE`), the
+per-epoch history, the test scores and the per-image scores that :mod:`bloodseg.paper.stats`
+bootstraps. Every model sees the same seeds, training data, data order (a function of the seed)
+and test set; the seed only changes the initial weights and the order of the batches.
+
+* A unit whose record is complete (same recipe, all fields) is skipped, so a killed or time-boxed
+  run continues where it stopped; the training of an unfinished unit resumes from its ``last.pt``
+  (checkpoints live under ``work``, ``runs/reproduce/`` by default, not next to the records).
+* ``max_minutes`` starts no unit whose expected duration (the mean wall time of the finished
+  units of the experiment, or for the first unit an estimate from one timed training step)
+  would pass the limit.
+* :func:`summarize` — per model: test MIoU mean over seeds with its interval, and the paired
+  difference to the U-Net (seeds and images resampled, :func:`~bloodseg.paper.stats.paired_bootstrap`)
+  with its verdict.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_model
+from ..datasets import SegmentationDataset, extract_patches, synthetic_splits
+from ..errors import BloodsegError
+from ..io import write_bytes
+from ..models import build_model, count_parameters
+from ..recipe import Recipe
+from ..train import evaluate, fit
+from . import stats
+from .runs import _subset, ablation_budget
+
+RECORD_FORMAT = 1
+#: Fields every record must carry; :func:`load_records` refuses a record without them.
+PROVENANCE = ("git_commit", "command", "recipe", "device", "torch", "date", "wall_s")
+EXPERIMENTS = ("table1", "table2", "tolerance", "adjoint-memory")
+SCALES = ("quick", "study", "full", "smoke")   # smoke: seconds, for the tests
+DATA_SEED = 0    # crops and subsets of the training data: the same for every seed and model
+
+
+def scale_recipe(scale: str) -> Recipe:
+    """The recipe of a scale.
+
+    * ``quick`` — chapters 5-6's ablation recipe of the quick preset (width 16, 3 epochs on 64 px crops).
+    * ``full`` — the full preset (the paper's setting: width 32, 256 px, 50 epochs).
+    * ``study`` — PROVISIONAL, not yet shown to be converged: the quick ablation recipe with a
+      larger test split (24 synthetic smears, 4 patches of 128 px each, 24 test patches held out by
+      source, so 216 train / 72 validation patches trained on one 64 px crop each) and 15 epochs
+      of batch 4 with a cosine learning-rate schedule (lr 2e-3 -> 0), i.e. 5x the quick epochs and
+      an annealed end so that the last epochs do not bounce. Chosen so that one (model, seed) unit
+      costs a few CPU minutes; to be checked by the study itself (validation MIoU flat over
+      the last epochs) before its numbers decide a claim.
+    * ``smoke`` — the smoke preset's ablation recipe (seconds; tests only).
+    """
+    if scale == "quick":
+        return ablation_budget("quick")
+    if scale == "full":
+        return ablation_budget("full")
+    if scale == "smoke":
+        return ablation_budget("smoke")
+    if scale == "study":
+        return ablation_budget("quick").replace(
+            name="study", **{"data.n_source": 24, "data.n_test": 24, "train.epochs": 15,
+                             "train.schedule": "cosine"})
+    raise BloodsegError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
+
+
+def experiment_specs(experiment: str, recipe: Recipe) -> list[dict]:
+    """The models of an experiment: ``dict(label, model, options)``."""
+    plain = lambda name: dict(label=name, model=name, options={})   # noqa: E731
+    if experiment == "table1":
+        return [plain("unet")] + [plain(f"ode-unet-{p}") for p in range(1, 10)]
+    if experiment == "table2":
+        hidden = 2 * recipe.model.width                  # chapter 6: runs.nodes_settings()["hidden"]
+        return [plain("unet"), plain("resunet"), plain("nodes-unet"),
+                dict(label=f"nodes-unet-h{hidden}", model="nodes-unet", options=dict(ode_hidden=hidden))]
+    if experiment == "tolerance":
+        return [plain("nodes-unet")]
+    if experiment == "adjoint-memory":
+        return [dict(label="adjoint-memory", model="nodes-unet", options={})]
+    raise BloodsegError(f"unknown experiment {experiment!r}: choose one of {', '.join(EXPERIMENTS)}, all")
+
+
+def prepare_data(recipe: Recipe) -> dict:
+    """Train, validation and test sets of ``recipe`` (the same for every seed and model)."""
+    splits = synthetic_splits(recipe)
+    train, val = splits["train"], splits["val"]
+    if recipe.data.train_patch:
+        train = extract_patches(train, recipe.data.train_patch, recipe.data.crops_per_patch, seed=DATA_SEED)
+        val = extract_patches(val, recipe.data.train_patch, recipe.data.crops_per_patch, seed=DATA_SEED + 1)
+    train = _subset(train, recipe.data.max_train, DATA_SEED)
+    val = _subset(val, recipe.data.max_val, DATA_SEED + 1)
+    return dict(train=SegmentationDataset(train), val=SegmentationDataset(val),
+                test=SegmentationDataset(splits["test"]))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def record_path(out, experiment: str, scale: str, label: str, seed: int) -> Path:
+    return Path(out) / experiment / scale / f"{label}-seed{seed}.json"
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _complete(rec, recipe: Recipe, seed: int) -> bool:
+    return (isinstance(rec, dict) and rec.get("format") == RECORD_FORMAT and rec.get("seed") == seed
+            and rec.get("recipe") == recipe.to_dict() and all(k in rec for k in PROVENANCE)
+            and ("adjoint_memory" in rec or "per_image" in rec))
+
+
+def _unit_recipe(recipe: Recipe, seed: int) -> Recipe:
+    return recipe.replace(**{"train.seed": seed, "train.progress": False})
+
+
+def _train_unit(spec: dict, recipe: Recipe, seed: int, data: dict, work: Path) -> tuple:
+    """Train (or resume) one unit in ``work``; the best checkpoint and the history."""
+    fp = json.loads(json.dumps(dict(format=RECORD_FORMAT, spec=spec, recipe=recipe.to_dict())))
+    if _read(work / "fingerprint.json") != fp and work.exists():
+        shutil.rmtree(work)                       # other settings: start over
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "fingerprint.json").write_text(json.dumps(fp, indent=1))
+    torch.manual_seed(seed)
+    model = build_model(spec["model"], width=recipe.model.width, **{**recipe.model.options, **spec["options"]})
+    history = fit(model, data["train"], data["val"], work, recipe)
+    return load_model(work / "best.pt"), history
+
+
+def _measure_unit(experiment: str, spec: dict, recipe: Recipe, seed: int, data: dict, work: Path) -> dict:
+    if experiment == "adjoint-memory":
+        from .adjoint_memory import adjoint_memory
+        torch.manual_seed(seed)
+        m = recipe.measure
+        return dict(adjoint_memory=adjoint_memory(None, recipe.model.width, m.mem_size, m.mem_batch))
+    best, history = _train_unit(spec, recipe, seed, data, work)
+    s = evaluate(best, data["test"], n_timed=0, per_image=True)
+    out = dict(history=history, best_epoch=min(history, key=lambda r: r["val_loss"])["epoch"],
+               train_s=sum(r["time_s"] for r in history), params=count_parameters(best),
+               test={k: s[k] for k in ("pa", "cpa", "recall", "iou", "miou")},
+               per_image=[dict(pa=p["pa"], miou=p["miou"], iou=p["iou"]) for p in s["per_image"]])
+    if experiment == "tolerance":
+        from .tolerance import tolerance_curve
+        out["tolerance_curve"] = tolerance_curve(best, data["test"], recipe.measure.tolerances,
+                                                 recipe.measure.n_timed)
+    return out
+
+
+def estimate_unit_s(spec: dict, recipe: Recipe, data: dict) -> float:
+    """A first unit's expected wall time: one timed training step x the steps of the run, plus a
+    third for validation and testing (a rough guess, replaced by measured units as they finish)."""
+    model = build_model(spec["model"], width=recipe.model.width, **{**recipe.model.options, **spec["options"]})
+    ds, b = data["train"], recipe.train.batch_size
+    x = torch.stack([ds[i % len(ds)][0] for i in range(b)])
+    y = torch.stack([ds[i % len(ds)][1] for i in range(b)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    t0 = time.perf_counter()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    step = time.perf_counter() - t0
+    return 1.33 * step * math.ceil(len(ds) / b) * recipe.train.epochs
+
+
+def run_experiment(experiment: str, scale: str = "quick", seeds: int = 3, max_minutes: float = 0.0,
+                   out="book/results", work=None, command: str | None = None, progress: bool | None = None,
+                   log=print, changes: dict | None = None) -> dict:
+    """Run every missing (model, seed) unit of ``experiment``; ``dict(records, ran, skipped, not_started)``.
+
+    ``changes``: recipe fields changed from the scale's (``{"model.width": 4}``); they are part of
+    the stored recipe, so records of other settings are not taken as finished."""
+    if not (isinstance(seeds, int) and seeds >= 1):
+        raise BloodsegError(f"seeds must be a whole number >= 1; got {seeds!r}")
+    if not (max_minutes >= 0 and math.isfinite(max_minutes)):
+        raise BloodsegError(f"max_minutes must be 0 (no limit) or a positive number; got {max_minutes}")
+    from tqdm.auto import tqdm
+    base = scale_recipe(scale).replace(**(changes or {}))
+    specs = experiment_specs(experiment, base)
+    work = Path(work) if work is not None else Path("runs") / "reproduce"
+    command = command or shlex.join(sys.argv)
+    units = [(k, spec) for k in range(seeds) for spec in specs]     # seed by seed: paired early
+    started, ran, skipped, not_started, walls, data = time.perf_counter(), [], [], [], [], None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for seed, spec in units:                      # wall times of units finished before this call
+        rec = _read(record_path(out, experiment, scale, spec["label"], seed))
+        if _complete(rec, _unit_recipe(base, seed), seed):
+            walls.append(rec["wall_s"])
+    bar = tqdm(units, desc=f"{experiment} ({scale})", unit="unit", disable=None if progress is None else not progress)
+    for seed, spec in bar:
+        recipe, path = _unit_recipe(base, seed), record_path(out, experiment, scale, spec["label"], seed)
+        if _complete(_read(path), recipe, seed):
+            skipped.append(path)
+            continue
+        if data is None and experiment != "adjoint-memory":
+            data = prepare_data(base)
+        if max_minutes:
+            expected = (float(np.mean(walls)) if walls else
+                        estimate_unit_s(spec, recipe, data) if data else 60.0)
+            if time.perf_counter() - started + expected > 60 * max_minutes:
+                not_started = [record_path(out, experiment, scale, s["label"], k) for k, s in units
+                               if not _complete(_read(record_path(out, experiment, scale, s["label"], k)),
+                                                _unit_recipe(base, k), k)]
+                log(f"{experiment} ({scale}): max_minutes={max_minutes:g} reached; {len(not_started)} unit(s) "
+                    f"not started (about {expected / 60:.1f} min each); run the same command again to continue")
+                break
+        t0 = time.perf_counter()
+        result = _measure_unit(experiment, spec, recipe, seed, data,
+                               work / experiment / scale / f"{spec['label']}-seed{seed}")
+        wall = time.perf_counter() - t0
+        record = dict(format=RECORD_FORMAT, experiment=experiment, scale=scale, label=spec["label"],
+                      model=spec["model"], options=spec["options"], seed=seed, git_commit=git_commit(),
+                      command=command, recipe=recipe.to_dict(), device=device, torch=torch.__version__,
+                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      wall_s=wall, **result)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(path, (json.dumps(record, indent=1, default=float) + "\n").encode())
+        walls.append(wall)
+        ran.append(path)
+    bar.close()
+    return dict(records=load_records(Path(out) / experiment / scale), ran=ran, skipped=skipped,
+                not_started=not_started)
+
+
+def load_records(folder) -> list[dict]:
+    """Every ``*.json`` record in ``folder`` (sorted by name); a record without provenance is an error."""
+    records = []
+    for path in sorted(Path(folder).glob("*.json")):
+        rec = _read(path)
+        if not isinstance(rec, dict):
+            raise BloodsegError(f"{path} is not a readable JSON record; delete it and run the experiment again")
+        missing = [k for k in PROVENANCE if k not in rec]
+        if missing:
+            raise BloodsegError(f"{path} lacks provenance ({', '.join(missing)}); a number without "
+                                "provenance cannot decide a claim: re-run it with `bloodseg reproduce`")
+        rec["path"] = str(path)
+        records.append(rec)
+    return records
+
+
+def per_image_matrix(records: list[dict], label: str, seeds: list[int], score: str = "miou") -> np.ndarray:
+    """``seeds x images`` per-image ``score`` of model ``label``."""
+    by_seed = {r["seed"]: r for r in records if r.get("label") == label}
+    return np.array([[p[score] for p in by_seed[k]["per_image"]] for k in seeds], dtype=np.float64)
+
+
+def summarize(records: list[dict], reference: str = "unet", n_boot: int = stats.N_BOOT, seed: int = 0) -> list[dict]:
+    """Per model: test MIoU over seeds (mean, interval, spread) and, on the seeds that both it and
+    ``reference`` have, the paired difference of per-image MIoU to ``reference`` with its verdict
+    for "beats the reference" (percentage points; the reference's own row has no difference)."""
+    scored = [r for r in records if "per_image" in r]
+    labels = sorted(dict.fromkeys(r["label"] for r in scored), key=lambda x: (x != reference, x))
+    rows = []
+    for label in labels:
+        mine = sorted((r for r in scored if r["label"] == label), key=lambda r: r["seed"])
+        miou = [100 * r["test"]["miou"] for r in mine]
+        ci = stats.mean_ci(miou, n_boot, seed)
+        row = dict(model=label, n_seeds=len(mine), miou=ci["mean"], miou_ci=ci["ci"],
+                   seed_range=stats.seed_spread(miou)["range"])
+        common = sorted({r["seed"] for r in mine} & {r["seed"] for r in scored if r["label"] == reference})
+        if label != reference and common:
+            a = 100 * per_image_matrix(scored, reference, common)
+            b = 100 * per_image_matrix(scored, label, common)
+            d = stats.paired_bootstrap(a, b, n_boot, seed)
+            row.update(diff=d["diff"], diff_ci=d["ci"], verdict=stats.verdict(d["ci"]))
+        rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict], reference: str = "unet") -> str:
+    lines = [f"{'model':<22}{'seeds':>6}  {'test MIoU % (95% CI)':<26}{'vs ' + reference + ' (pp, 95% CI)':<28}verdict"]
+    for r in rows:
+        m = f"{r['miou']:.2f} ({r['miou_ci'][0]:.2f}, {r['miou_ci'][1]:.2f})"
+        d = f"{r['diff']:+.2f} ({r['diff_ci'][0]:+.2f}, {r['diff_ci'][1]:+.2f})" if "diff" in r else "-"
+        lines.append(f"{r['model']:<22}{r['n_seeds']:>6}  {m:<26}{d:<28}{r.get('verdict', '-')}")
+    return "\n".join(lines)
+
+
+def _adjoint_ratio(rec: dict) -> float:
+    peak = {r["backprop"]: r.get("peak_mb") for r in rec["adjoint_memory"] if r["model"] == "nodes-unet"}
+    return peak["adjoint"] / peak["direct"] if peak.get("adjoint") and peak.get("direct") else math.nan
+
+
+def reproduce(experiment: str, scale: str = "quick", seeds: int = 3, max_minutes: float = 0.0,
+              out="book/results", work=None, command: str | None = None, progress: bool | None = None,
+              log=print, changes: dict | None = None) -> dict:
+    """:func:`run_experiment` for one experiment or ``all`` (one shared time limit); prints summaries."""
+    names = list(EXPERIMENTS) if experiment == "all" else [experiment]
+    for name in names:
+        experiment_specs(name, scale_recipe(scale))     # unknown names fail before anything runs
+    t0, results = time.perf_counter(), {}
+    for name in names:
+        left = max_minutes - (time.perf_counter() - t0) / 60 if max_minutes else 0.0
+        if max_minutes and left <= 0:
+            log(f"{name} ({scale}): not started, max_minutes={max_minutes:g} reached")
+            continue
+        r = run_experiment(name, scale, seeds, max(left, 1e-9) if max_minutes else 0.0, out, work,
+                           command, progress, log, changes)
+        log(f"\n{name} ({scale}): {len(r['ran'])} unit(s) run, {len(r['skipped'])} already done, "
+            f"{len(r['not_started'])} not started; records in {Path(out) / name / scale}")
+        rows = summarize(r["records"])
+        if rows:
+            log(format_summary(rows))
+        ratios = [_adjoint_ratio(rec) for rec in r["records"] if "adjoint_memory" in rec]
+        if ratios:
+            log(f"adjoint / direct peak training memory of nodes-unet: {', '.join(f'{x:.3f}' for x in ratios)} "
+                f"({len(ratios)} repeat(s))")
+        r["summary"] = rows
+        results[name] = r
+    return results

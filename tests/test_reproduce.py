@@ -1,0 +1,136 @@
+"""bloodseg.paper.reproduce: resumable (model, seed) units with provenance, time box, summary."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bloodseg.errors import BloodsegError
+from bloodseg.paper import reproduce as rp
+from bloodseg.paper import stats
+
+#: The smoke scale made tinier still: width 4, 4 training patches, loose ODE tolerance, 1 epoch.
+TINY = {"model.width": 4, "data.max_train": 4, "data.max_val": 2, "model.options": {"rtol": 0.1}}
+SCRIPT = ("from bloodseg.paper.reproduce import reproduce\n"
+          f"reproduce('table2', 'smoke', 2, out='res', work='work', progress=False, changes={TINY!r})\n")
+
+
+def _scores(folder: Path) -> dict:
+    return {p.name: (json.loads(p.read_text())["test"], [d["miou"] for d in json.loads(p.read_text())["per_image"]])
+            for p in sorted(folder.glob("*.json"))}
+
+
+def test_a_killed_run_continues_where_it_stopped(tmp_path):
+    env = {**os.environ, "BLOODSEG_PROFILE": "smoke", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    folder = run_dir / "res" / "table2" / "smoke"
+    first = folder / "unet-seed0.json"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=run_dir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    done_before = sorted(p.name for p in folder.glob("*.json"))
+    assert len(done_before) < 8, "the run finished before it could be killed"
+    kept = first.read_bytes()
+    stamp = first.stat().st_mtime_ns
+
+    again = subprocess.run([sys.executable, "-c", SCRIPT], cwd=run_dir, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{8 - len(done_before)} unit(s) run, {len(done_before)} already done" in again.stdout
+    assert first.read_bytes() == kept and first.stat().st_mtime_ns == stamp
+
+    # the same experiment uninterrupted, in this process
+    result = rp.run_experiment("table2", "smoke", 2, out=tmp_path / "whole", work=tmp_path / "work2",
+                               progress=False, changes=TINY)
+    assert len(result["ran"]) == 8 and not result["skipped"]
+    resumed, whole = _scores(folder), _scores(tmp_path / "whole" / "table2" / "smoke")
+    assert sorted(resumed) == sorted(whole) == sorted(
+        f"{m}-seed{k}.json" for m in ("unet", "resunet", "nodes-unet", "nodes-unet-h8") for k in (0, 1))
+    assert resumed == whole
+
+    records = rp.load_records(folder)
+    assert all(r["git_commit"] and r["recipe"]["model"]["width"] == 4 and r["date"].endswith("+00:00")
+               and len(r["history"]) == 1 for r in records)
+    # a second call finds everything done and runs nothing
+    again = rp.run_experiment("table2", "smoke", 2, out=run_dir / "res", work=run_dir / "work",
+                              progress=False, changes=TINY)
+    assert not again["ran"] and len(again["skipped"]) == 8
+
+
+def test_max_minutes_below_one_unit_starts_nothing(tmp_path):
+    logged = []
+    r = rp.run_experiment("table2", "smoke", 2, max_minutes=1e-6, out=tmp_path / "res", work=tmp_path / "w",
+                          progress=False, log=logged.append, changes=TINY)
+    assert r["ran"] == [] and len(r["not_started"]) == 8 and r["records"] == []
+    assert not list((tmp_path / "res").rglob("*.json"))
+    assert "8 unit(s) not started" in logged[0] and "run the same command again" in logged[0]
+
+
+def test_a_record_without_provenance_is_refused(tmp_path):
+    good = {k: "x" for k in rp.PROVENANCE}
+    (tmp_path / "unet-seed0.json").write_text(json.dumps(good))
+    assert len(rp.load_records(tmp_path)) == 1
+    (tmp_path / "unet-seed1.json").write_text(json.dumps({"test": {"miou": 0.9}, "git_commit": "abc"}))
+    with pytest.raises(BloodsegError, match=r"unet-seed1\.json lacks provenance \(command, recipe"):
+        rp.load_records(tmp_path)
+    (tmp_path / "unet-seed1.json").write_text("{not json")
+    with pytest.raises(BloodsegError, match=r"unet-seed1\.json is not a readable JSON record"):
+        rp.load_records(tmp_path)
+
+
+def test_summary_paired_interval_is_stats_paired_bootstrap(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.8, size=(3, 10))
+    other = base + rng.normal(0.02, 0.01, size=base.shape)
+    records = [dict(label=label, seed=k, test=dict(miou=float(m[k].mean())),
+                    per_image=[dict(miou=float(v)) for v in m[k]])
+               for label, m in (("unet", base), ("nodes-unet", other)) for k in range(3)]
+    rows = {r["model"]: r for r in rp.summarize(records, n_boot=3000, seed=5)}
+    expected = stats.paired_bootstrap(100 * base, 100 * other, n_boot=3000, seed=5)
+    assert rows["nodes-unet"]["diff"] == pytest.approx(expected["diff"])
+    assert rows["nodes-unet"]["diff_ci"] == pytest.approx(expected["ci"])
+    assert rows["nodes-unet"]["verdict"] == stats.verdict(expected["ci"]) == "holds"
+    assert rows["unet"]["miou"] == pytest.approx(100 * base.mean())
+    assert "verdict" not in rows["unet"]
+    text = rp.format_summary(list(rows.values()))
+    assert "nodes-unet" in text and "holds" in text
+
+
+def test_scales_and_experiments():
+    assert rp.scale_recipe("quick").train.epochs == 3
+    assert rp.scale_recipe("full").model.width == 32 and rp.scale_recipe("full").train.epochs == 50
+    study = rp.scale_recipe("study")
+    assert study.name == "study" and study.train.schedule == "cosine" and study.data.n_test == 24
+    labels = [s["label"] for s in rp.experiment_specs("table1", study)]
+    assert labels == ["unet"] + [f"ode-unet-{p}" for p in range(1, 10)]
+    t2 = rp.experiment_specs("table2", study)
+    assert t2[-1] == dict(label="nodes-unet-h32", model="nodes-unet", options=dict(ode_hidden=32))
+    with pytest.raises(BloodsegError, match="unknown scale"):
+        rp.scale_recipe("huge")
+    with pytest.raises(BloodsegError, match="unknown experiment"):
+        rp.experiment_specs("table3", study)
+
+
+def test_cli_reproduce_options(monkeypatch):
+    from bloodseg import cli
+    seen = {}
+    monkeypatch.setattr(rp, "reproduce", lambda experiment, **kw: seen.update(kw, experiment=experiment))
+    assert cli.main(["reproduce", "table2", "--scale", "study", "--seeds", "5", "--max-minutes", "90",
+                     "--out", "elsewhere"]) == 0
+    assert seen == dict(experiment="table2", scale="study", seeds=5, max_minutes=90.0, out="elsewhere",
+                        progress=None)
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "table9"])
