@@ -63,6 +63,10 @@ def scale_recipe(scale: str) -> Recipe:
       an annealed end so that the last epochs do not bounce. Chosen so that one (model, seed) unit
       costs a few CPU minutes; to be checked by the study itself (validation MIoU flat over
       the last epochs) before its numbers decide a claim.
+      Cost, estimated from one timed training step (:func:`estimate_unit_s`, 1 thread of a shared
+      2-core CPU, untrained weights: a lower bound for ODE models, whose NFE grows in training):
+      unet ~2.5 min, ode-unet-k ~15-17 min, nodes-unet ~22 min per unit, so table2 x 5 seeds
+      ~3.5 h and table1 x 5 seeds ~12 h.
     * ``smoke`` — the smoke preset's ablation recipe (seconds; tests only).
     """
     if scale == "quick":
