@@ -173,18 +173,7 @@ def write_image(path, array: np.ndarray) -> Path:
     ok, buf = cv2.imencode(path.suffix.lower() or ".png", array)
     if not ok:
         raise DataError(f"cannot encode an array of shape {array.shape} as {path.suffix} for {path}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(buf.tobytes())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise DataError(f"cannot write {path.absolute()} ({exc.strerror or exc}); "
-                        "choose an output folder you can write to, with free space") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_bytes(path, buf.tobytes())
 
 
 def write_bytes(path, data: bytes) -> Path:

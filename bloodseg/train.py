@@ -32,6 +32,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, unwrap
 from .distributed import (DistInfo, all_reduce_sum, convert_sync_batchnorm, ddp_options, default_device,
                           revert_sync_batchnorm, setup_distributed)
 from .errors import BloodsegError, CheckpointError, TrainingError
+from .io import _writable_dir
 from .metrics import ConfusionMatrix, per_image_scores, scores
 from .ode import nfe_report
 from .recipe import Recipe, TrainRecipe
@@ -131,16 +132,7 @@ def validate(model, dataset, device, batch_size=8, info: DistInfo = DistInfo(),
 
 
 def _writable_out_dir(out_dir: Path, info: DistInfo) -> Path:
-    if info.is_main:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            probe = out_dir / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise BloodsegError(f"cannot write to the output folder {out_dir}: {exc.strerror}. "
-                                "Choose a folder you can write to (--out).") from None
-    return out_dir
+    return _writable_dir(out_dir) if info.is_main else out_dir
 
 
 @dataclasses.dataclass
