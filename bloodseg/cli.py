@@ -227,8 +227,30 @@ def _batch_options(args) -> dict:
                 save_probabilities=args.save_probabilities)
 
 
+def _scale_arg(text: str):
+    """``--scale``: "auto" or a positive number (a fixed resize factor)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"--scale takes 'auto' or a positive number; got {text!r}")
+    return value
+
+
 def _batch_segmenter(args) -> Segmenter:
     seg = _segmenter(args)
+    scale = getattr(args, "scale", None)
+    if getattr(args, "exact", False):   # exactly the trained pipeline: the stored fixed input_scale too
+        if scale == "auto":
+            raise BloodsegError("--exact runs the trained pipeline at its fixed input_scale; drop --scale auto")
+        seg = seg.replace(scale="fixed")
+    if scale == "auto":
+        seg = seg.replace(scale="auto")
+    elif scale is not None:
+        seg = seg.replace(scale="fixed", input_scale=scale)
     return seg.replace(tta=True) if args.tta else seg
 
 
@@ -446,7 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", action="store_true",
                    help="the network's masks as they are, without the checkpoint's white-cell cleanup")
     s.add_argument("--exact", action="store_true",
-                   help="use the trained ODE solver even when the checkpoint stores a calibrated one")
+                   help="exactly the trained pipeline: the trained ODE solver even when the checkpoint stores a "
+                        "calibrated one, and its fixed input_scale (no automatic scale)")
+    s.add_argument("--scale", type=_scale_arg, metavar="auto|X",
+                   help="auto: resize each photograph so its red cells have the size the network was trained "
+                        "on (the default when the checkpoint knows it); X: resize every photograph by X")
     _add_batch_flags(s)
     s.set_defaults(func=cmd_predict)
 
@@ -464,7 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tile", type=int, default=512)
     s.add_argument("--overlap", type=int, default=64)
     s.add_argument("--exact", action="store_true",
-                   help="use the trained ODE solver even when the checkpoint stores a calibrated one")
+                   help="exactly the trained pipeline: the trained ODE solver even when the checkpoint stores a "
+                        "calibrated one, and its fixed input_scale (no automatic scale)")
+    s.add_argument("--scale", type=_scale_arg, metavar="auto|X",
+                   help="auto: resize each photograph so its red cells have the size the network was trained "
+                        "on (the default when the checkpoint knows it); X: resize every photograph by X")
     _add_batch_flags(s)
     s.set_defaults(func=cmd_count)
 

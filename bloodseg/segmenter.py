@@ -52,9 +52,11 @@ from .io import (
     write_image,
 )
 from .postprocess import check_postprocess, clean_white_cells, min_area_at
+from .scale import SHIPPED_RED_DIAMETER, auto_scale
 
 #: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
-SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "class_names", "solver")
+SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "class_names", "solver",
+            "red_cell_diameter", "scale")
 
 
 @dataclasses.dataclass
@@ -69,7 +71,14 @@ class Segmenter:
     * ``solver`` — the ODE solver used to predict (a :mod:`bloodseg.calibrate` spec), or None for
       the trained one. The network is shared between copies (:meth:`replace`), so the solver is
       set on it again at every prediction, and the trained settings are kept here (``trained``,
-      read from the network when a Segmenter is first built), not on the network.
+      read from the network when a Segmenter is first built), not on the network;
+    * ``red_cell_diameter`` — the typical red-cell diameter, in network pixels, of the photographs
+      it was trained on (:mod:`bloodseg.scale`), or None when unknown;
+    * ``scale`` — ``"fixed"``: every photograph is resized by ``input_scale``; ``"auto"``: each
+      photograph by :func:`bloodseg.scale.auto_scale` (its red cells measured, and brought to
+      ``red_cell_diameter``; ``input_scale`` when they cannot be measured or are within 20% of
+      it). Default: ``"auto"`` when ``red_cell_diameter`` is known, else ``"fixed"``.
+      :meth:`scale_for` gives the factor used for one photograph.
     """
     model: torch.nn.Module
     input_scale: float = 1.0
@@ -82,6 +91,8 @@ class Segmenter:
     recipe: dict | None = None
     metrics: dict | None = None
     solver: dict | None = None
+    red_cell_diameter: float | None = None
+    scale: str | None = None
     trained: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -95,6 +106,18 @@ class Segmenter:
             raise BloodsegError(f"tile must be a positive multiple of 16 and 0 <= overlap < tile; got "
                                 f"tile {self.tile}, overlap {self.overlap}")
         self.class_names = tuple(self.class_names)
+        d = self.red_cell_diameter
+        if d is not None and not (isinstance(d, (int, float)) and not isinstance(d, bool) and d > 0
+                                  and np.isfinite(d)):
+            raise BloodsegError(f"red_cell_diameter must be a positive number of pixels or None; got {d!r}")
+        self.red_cell_diameter = None if d is None else float(d)
+        if self.scale is None:
+            self.scale = "fixed" if self.red_cell_diameter is None else "auto"
+        if self.scale not in ("fixed", "auto"):
+            raise BloodsegError(f"scale must be 'fixed' or 'auto'; got {self.scale!r}")
+        if self.scale == "auto" and self.red_cell_diameter is None:
+            raise BloodsegError("scale='auto' needs red_cell_diameter (the red-cell diameter, in network "
+                                "pixels, of the training photographs); use scale='fixed'")
         self.model = unwrap(self.model).eval()
         if self.solver is not None:
             self.solver = check_solver(self.solver)
@@ -133,6 +156,9 @@ class Segmenter:
             raise CheckpointError(f"{path} has unknown segmenter settings {sorted(unknown)}")
         if exact:   # the trained solver; a stored one is not even read
             settings["solver"] = None
+        if settings.get("red_cell_diameter") is None and Path(path).name == SHIPPED_NAME:
+            # until the shipped file stores it (update_checkpoint)
+            settings["red_cell_diameter"] = SHIPPED_RED_DIAMETER
         if settings.get("solver") is not None:
             try:
                 check_solver(settings["solver"])
@@ -176,22 +202,34 @@ class Segmenter:
         return self.replace(solver=result["chosen"], metrics=metrics)
 
     # ------------------------------------------------------------------ one image
-    def predict_proba(self, image_bgr: np.ndarray, tta: bool | None = None) -> torch.Tensor:
-        """Class probabilities ``float32 C x H x W`` for a BGR ``uint8 HxWx3`` image of any size."""
+    def scale_for(self, image_bgr: np.ndarray) -> float:
+        """The factor ``image_bgr`` is resized by before the network sees it: ``input_scale``, or
+        with ``scale="auto"`` :func:`bloodseg.scale.auto_scale` of this photograph."""
+        if self.scale != "auto":
+            return self.input_scale
+        return auto_scale(image_bgr, self.red_cell_diameter, self.input_scale)
+
+    def predict_proba(self, image_bgr: np.ndarray, tta: bool | None = None, *,
+                      input_scale: float | None = None) -> torch.Tensor:
+        """Class probabilities ``float32 C x H x W`` for a BGR ``uint8 HxWx3`` image of any size.
+        ``input_scale``: this factor instead of :meth:`scale_for`'s."""
         self._use_solver()
         return predict_probabilities(self.model, image_bgr, tile=self.tile, overlap=self.overlap,
                                      clahe=self.clahe, tta=self.tta if tta is None else tta,
-                                     input_scale=self.input_scale)
+                                     input_scale=self.scale_for(image_bgr) if input_scale is None else input_scale)
 
-    def predict(self, image_bgr: np.ndarray, postprocess=None, tta: bool | None = None) -> np.ndarray:
+    def predict(self, image_bgr: np.ndarray, postprocess=None, tta: bool | None = None, *,
+                input_scale: float | None = None) -> np.ndarray:
         """Mask ``uint8 HxW`` in {0 background, 1 white cell, 2 red cell}.
 
         ``postprocess``: None (default) applies this Segmenter's own cleanup (if any); False gives
         the network's argmax alone; a dict is used as given; True without a stored spec is an error.
+        ``input_scale``: this factor instead of :meth:`scale_for`'s.
         """
         self._use_solver()
         return predict_image(self.model, image_bgr, tile=self.tile, overlap=self.overlap, clahe=self.clahe,
-                             tta=self.tta if tta is None else tta, input_scale=self.input_scale,
+                             tta=self.tta if tta is None else tta,
+                             input_scale=self.scale_for(image_bgr) if input_scale is None else input_scale,
                              postprocess=self._postprocess(postprocess))
 
     def count(self, image_bgr: np.ndarray, red_radius: float | None = None, postprocess=None) -> dict:
@@ -220,14 +258,15 @@ class Segmenter:
     # shows a tqdm bar with images/s on stderr.
 
     def _mask_and_probs(self, image, postprocess, need_probs: bool):
+        factor = self.scale_for(image)
         if not need_probs:
-            return self.predict(image, postprocess), None
-        probs = self.predict_proba(image)
+            return self.predict(image, postprocess, input_scale=factor), None, factor
+        probs = self.predict_proba(image, input_scale=factor)
         mask = probs.argmax(0).numpy().astype(np.uint8)
         spec = self._postprocess(postprocess)
         if spec:
-            mask = clean_white_cells(mask, probs, min_area_at(spec, self.input_scale), spec["fill_white_holes"])
-        return mask, probs
+            mask = clean_white_cells(mask, probs, min_area_at(spec, factor), spec["fill_white_holes"])
+        return mask, probs, factor
 
     def _outputs(self, f: Path, out_dir, overlays: bool, instances_dir, save_probabilities: bool) -> list[Path]:
         out = []
@@ -284,7 +323,7 @@ class Segmenter:
                     continue
             try:
                 image = read_image(f)
-                mask, probs = self._mask_and_probs(image, postprocess, need_probs)
+                mask, probs, factor = self._mask_and_probs(image, postprocess, need_probs)
                 cells = instances(mask, probs, pixel_size_um) if instances_dir is not None else None
             except BloodsegError as exc:
                 reason = str(exc)
@@ -299,7 +338,7 @@ class Segmenter:
                 write_instances(*cells, instances_dir, f.stem)
             if save_probabilities:
                 write_probabilities(outputs[-1], probs)
-            row = row_of(f, mask, outputs)
+            row = {**row_of(f, mask, outputs), "scale": factor}
             if cells is not None:
                 row["n_cells"] = len(cells[1])
             rows.append(row)
@@ -316,7 +355,7 @@ class Segmenter:
         ``save_probabilities`` ``<stem>_probs.npz`` (float16) next to the masks.
 
         Returns one row per input, in order: ``{"image", "mask", "height", "width", "fraction_*",
-        "overlay"}`` for a written image, the same with ``"skipped": True`` for one kept by
+        "overlay", "scale"}`` (``scale``: the resize factor used, :meth:`scale_for`) for a written image, the same with ``"skipped": True`` for one kept by
         ``skip_existing``, and ``{"image", "error"}`` for one that failed (reported on stderr and
         skipped; see the comment above). Refuses (before writing anything) when two inputs share a
         stem, or when an output would overwrite an input image. Every file is written atomically.
@@ -335,7 +374,7 @@ class Segmenter:
                     skip_existing: bool = False, progress: bool | None = None, instances=None,
                     pixel_size_um=None, save_probabilities: bool = False) -> list[dict]:
         """Count the cells of every image (files or folders); one row per image with
-        :data:`bloodseg.count.COUNT_COLUMNS`. With ``masks_out`` the masks and overlays are written
+        :data:`bloodseg.count.COUNT_COLUMNS` and ``"scale"``. With ``masks_out`` the masks and overlays are written
         too; ``instances``, ``pixel_size_um``, ``save_probabilities`` (into ``masks_out``, else
         ``instances``), ``skip_existing`` (the count is made again from the saved mask, without the
         network; needs ``masks_out``) and ``progress`` as in :meth:`predict_files`. A failed image
