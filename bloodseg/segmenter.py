@@ -52,7 +52,7 @@ from .io import (
     write_image,
 )
 from .postprocess import check_postprocess, clean_white_cells, min_area_at
-from .scale import SHIPPED_RED_DIAMETER, auto_scale
+from .scale import auto_scale
 
 #: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
 SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "class_names", "solver",
@@ -156,9 +156,6 @@ class Segmenter:
             raise CheckpointError(f"{path} has unknown segmenter settings {sorted(unknown)}")
         if exact:   # the trained solver; a stored one is not even read
             settings["solver"] = None
-        if settings.get("red_cell_diameter") is None and Path(path).name == SHIPPED_NAME:
-            # until the shipped file stores it (update_checkpoint)
-            settings["red_cell_diameter"] = SHIPPED_RED_DIAMETER
         if settings.get("solver") is not None:
             try:
                 check_solver(settings["solver"])
