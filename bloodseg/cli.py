@@ -462,17 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt", required=True)
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--out", required=True)
-    s.add_argument("--tile", type=int, default=512)
-    s.add_argument("--overlap", type=int, default=64)
     s.add_argument("--no-overlay", action="store_true")
-    s.add_argument("--raw", action="store_true",
-                   help="the network's masks as they are, without the checkpoint's white-cell cleanup")
-    s.add_argument("--exact", action="store_true",
-                   help="exactly the trained pipeline: the trained ODE solver even when the checkpoint stores a "
-                        "calibrated one, and its fixed input_scale (no automatic scale)")
-    s.add_argument("--scale", type=_scale_arg, metavar="auto|X",
-                   help="auto: resize each photograph so its red cells have the size the network was trained "
-                        "on (the default when the checkpoint knows it); X: resize every photograph by X")
     _add_batch_flags(s)
     s.set_defaults(func=cmd_predict)
 
@@ -485,16 +475,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the counts as CSV here (image, n_white, n_red, ...)")
     s.add_argument("--masks", help="also write the predicted masks and overlays to this folder")
     s.add_argument("--red-radius", type=float, help="typical red-cell radius in px (default: measured)")
-    s.add_argument("--raw", action="store_true",
-                   help="the network's masks as they are, without the checkpoint's white-cell cleanup")
-    s.add_argument("--tile", type=int, default=512)
-    s.add_argument("--overlap", type=int, default=64)
-    s.add_argument("--exact", action="store_true",
-                   help="exactly the trained pipeline: the trained ODE solver even when the checkpoint stores a "
-                        "calibrated one, and its fixed input_scale (no automatic scale)")
-    s.add_argument("--scale", type=_scale_arg, metavar="auto|X",
-                   help="auto: resize each photograph so its red cells have the size the network was trained "
-                        "on (the default when the checkpoint knows it); X: resize every photograph by X")
     _add_batch_flags(s)
     s.set_defaults(func=cmd_count)
 
@@ -553,6 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_batch_flags(s) -> None:
     """Flags shared by predict and count (see Segmenter.predict_files)."""
+    s.add_argument("--tile", type=int, default=512)
+    s.add_argument("--overlap", type=int, default=64)
+    s.add_argument("--raw", action="store_true",
+                   help="the network's masks as they are, without the checkpoint's white-cell cleanup")
+    s.add_argument("--exact", action="store_true",
+                   help="exactly the trained pipeline: the trained ODE solver even when the checkpoint stores a "
+                        "calibrated one, and its fixed input_scale (no automatic scale)")
+    s.add_argument("--scale", type=_scale_arg, metavar="auto|X",
+                   help="auto: resize each photograph so its red cells have the size the network was trained "
+                        "on (the default when the checkpoint knows it); X: resize every photograph by X")
     s.add_argument("--skip-existing", action="store_true",
                    help="keep images whose outputs are already there and decode (continue an interrupted run)")
     s.add_argument("--instances", metavar="DIR",

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .classes import WHITE_CELL
 from .errors import BloodsegError, DataError
-from .postprocess import WHITE, check_postprocess, clean_white_cells, min_area_at
+from .postprocess import check_postprocess, clean_white_cells, min_area_at
 from .preprocess import _check_bgr, clahe_on_luma, image_to_tensor
 
 
@@ -226,12 +227,12 @@ def predict_image(model: torch.nn.Module, image_bgr: np.ndarray, tile: int = 512
         for r0, p in _probability_bands(model, image_bgr, tile, overlap, clahe, tta):
             mask[r0:r0 + p.shape[1]] = p.argmax(0).numpy()
             # the most probable other class, for the white-cell cleanup
-            rest[r0:r0 + p.shape[1]] = p.index_fill(0, torch.tensor([WHITE]), -np.inf).argmax(0).numpy()
+            rest[r0:r0 + p.shape[1]] = p.index_fill(0, torch.tensor([WHITE_CELL]), -np.inf).argmax(0).numpy()
         if postprocess:
             spec = check_postprocess(postprocess)
             # as clean_white_cells(mask, probs, ...): small white components take the runner-up class
             out = clean_white_cells(mask, None, min_area_at(spec, input_scale), False)
-            changed = (mask == WHITE) & (out != WHITE)
+            changed = (mask == WHITE_CELL) & (out != WHITE_CELL)
             out[changed] = rest[changed]
             mask = clean_white_cells(out, None, 0.0, spec["fill_white_holes"])
         return mask

@@ -23,11 +23,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .classes import WHITE_CELL
 from .errors import BloodsegError
 
-__all__ = ["clean_white_cells", "check_postprocess", "min_area_at", "WHITE", "POSTPROCESS_KEYS"]
+__all__ = ["clean_white_cells", "check_postprocess", "min_area_at", "POSTPROCESS_KEYS"]
 
-WHITE = 1
 POSTPROCESS_KEYS = ("white_min_area", "fill_white_holes")
 _EIGHT = np.ones((3, 3), bool)
 
@@ -71,7 +71,7 @@ def clean_white_cells(mask: np.ndarray, probs=None, min_area: float = 0.0, fill_
     if mask.ndim != 2:
         raise BloodsegError(f"clean_white_cells wants a 2-D class mask, got shape {mask.shape}")
     out = mask.copy()
-    white = mask == WHITE
+    white = mask == WHITE_CELL
     if min_area > 0 and white.any():
         labels, n = ndimage.label(white, structure=_EIGHT)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
@@ -84,11 +84,11 @@ def clean_white_cells(mask: np.ndarray, probs=None, min_area: float = 0.0, fill_
                 if p.ndim != 3 or p.shape[1:] != mask.shape:
                     raise BloodsegError(f"probs must be C x {mask.shape[0]} x {mask.shape[1]}, got {p.shape}")
                 rest = p[:, small].copy()
-                rest[WHITE] = -np.inf
+                rest[WHITE_CELL] = -np.inf
                 out[small] = rest.argmax(0).astype(mask.dtype)
-            white = out == WHITE
+            white = out == WHITE_CELL
     if fill_holes and white.any():
-        out[ndimage.binary_fill_holes(white) & ~white] = WHITE
+        out[ndimage.binary_fill_holes(white) & ~white] = WHITE_CELL
     return out
 
 

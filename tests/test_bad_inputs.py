@@ -265,7 +265,7 @@ def test_train_and_predict_on_empty_folders(tmp_path, capsys):
                        "put the smear images there")
     ckpt = tiny_checkpoint(tmp_path / "u.pt")
     rc, _, err = cli(capsys, "predict", "--ckpt", ckpt, tmp_path / "empty", "--out", tmp_path / "o")
-    assert_clean_error(rc, err, "predict", f"no images (.png, .jpg", f"in folder {tmp_path / 'empty'}")
+    assert_clean_error(rc, err, "predict", "no images (.png, .jpg", f"in folder {tmp_path / 'empty'}")
 
 
 def test_train_on_images_smaller_than_the_patch(tmp_path, capsys):

@@ -54,7 +54,7 @@ from hypothesis import strategies as st
 
 from bloodseg import cli
 from bloodseg.bccd import _voc_boxes, prepare_bccd
-from bloodseg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from bloodseg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from bloodseg.errors import BloodsegError, CheckpointError, DataError
 from bloodseg.io import Sample, load_folder, read_image, read_mask
 from bloodseg.labelme import labelme_to_mask, load_labelme_folder

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from bloodseg.checkpoint import load_checkpoint, save_checkpoint, update_checkpoint
+from bloodseg.classes import WHITE_CELL as WHITE
 from bloodseg.errors import BloodsegError, CheckpointError
 from bloodseg.infer import predict_image
 from bloodseg.io import Sample
 from bloodseg.models import build_model
 from bloodseg.paper import bccd as rd
-from bloodseg.postprocess import WHITE, check_postprocess, clean_white_cells, min_area_at
+from bloodseg.postprocess import check_postprocess, clean_white_cells, min_area_at
 from bloodseg.segmenter import Segmenter, shipped_checkpoint
 
 RED = 2
