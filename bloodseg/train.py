@@ -29,10 +29,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoint import load_checkpoint, save_checkpoint, unwrap
-from .distributed import (DistInfo, all_reduce_sum, convert_sync_batchnorm, ddp_options, default_device,
-                          revert_sync_batchnorm, setup_distributed)
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    convert_sync_batchnorm,
+    ddp_options,
+    default_device,
+    revert_sync_batchnorm,
+    setup_distributed,
+)
 from .errors import BloodsegError, CheckpointError, TrainingError
 from .io import _writable_dir
+from .measure import sync
 from .metrics import ConfusionMatrix, per_image_scores, scores
 from .ode import nfe_report
 from .recipe import Recipe, TrainRecipe
@@ -427,11 +435,6 @@ def _default_progress() -> bool:
 
 # --------------------------------------------------------------------------- evaluate
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def evaluate(model: torch.nn.Module, dataset: Dataset, device=None, batch_size: int = 4,
              n_timed: int = 20, warmup: int = 2, per_image: bool = False) -> dict:
     """PA, CPA, IoU per class and MIoU from one confusion matrix over ``dataset``.
@@ -456,12 +459,12 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device=None, batch_size: 
         for i in range(min(warmup, n)):
             model(images[i])
         nfe = 0
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for img in images:
             model(img)
             nfe += sum(int(f) for f, _ in nfe_report(model).values())
-        _sync(device)
+        sync(device)
         elapsed = time.perf_counter() - t0
     out = scores(cm.compute())
     out.update({"time_s": elapsed, "n_timed": n, "nfe_forward": nfe / max(n, 1),

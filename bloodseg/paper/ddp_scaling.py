@@ -43,13 +43,17 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distributed import convert_sync_batchnorm, ddp_options
 from ..datasets import SegmentationDataset, extract_patches, synthetic_splits
-from ..distributed import default_device, setup_distributed
+from ..distributed import (
+    convert_sync_batchnorm,
+    ddp_options,
+    default_device,
+    setup_distributed,
+)
 from ..errors import BloodsegError
+from ..measure import sync
 from ..models import build_model
 from ..ode import nfe_report
-
 
 __all__ = [
     "torchrun_command",
@@ -258,15 +262,13 @@ def benchmark(model: str = "nodes-unet", width: int = 8, patch: int = 64, batch_
 
     for k in range(warmup):
         step(k)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     if info.world_size > 1:
         dist.barrier()
     t0 = time.perf_counter()
     for k in range(warmup, warmup + steps):
         step(k)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     elapsed = torch.tensor([time.perf_counter() - t0, sum(nfe[warmup:]) / steps], dtype=torch.float64)
     if info.world_size > 1:
         per_rank = [torch.zeros_like(elapsed) for _ in range(info.world_size)]
