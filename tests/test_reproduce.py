@@ -114,10 +114,11 @@ def test_scales_and_experiments():
     assert rp.scale_recipe("full").model.width == 32 and rp.scale_recipe("full").train.epochs == 50
     study = rp.scale_recipe("study")
     assert study.name == "study" and study.train.schedule == "cosine" and study.data.n_test == 24
+    assert study.model.width == 8
     labels = [s["label"] for s in rp.experiment_specs("table1", study)]
     assert labels == ["unet"] + [f"ode-unet-{p}" for p in range(1, 10)]
     t2 = rp.experiment_specs("table2", study)
-    assert t2[-1] == dict(label="nodes-unet-h32", model="nodes-unet", options=dict(ode_hidden=32))
+    assert t2[-1] == dict(label="nodes-unet-h16", model="nodes-unet", options=dict(ode_hidden=16))
     with pytest.raises(BloodsegError, match="unknown scale"):
         rp.scale_recipe("huge")
     with pytest.raises(BloodsegError, match="unknown experiment"):
@@ -134,3 +135,26 @@ def test_cli_reproduce_options(monkeypatch):
                         progress=None)
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "table9"])
+
+
+def test_convergence_reads_the_validation_loss():
+    flat = [dict(val_loss=v) for v in (1.0, 0.5, 0.4, 0.395, 0.394, 0.394)]
+    falling = [dict(val_loss=v) for v in (1.0, 0.8, 0.6, 0.5, 0.4, 0.3)]
+    assert rp.convergence(flat)["converged"] is True and rp.convergence(flat)["gain"] < 0.02
+    assert rp.convergence(falling)["converged"] is False
+    assert rp.convergence(falling)["gain"] == pytest.approx((0.5 - 0.3) / 0.5)
+    assert rp.convergence(flat[:2])["converged"] is None
+
+
+def test_experiments_share_trained_units(tmp_path):
+    """Table 1's U-Net is table 2's: the second experiment trains nothing new for it."""
+    kw = dict(out=tmp_path / "res", work=tmp_path / "work", progress=False, log=lambda *a: None,
+              changes={"model.width": 4})
+    rp.run_experiment("table2", "smoke", 1, **kw)
+    unet = tmp_path / "work" / "train" / "smoke" / "unet-seed0" / "best.pt"
+    stamp = unet.stat().st_mtime_ns
+    rp.run_experiment("tolerance", "smoke", 1, **kw)
+    assert unet.stat().st_mtime_ns == stamp
+    t2 = json.loads((tmp_path / "res" / "table2" / "smoke" / "nodes-unet-seed0.json").read_text())
+    tol = json.loads((tmp_path / "res" / "tolerance" / "smoke" / "nodes-unet-seed0.json").read_text())
+    assert tol["test"] == t2["test"] and tol["history"] == t2["history"] and "tolerance_curve" in tol

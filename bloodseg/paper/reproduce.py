@@ -10,7 +10,9 @@ and test set; the seed only changes the initial weights and the order of the bat
 
 * A unit whose record is complete (same recipe, all fields) is skipped, so a killed or time-boxed
   run continues where it stopped; the training of an unfinished unit resumes from its ``last.pt``
-  (checkpoints live under ``work``, ``runs/reproduce/`` by default, not next to the records).
+  (checkpoints live under ``work/train/<scale>/<label>-seed<k>``, ``runs/reproduce/`` by default,
+  not next to the records). Experiments share a trained unit when its model and recipe are the
+  same: table 1's U-Net is table 2's, and the tolerance curve is measured on table 2's NODEs-UNet.
 * ``max_minutes`` starts no unit whose expected duration (the mean wall time of the finished
   units of the experiment, or for the first unit an estimate from one timed training step)
   would pass the limit.
@@ -46,7 +48,7 @@ from .runs import _subset, ablation_budget
 RECORD_FORMAT = 1
 #: Fields every record must carry; :func:`load_records` refuses a record without them.
 PROVENANCE = ("git_commit", "command", "recipe", "device", "torch", "date", "wall_s")
-EXPERIMENTS = ("table1", "table2", "tolerance", "adjoint-memory")
+EXPERIMENTS = ("table2", "tolerance", "adjoint-memory", "table1")   # `all` runs them in this order
 SCALES = ("quick", "study", "full", "smoke")   # smoke: seconds, for the tests
 DATA_SEED = 0    # crops and subsets of the training data: the same for every seed and model
 
@@ -56,17 +58,14 @@ def scale_recipe(scale: str) -> Recipe:
 
     * ``quick`` — chapters 5-6's ablation recipe of the quick preset (width 16, 3 epochs on 64 px crops).
     * ``full`` — the full preset (the paper's setting: width 32, 256 px, 50 epochs).
-    * ``study`` — PROVISIONAL, not yet shown to be converged: the quick ablation recipe with a
-      larger test split (24 synthetic smears, 4 patches of 128 px each, 24 test patches held out by
-      source, so 216 train / 72 validation patches trained on one 64 px crop each) and 15 epochs
-      of batch 4 with a cosine learning-rate schedule (lr 2e-3 -> 0), i.e. 5x the quick epochs and
-      an annealed end so that the last epochs do not bounce. Chosen so that one (model, seed) unit
-      costs a few CPU minutes; to be checked by the study itself (validation MIoU flat over
-      the last epochs) before its numbers decide a claim.
-      Cost, estimated from one timed training step (:func:`estimate_unit_s`, 1 thread of a shared
-      2-core CPU, untrained weights: a lower bound for ODE models, whose NFE grows in training):
-      unet ~2.5 min, ode-unet-k ~15-17 min, nodes-unet ~22 min per unit, so table2 x 5 seeds
-      ~3.5 h and table1 x 5 seeds ~12 h.
+    * ``study`` — a 2-core CPU's answer to the relative claims: width 8 (a quarter of the paper's
+      32), 24 synthetic smears (4 patches of 128 px each; 216 train / 72 validation patches, each
+      trained on one random 64 px crop) and 24 test patches held out by source, 15 epochs of
+      batch 4 with a cosine learning-rate schedule (lr 2e-3 -> 0) so that the last epochs settle.
+      Whether a unit converged is read from its record (validation loss over the last epochs,
+      :func:`convergence`), not assumed. Width 8 rather than 16 halves the cost of the ODE
+      models (one timed training step, 1 thread, untrained weights: unet 24 ms, ode-unet-1
+      210 ms, ode-unet-5 53 ms, nodes-unet 181 ms at width 8 vs 58 / 240 / 132 / 382 ms at 16).
     * ``smoke`` — the smoke preset's ablation recipe (seconds; tests only).
     """
     if scale == "quick":
@@ -78,7 +77,7 @@ def scale_recipe(scale: str) -> Recipe:
     if scale == "study":
         return ablation_budget("quick").replace(
             name="study", **{"data.n_source": 24, "data.n_test": 24, "train.epochs": 15,
-                             "train.schedule": "cosine"})
+                             "train.schedule": "cosine", "model.width": 8})
     raise BloodsegError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
 
 
@@ -173,6 +172,19 @@ def _measure_unit(experiment: str, spec: dict, recipe: Recipe, seed: int, data: 
     return out
 
 
+def convergence(history: list[dict], tail: float = 1 / 3, tol: float = 0.02) -> dict:
+    """Did a run settle? The relative drop of the best validation loss during the last ``tail`` of
+    the epochs (``gain``); ``converged`` when it is below ``tol`` (2 %): more epochs would have
+    bought little. A run of fewer than 3 epochs cannot tell (``converged`` is None)."""
+    losses = [float(r["val_loss"]) for r in history]
+    if len(losses) < 3:
+        return dict(gain=math.nan, converged=None)
+    cut = max(1, min(len(losses) - 1, round(len(losses) * (1 - tail))))
+    before, after = min(losses[:cut]), min(losses[cut:])
+    gain = (before - after) / before if before > 0 else 0.0
+    return dict(gain=gain, converged=bool(gain < tol))
+
+
 def estimate_unit_s(spec: dict, recipe: Recipe, data: dict) -> float:
     """A first unit's expected wall time: one timed training step x the steps of the run, plus a
     third for validation and testing (a rough guess, replaced by measured units as they finish)."""
@@ -231,7 +243,7 @@ def run_experiment(experiment: str, scale: str = "quick", seeds: int = 3, max_mi
                 break
         t0 = time.perf_counter()
         result = _measure_unit(experiment, spec, recipe, seed, data,
-                               work / experiment / scale / f"{spec['label']}-seed{seed}")
+                               work / "train" / scale / f"{spec['label']}-seed{seed}")
         wall = time.perf_counter() - t0
         record = dict(format=RECORD_FORMAT, experiment=experiment, scale=scale, label=spec["label"],
                       model=spec["model"], options=spec["options"], seed=seed, git_commit=git_commit(),
@@ -281,7 +293,8 @@ def summarize(records: list[dict], reference: str = "unet", n_boot: int = stats.
         miou = [100 * r["test"]["miou"] for r in mine]
         ci = stats.mean_ci(miou, n_boot, seed)
         row = dict(model=label, n_seeds=len(mine), miou=ci["mean"], miou_ci=ci["ci"],
-                   seed_range=stats.seed_spread(miou)["range"])
+                   seed_range=stats.seed_spread(miou)["range"],
+                   converged=sum(bool(convergence(r.get("history", []))["converged"]) for r in mine))
         common = sorted({r["seed"] for r in mine} & {r["seed"] for r in scored if r["label"] == reference})
         if label != reference and common:
             a = 100 * per_image_matrix(scored, reference, common)
@@ -293,11 +306,13 @@ def summarize(records: list[dict], reference: str = "unet", n_boot: int = stats.
 
 
 def format_summary(rows: list[dict], reference: str = "unet") -> str:
-    lines = [f"{'model':<22}{'seeds':>6}  {'test MIoU % (95% CI)':<26}{'vs ' + reference + ' (pp, 95% CI)':<28}verdict"]
+    lines = [f"{'model':<22}{'seeds':>6}{'settled':>8}  {'test MIoU % (95% CI)':<26}"
+             f"{'vs ' + reference + ' (pp, 95% CI)':<28}verdict"]
     for r in rows:
         m = f"{r['miou']:.2f} ({r['miou_ci'][0]:.2f}, {r['miou_ci'][1]:.2f})"
         d = f"{r['diff']:+.2f} ({r['diff_ci'][0]:+.2f}, {r['diff_ci'][1]:+.2f})" if "diff" in r else "-"
-        lines.append(f"{r['model']:<22}{r['n_seeds']:>6}  {m:<26}{d:<28}{r.get('verdict', '-')}")
+        lines.append(f"{r['model']:<22}{r['n_seeds']:>6}{r.get('converged', 0):>8}  {m:<26}{d:<28}"
+                     f"{r.get('verdict', '-')}")
     return "\n".join(lines)
 
 
