@@ -498,8 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "JSON record per (model, seed) with provenance, resumable")
     s.add_argument("experiment", choices=("table1", "table2", "tolerance", "adjoint-memory", "all"))
     s.add_argument("--scale", default="quick", choices=("quick", "study", "full", "smoke"),
-                   help="the recipe: quick (chapters' CPU ablation), study (provisional converged CPU "
-                        "recipe), full (the paper's); smoke is for tests")
+                   help="the recipe: quick (chapters' CPU ablation), study (width 8, 15 cosine epochs: the CPU "
+                        "scale that decides the relative claims), full (the paper's); smoke is for tests")
     s.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every model (default 3)")
     s.add_argument("--max-minutes", type=float, default=0.0,
                    help="start no unit that would end after this many minutes (0: no limit); run "
