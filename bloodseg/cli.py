@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("reproduce", help="train every model of a paper experiment on several seeds; one "
                                          "JSON record per (model, seed) with provenance, resumable")
-    s.add_argument("experiment", choices=("table1", "table2", "tolerance", "adjoint-memory", "all"))
+    s.add_argument("experiment", choices=("table1", "table2", "tolerance", "adjoint-memory", "timing", "all"))
     s.add_argument("--scale", default="quick", choices=("quick", "study", "full", "smoke"),
                    help="the recipe: quick (chapters' CPU ablation), study (width 8, 15 cosine epochs: the CPU "
                         "scale that decides the relative claims), full (the paper's); smoke is for tests")

@@ -158,3 +158,19 @@ def test_experiments_share_trained_units(tmp_path):
     t2 = json.loads((tmp_path / "res" / "table2" / "smoke" / "nodes-unet-seed0.json").read_text())
     tol = json.loads((tmp_path / "res" / "tolerance" / "smoke" / "nodes-unet-seed0.json").read_text())
     assert tol["test"] == t2["test"] and tol["history"] == t2["history"] and "tolerance_curve" in tol
+
+
+def test_timing_unit_times_every_trained_model_side_by_side(tmp_path):
+    kw = dict(out=tmp_path / "res", work=tmp_path / "work", progress=False, log=lambda *a: None,
+              changes={"model.width": 4})
+    rp.run_experiment("table2", "smoke", 1, **kw)
+    trained = tmp_path / "work" / "train" / "smoke" / "nodes-unet-seed0" / "best.pt"
+    stamp = trained.stat().st_mtime_ns
+    rec = rp.run_experiment("timing", "smoke", 1, **kw)["records"][0]
+    assert trained.stat().st_mtime_ns == stamp              # table 2's units reused, not retrained
+    t = rec["timing"]
+    labels = ["unet"] + [f"ode-unet-{p}" for p in range(1, 10)] + ["resunet", "nodes-unet", "nodes-unet-h8"]
+    assert sorted(t["time_per_image_s"]) == sorted(labels)
+    assert all(len(v) == rp.TIMING_ROUNDS and min(v) > 0 for v in t["time_per_image_s"].values())
+    assert t["nfe_forward"]["unet"] == 0 and t["nfe_forward"]["nodes-unet"] > 0
+    assert all(k in rec for k in rp.PROVENANCE)

@@ -39,6 +39,7 @@ from ..checkpoint import load_model
 from ..datasets import SegmentationDataset, extract_patches, synthetic_splits
 from ..errors import BloodsegError
 from ..io import write_bytes
+from ..measure import time_inference
 from ..models import build_model, count_parameters
 from ..recipe import Recipe
 from ..train import evaluate, fit
@@ -48,7 +49,9 @@ from .runs import _subset, ablation_budget
 RECORD_FORMAT = 1
 #: Fields every record must carry; :func:`load_records` refuses a record without them.
 PROVENANCE = ("git_commit", "command", "recipe", "device", "torch", "date", "wall_s")
-EXPERIMENTS = ("table2", "tolerance", "adjoint-memory", "table1")   # `all` runs them in this order
+EXPERIMENTS = ("table2", "tolerance", "adjoint-memory", "table1", "timing")   # `all` runs them in this order
+#: Timing rounds of the ``timing`` experiment: every model once per round, in the same order.
+TIMING_ROUNDS = 5
 SCALES = ("quick", "study", "full", "smoke")   # smoke: seconds, for the tests
 DATA_SEED = 0    # crops and subsets of the training data: the same for every seed and model
 
@@ -94,6 +97,8 @@ def experiment_specs(experiment: str, recipe: Recipe) -> list[dict]:
         return [plain("nodes-unet")]
     if experiment == "adjoint-memory":
         return [dict(label="adjoint-memory", model="nodes-unet", options={})]
+    if experiment == "timing":                      # one unit per seed: every trained model, timed side by side
+        return [dict(label="timing", model=None, options={})]
     raise BloodsegError(f"unknown experiment {experiment!r}: choose one of {', '.join(EXPERIMENTS)}, all")
 
 
@@ -133,7 +138,7 @@ def _read(path: Path):
 def _complete(rec, recipe: Recipe, seed: int) -> bool:
     return (isinstance(rec, dict) and rec.get("format") == RECORD_FORMAT and rec.get("seed") == seed
             and rec.get("recipe") == recipe.to_dict() and all(k in rec for k in PROVENANCE)
-            and ("adjoint_memory" in rec or "per_image" in rec))
+            and ("adjoint_memory" in rec or "per_image" in rec or "timing" in rec))
 
 
 def _unit_recipe(recipe: Recipe, seed: int) -> Recipe:
@@ -159,6 +164,8 @@ def _measure_unit(experiment: str, spec: dict, recipe: Recipe, seed: int, data: 
         torch.manual_seed(seed)
         m = recipe.measure
         return dict(adjoint_memory=adjoint_memory(None, recipe.model.width, m.mem_size, m.mem_batch))
+    if experiment == "timing":
+        return _timing_unit(recipe, seed, data, work.parent)
     best, history = _train_unit(spec, recipe, seed, data, work)
     s = evaluate(best, data["test"], n_timed=0, per_image=True)
     out = dict(history=history, best_epoch=min(history, key=lambda r: r["val_loss"])["epoch"],
@@ -170,6 +177,25 @@ def _measure_unit(experiment: str, spec: dict, recipe: Recipe, seed: int, data: 
         out["tolerance_curve"] = tolerance_curve(best, data["test"], recipe.measure.tolerances,
                                                  recipe.measure.n_timed)
     return out
+
+
+def _timing_unit(recipe: Recipe, seed: int, data: dict, train_dir: Path) -> dict:
+    """Inference time of every model of tables 1 and 2 trained on ``seed`` (trained here if its unit
+    is missing), measured side by side: :data:`TIMING_ROUNDS` rounds, each timing every model on the
+    first ``n_timed`` test images, so slow drifts of the machine fall on all models alike."""
+    specs = list({s["label"]: s for name in ("table1", "table2") for s in experiment_specs(name, recipe)}.values())
+    models = {s["label"]: _train_unit(s, recipe, seed, data, train_dir / f"{s['label']}-seed{seed}")[0]
+              for s in specs}
+    images = [data["test"][i][0][None] for i in range(min(recipe.measure.n_timed, len(data["test"])))]
+    times = {label: [] for label in models}
+    nfe = {}
+    for _ in range(TIMING_ROUNDS):
+        for label, model in models.items():
+            t = time_inference(model, images, warmup=1)
+            times[label].append(t["time_per_image_s"])
+            nfe[label] = float(sum(t["nfe_forward"].values()))
+    return dict(timing=dict(n_images=len(images), rounds=TIMING_ROUNDS, time_per_image_s=times, nfe_forward=nfe,
+                            threads=torch.get_num_threads()))
 
 
 def convergence(history: list[dict], tail: float = 1 / 3, tol: float = 0.02) -> dict:
@@ -188,6 +214,8 @@ def convergence(history: list[dict], tail: float = 1 / 3, tol: float = 0.02) -> 
 def estimate_unit_s(spec: dict, recipe: Recipe, data: dict) -> float:
     """A first unit's expected wall time: one timed training step x the steps of the run, plus a
     third for validation and testing (a rough guess, replaced by measured units as they finish)."""
+    if spec["model"] is None:                       # timing: mostly loading trained units
+        return 60.0
     model = build_model(spec["model"], width=recipe.model.width, **{**recipe.model.options, **spec["options"]})
     ds, b = data["train"], recipe.train.batch_size
     x = torch.stack([ds[i % len(ds)][0] for i in range(b)])
