@@ -22,6 +22,7 @@ from .io import Sample, load_folder, load_splits
 from .labelme import load_labelme_folder
 from .preprocess import image_to_tensor
 from .recipe import PRESETS, DataRecipe, get_recipe
+from .stain import random_stain
 from .synthetic import make_smear
 
 
@@ -80,12 +81,16 @@ def _jitter_colour(image: np.ndarray, rng) -> np.ndarray:
     return cv2.cvtColor(np.clip(hsv + 0.5, 0, [179, 255, 255]).astype(np.uint8), cv2.COLOR_HSV2BGR)
 
 
-def augment(samples: list[Sample], factor: int = 10, seed: int = 0) -> list[Sample]:
+def augment(samples: list[Sample], factor: int = 10, seed: int = 0, stain: float = 0.0) -> list[Sample]:
     """Each sample plus ``factor - 1`` copies: a flip/90°-rotation and a mild colour jitter.
 
     The geometry is applied identically to image and mask; the colour jitter touches the image
     only. Copies are named ``<name>_a1`` …, keep ``source``, and are deterministic by seed. The
     7 non-identity flips/rotations are used before any repeats (then only the colour differs).
+
+    ``stain`` > 0 (``DataRecipe.stain``; for training samples only): every returned image, the
+    originals included, then goes through :func:`bloodseg.stain.random_stain` at that strength,
+    drawn from a second generator, so flips and jitter are those of ``stain=0``.
     """
     if int(factor) != factor or factor < 1:
         raise DataError(f"augmentation factor must be a whole number >= 1; got {factor!r}")
@@ -102,6 +107,9 @@ def augment(samples: list[Sample], factor: int = 10, seed: int = 0) -> list[Samp
                 image, mask = image[:, ::-1], mask[:, ::-1]
             out.append(Sample(f"{s.name}_a{j}", _jitter_colour(np.ascontiguousarray(image), rng),
                               np.ascontiguousarray(mask), s.source))
+    if stain:
+        srng = np.random.default_rng([int(seed), 0x57A1])
+        out = [Sample(s.name, random_stain(s.image, srng, stain), s.mask, s.source) for s in out]
     return out
 
 
@@ -120,9 +128,10 @@ def _take_sources(groups: list[tuple[str, list]], target: float) -> int:
 
 
 def make_splits(samples: list[Sample], n_test: int, val_ratio: float = 0.25, seed: int = 0,
-                factor: int = 1) -> dict[str, list[Sample]]:
+                factor: int = 1, stain: float = 0.0) -> dict[str, list[Sample]]:
     """Split by source image: test first (about ``n_test`` samples, never augmented), then
-    train/val (``val_ratio`` of the rest, paper 3:1), then augment train and val ``factor`` times.
+    train/val (``val_ratio`` of the rest, paper 3:1), then augment train and val ``factor`` times;
+    ``stain`` (:func:`augment`) shifts the training samples' colours only, never val or test.
 
     Whole sources go to one side, so no test or validation sample shares a source image (or an
     augmented copy) with a training sample. Returns ``{"train": [...], "val": [...], "test": [...]}``.
@@ -146,20 +155,20 @@ def make_splits(samples: list[Sample], n_test: int, val_ratio: float = 0.25, see
         n_val_src = 1
     val_groups, train_groups = rest[:n_val_src], rest[n_val_src:]
     flat = lambda gs: [s for _, g in gs for s in g]  # noqa: E731
-    return {"train": augment(flat(train_groups), factor, seed),
+    return {"train": augment(flat(train_groups), factor, seed, stain=stain),
             "val": augment(flat(val_groups), factor, seed + 1),
             "test": flat(test_groups)}
 
 
 @functools.lru_cache(maxsize=4)
 def _synthetic_splits_cached(profile_key: tuple) -> dict:
-    n_source, size, patch, crops, n_test, factor = profile_key
+    n_source, size, patch, crops, n_test, factor, stain = profile_key
     smears = []
     for i in range(n_source):
         image, mask = make_smear(i, size=size)
         smears.append(Sample(f"smear_{i:04d}", image, mask, f"smear_{i:04d}"))
     patches = extract_patches(smears, size=patch, per_image=crops, seed=0)
-    return make_splits(patches, n_test=n_test, val_ratio=0.25, seed=0, factor=factor)
+    return make_splits(patches, n_test=n_test, val_ratio=0.25, seed=0, factor=factor, stain=stain)
 
 
 def _data_recipe(recipe) -> DataRecipe:
@@ -172,10 +181,11 @@ def synthetic_splits(recipe=None) -> dict[str, list[Sample]]:
 
     ``n_source`` smears of ``image_size`` (seeds 0, 1, …) → ``crops_per_image`` patches of
     ``patch`` px each → ``n_test`` patches held out by source → the rest augmented x``augment``
-    and split 3:1 into train/val. Cached in memory; treat the arrays as read-only.
+    and split 3:1 into train/val (training patches stain-shifted when ``stain`` > 0). Cached in
+    memory; treat the arrays as read-only.
     """
     d = _data_recipe(recipe)
-    key = (d.n_source, tuple(d.image_size), d.patch, d.crops_per_image, d.n_test, d.augment)
+    key = (d.n_source, tuple(d.image_size), d.patch, d.crops_per_image, d.n_test, d.augment, float(d.stain))
     cached = _synthetic_splits_cached(key)
     return {k: list(v) for k, v in cached.items()}
 
@@ -232,7 +242,8 @@ def training_splits(data, recipe=None, seed: int = 0) -> dict[str, list[Sample]]
 
     * ``"synthetic"`` – :func:`synthetic_splits` (the embedded default);
     * a folder with ``train/ val/ test/`` (a :func:`prepare_bccd` output) – train and val images
-      are cut into ``crops_per_image`` patches of ``patch`` px (train augmented x``augment``);
+      are cut into ``crops_per_image`` patches of ``patch`` px (train augmented x``augment``,
+      and stain-shifted when the recipe's ``data.stain`` > 0; never val or test);
       test images stay whole (cropped to a multiple of 16), as whole-image scores are wanted;
     * a folder with ``images/`` + ``masks/`` – patches, then :func:`make_splits` (test held out by
       source image, train/val 3:1, augmented);
@@ -249,7 +260,8 @@ def training_splits(data, recipe=None, seed: int = 0) -> dict[str, list[Sample]]
     if all((root / s).is_dir() for s in ("train", "val", "test")):
         raw = load_splits(root)
         _check_patch_fits(raw["train"] + raw["val"], p, r.name, root)
-        return {"train": augment(extract_patches(raw["train"], p.patch, p.crops_per_image, seed), p.augment, seed),
+        return {"train": augment(extract_patches(raw["train"], p.patch, p.crops_per_image, seed), p.augment, seed,
+                                 stain=p.stain),
                 "val": extract_patches(raw["val"], p.patch, p.crops_per_image, seed + 1),
                 "test": [_crop16(s) for s in raw["test"]]}
     if (root / "images").is_dir():
@@ -262,4 +274,4 @@ def training_splits(data, recipe=None, seed: int = 0) -> dict[str, list[Sample]]
     _check_patch_fits(samples, p, r.name, root)
     patches = extract_patches(samples, p.patch, p.crops_per_image, seed)
     n_test = max(1, round(len(patches) * p.n_test / max(1, p.n_source * p.crops_per_image)))
-    return make_splits(patches, n_test=n_test, seed=seed, factor=p.augment)
+    return make_splits(patches, n_test=n_test, seed=seed, factor=p.augment, stain=p.stain)

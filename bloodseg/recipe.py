@@ -40,6 +40,7 @@ class DataRecipe:
     max_train: int | None = None    # keep a seeded subset of this many training patches
     max_val: int | None = None      # ... and of validation patches
     scale: float = 1.0              # photographs are resized by this before the model sees them
+    stain: float = 0.0              # 0-1: stain/camera shifts of training samples (bloodseg.stain.random_stain)
 
 
 @dataclasses.dataclass(frozen=True)
