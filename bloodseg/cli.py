@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .bccd import prepare_bccd, prepare_cached
-from .calibrate import solver_label, white_iou_score
+from .calibrate import check_solver, solver_label, white_iou_score
 from .count import write_counts_csv
 from .datasets import SegmentationDataset, training_splits
 from .distributed import cleanup_distributed, setup_distributed
@@ -24,7 +24,7 @@ from .download import download_bccd
 from .errors import BloodsegError
 from .io import load_folder
 from .models import MODEL_NAMES, build_model
-from .ode import set_tolerance
+from .ode import FIXED_GRID_METHODS, check_regularise, set_tolerance
 from .recipe import Recipe, get_recipe
 from .segmenter import Segmenter, shipped_checkpoint
 from .synthetic import write_synthetic
@@ -77,6 +77,21 @@ def cmd_prepare_bccd(args) -> int:
     return 0
 
 
+def _ode_reg_arg(text: str) -> dict:
+    """``kinetic=0.01,jacobian=0.01`` (either term optional) as ``{"kinetic": 0.01, "jacobian": 0.01}``."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, eq, value = item.partition("=")
+        try:
+            weights[key.strip().lower()] = float(value) if eq else None
+        except ValueError:
+            weights[key.strip().lower()] = value.strip()
+    if not weights or any(not isinstance(w, float) for w in weights.values()):
+        raise BloodsegError(f"--ode-reg {text!r}: give NAME=WEIGHT pairs separated by commas, e.g. "
+                            "kinetic=0.01,jacobian=0.01 (weights are numbers >= 0)")
+    return check_regularise(weights)
+
+
 def recipe_from_args(args) -> Recipe:
     """The one place where command-line flags become a :class:`~bloodseg.recipe.Recipe`: the
     profile's preset with every flag the user gave applied (0 or a negative number is kept, so
@@ -97,7 +112,8 @@ def recipe_from_args(args) -> Recipe:
         "train.weight_decay": args.weight_decay, "train.seed": args.seed,
         "train.checkpoint_every": args.checkpoint_every, "train.bf16": args.bf16,
         "train.scale_lr": args.scale_lr, "train.sync_bn": not args.no_sync_bn,
-        "train.schedule": args.schedule, "train.max_minutes": args.max_minutes})
+        "train.schedule": args.schedule, "train.max_minutes": args.max_minutes,
+        "train.ode_reg": _ode_reg_arg(args.ode_reg) if args.ode_reg else {}})
     r.train.validate()  # before any data is built: a bad number fails at once
     return r
 
@@ -206,6 +222,31 @@ def cmd_calibrate(args) -> int:
               f"{' '.join(f'{v:g}' for v in r['nfe_per_block'].values())}")
     new.save(out)   # atomic; the input is overwritten only when --out names it
     print(f"chosen: {solver_label(table['chosen'])}; wrote {out}")
+    return 0
+
+
+def _solver_arg(text: str) -> dict:
+    """``euler:1``, ``rk4:2`` (a fixed-grid method:steps) or ``dopri5:1e-3`` (an adaptive method:rtol)."""
+    method, _, value = text.strip().lower().partition(":")
+    spec = {"method": method}
+    if value:
+        fixed = method in FIXED_GRID_METHODS
+        try:
+            spec["steps" if fixed else "rtol"] = int(value) if fixed else float(value)
+        except ValueError:
+            raise BloodsegError(f"--solver {text!r}: give METHOD:STEPS for a fixed-grid method (euler:1, "
+                                "rk4:2) or METHOD:RTOL for an adaptive one (dopri5:1e-3)") from None
+    return check_solver(spec)
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+    seg = Segmenter.load(args.ckpt, device="cpu")
+    solver = _solver_arg(args.solver) if args.solver else None
+    out = export_onnx(seg, args.onnx, solver=solver)
+    label = solver_label(solver if solver is not None else seg.solver)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, ODE solver {label}); run it with "
+          "bloodseg.export.load_onnx(path).predict(image)")
     return 0
 
 
@@ -388,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate: constant, or cosine decay to 0 over --epochs")
     s.add_argument("--max-minutes", type=float, default=0.0,
                    help="start no epoch that would end after this many minutes (0: no limit)")
+    s.add_argument("--ode-reg", metavar="kinetic=A,jacobian=B",
+                   help="regularise the ODE-blocks' dynamics (Finlay et al. 2020): add A x kinetic energy and "
+                        "B x Jacobian Frobenius norm (Hutchinson estimate), integrated over each solve, to the loss")
     s.add_argument("--restart", action="store_true", help="ignore an existing last.pt")
     s.set_defaults(func=cmd_train)
 
@@ -446,6 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the checkpoint here (default: <ckpt name>-calibrated.pt in the current folder)")
     s.add_argument("--max-drop", type=float, default=0.3, help="largest score drop allowed, in percentage points")
     s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("export", help="write a checkpoint's network as an ONNX file (fixed-grid ODE solver)",
+                       description="Export the network to ONNX (dynamic batch, height and width) with its use "
+                                   "settings stored in the file; bloodseg.export.load_onnx runs it with "
+                                   "onnxruntime. An adaptive solver (dopri5) is not a static graph and is refused.")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--onnx", required=True, help="the ONNX file to write (atomically)")
+    s.add_argument("--solver", metavar="METHOD:STEPS",
+                   help="fixed-grid ODE solver, e.g. euler:1 or rk4:2 (default: the checkpoint's calibrated one)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("evaluate", help="PA / CPA / MIoU and time of a checkpoint on a split")
     s.add_argument("--ckpt", required=True)
