@@ -113,7 +113,7 @@ def test_scales_and_experiments():
     assert rp.scale_recipe("quick").train.epochs == 3
     assert rp.scale_recipe("full").model.width == 32 and rp.scale_recipe("full").train.epochs == 50
     study = rp.scale_recipe("study")
-    assert study.name == "study" and study.train.schedule == "cosine" and study.data.n_test == 24
+    assert study.name == "study" and study.train.schedule == "cosine" and study.data.n_test == 168
     assert study.model.width == 8
     labels = [s["label"] for s in rp.experiment_specs("table1", study)]
     assert labels == ["unet"] + [f"ode-unet-{p}" for p in range(1, 10)]
@@ -174,3 +174,20 @@ def test_timing_unit_times_every_trained_model_side_by_side(tmp_path):
     assert all(len(v) == rp.TIMING_ROUNDS and min(v) > 0 for v in t["time_per_image_s"].values())
     assert t["nfe_forward"]["unet"] == 0 and t["nfe_forward"]["nodes-unet"] > 0
     assert all(k in rec for k in rp.PROVENANCE)
+
+
+def test_a_recipe_field_added_later_does_not_void_records(tmp_path):
+    kw = dict(out=tmp_path / "res", work=tmp_path / "work", progress=False, log=lambda *a: None,
+              changes={"model.width": 4})
+    first = rp.run_experiment("table2", "smoke", 1, **kw)
+    assert len(first["ran"]) == 4
+    for path in first["ran"]:                    # records written before a field existed:
+        rec = json.loads(path.read_text())
+        del rec["recipe"]["train"]["seed"]           # a missing field reads as its default (0) ...
+        path.write_text(json.dumps(rec))
+    again = rp.run_experiment("table2", "smoke", 1, **kw)
+    assert again["ran"] == [] and len(again["skipped"]) == 4
+    rec = json.loads(first["ran"][0].read_text())
+    rec["recipe"]["train"]["epochs"] = 99                 # ... but a different value is another recipe
+    first["ran"][0].write_text(json.dumps(rec))
+    assert len(rp.run_experiment("table2", "smoke", 1, **kw)["ran"]) == 1

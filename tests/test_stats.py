@@ -76,3 +76,16 @@ def test_bad_inputs_are_clear_errors():
         stats.verdict((1.0, 0.0))
     with pytest.raises(BloodsegError, match="claim"):
         stats.verdict((0.0, 1.0), claim="bigger")
+
+
+def test_bootstrap_stat_of_a_spread_knows_when_models_tie():
+    rng = np.random.default_rng(3)
+    base = rng.normal(80, 5, size=(3, 40))                  # shared per-image difficulty
+    tied = np.stack([base + rng.normal(0, 0.2, size=base.shape) for _ in range(4)])
+    apart = np.stack([base + 3 * k for k in range(4)])      # means 0, 3, 6, 9 pp apart
+    t = stats.bootstrap_stat(tied, np.ptp, n_boot=2000)
+    a = stats.bootstrap_stat(apart, np.ptp, n_boot=2000)
+    assert t["ci"][1] < 1.0 and stats.verdict(t["ci"], 2.0, "less") == "holds"
+    assert a["value"] == pytest.approx(9.0) and a["ci"][0] == pytest.approx(9.0)   # paired: exact spread
+    with pytest.raises(BloodsegError, match="models x seeds x images"):
+        stats.bootstrap_stat(base, np.ptp)

@@ -8,6 +8,8 @@ the 2.5th to 97.5th percentile of the resampled means (a percentile interval).
 
 * :func:`paired_bootstrap` — mean of ``b - a`` and its 95% interval;
 * :func:`mean_ci` — the same for one model's scores (1-D: one value per seed);
+* :func:`bootstrap_stat` — any statistic of several models' means (a spread, a ratio, a rank
+  correlation) under the same paired resampling, and its interval;
 * :func:`seed_spread` — how far a number moves over seeds alone (range and sd);
 * :func:`verdict` — "holds", "does not hold" or "inconclusive" (the interval contains the threshold).
 """
@@ -53,6 +55,27 @@ def bootstrap_means(x, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
         wi = rng.multinomial(i, np.full(i, 1.0 / i), size=k).astype(np.float64)
         out[lo:lo + k] = np.einsum("bs,si,bi->b", ws, m, wi) / (s * i)
     return out
+
+
+def bootstrap_stat(stack, stat, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> dict:
+    """``stat`` of the per-model means and its interval, models resampled together (paired).
+
+    ``stack``: ``models x seeds x images`` scores (every model on the same seeds and images); each
+    resample draws seeds and images with replacement, the same draws for every model, and
+    ``stat(means)`` maps the vector of the models' resampled means to one number (e.g.
+    ``np.ptp`` for a spread). Returns ``dict(value, ci)``: ``value`` on the data as they are."""
+    m = np.asarray(stack, dtype=np.float64)
+    if m.ndim != 3 or m.size == 0:
+        raise BloodsegError(f"bootstrap_stat needs a non-empty models x seeds x images array; got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise BloodsegError("bootstrap_stat: scores hold values that are not finite (nan or inf)")
+    _, s, i = m.shape
+    rng = np.random.default_rng(seed)
+    ws = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot).astype(np.float64)
+    wi = rng.multinomial(i, np.full(i, 1.0 / i), size=n_boot).astype(np.float64)
+    means = np.einsum("bs,msi,bi->bm", ws, m, wi) / (s * i)
+    values = np.array([stat(row) for row in means])
+    return dict(value=float(stat(m.mean(axis=(1, 2)))), ci=_interval(values, level))
 
 
 def _interval(means: np.ndarray, level: float) -> tuple[float, float]:
