@@ -23,6 +23,13 @@ Pieces, in reading order:
   paper's argument (§4.2) that a residual network is a discretised ODE.
 * :func:`set_tolerance`, :func:`ode_blocks`, :func:`nfe_report` – one call for every ODE-block of
   a model (the test-time tolerance of §4.2, the NFE log of the book).
+* Regularised training (Finlay et al. 2020, "How to train your neural ODE"): with
+  ``block.regularise = dict(kinetic=a, jacobian=b)`` a block in training mode integrates, alongside
+  h, the kinetic energy ∫ mean ||f||² dt and a Hutchinson estimate ∫ mean ||ε^T ∂f/∂h||² dt of the
+  Jacobian's Frobenius norm (means over the elements of one sample, then over the batch), and
+  stores ``a·E_kin + b·E_jac`` as ``block.reg_loss``; :func:`regularisation_loss` collects them for
+  the training loss. Dynamics that are cheap to integrate need fewer solver steps. Unset (the
+  default) the solve is exactly the plain one.
 
 What torchdiffeq 0.2.5 does (read in its source, ``_impl/rk_common.py``): adaptive Runge–Kutta
 solvers take ``options=dict(max_num_steps=N)`` and fail with ``AssertionError('max_num_steps
@@ -55,6 +62,9 @@ __all__ = [
     "set_tolerance",
     "ode_blocks",
     "nfe_report",
+    "REGULARISERS",
+    "check_regularise",
+    "regularisation_loss",
 ]
 
 #: Solvers with an error estimate: the tolerance decides the number of steps.
@@ -65,6 +75,27 @@ FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 # ``callback_step`` the same way, so bloodseg could not bound them.
 
 _ACTIVATIONS = {"softplus": nn.Softplus, "tanh": nn.Tanh}
+
+#: The penalties of regularised training (RNODE): ∫ mean ||f||² dt and ∫ mean ||∂f/∂h||_F² dt.
+REGULARISERS = ("kinetic", "jacobian")
+
+
+def check_regularise(value) -> dict:
+    """``value`` (``{"kinetic": a, "jacobian": b}``, either key optional; ``None`` or ``{}``: off) as
+    a dict of float weights without the zero ones; a bad key or weight is a BloodsegError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BloodsegError(f"ODE regularisation must be a dict such as {{'kinetic': 0.01, 'jacobian': 0.01}}, "
+                            f"not {value!r}")
+    unknown = sorted(set(map(str, value)) - set(REGULARISERS))
+    if unknown:
+        raise BloodsegError(f"unknown ODE regulariser(s) {', '.join(unknown)}: choose from {', '.join(REGULARISERS)}")
+    for key, weight in value.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight < 0:
+            raise BloodsegError(f"the weight of the {key} regulariser must be a number >= 0, not {weight!r}")
+    return {key: float(w) for key, w in value.items() if w > 0}
 
 
 def _groups(channels: int) -> int:
@@ -144,9 +175,11 @@ class _Dynamics:
     flag has to be set from outside. Each phase has its own step and evaluation caps.
     """
 
-    def __init__(self, block: "ODEBlock"):
+    def __init__(self, block: "ODEBlock", regularise: dict | None = None):
         self.block = block
         self.func = block.func
+        self.regularise = regularise   # the state is then (h, E_kin, E_jac): see ``_regularised``
+        self.eps = None                # Hutchinson's ε: one draw per solve, reused by the adjoint
         self.phase = "forward"
         self.calls = {"forward": 0, "backward": 0}
         self.steps = {"forward": 0, "backward": 0}
@@ -163,7 +196,29 @@ class _Dynamics:
                 f"more than {self.call_cap} evaluations of f in one solve (hard cap 6*max_steps+10)", phase)
         if phase == "backward":
             self.block.nfe_backward.add_(1)
+        if self.regularise:
+            return self._regularised(t, h[0])
         return self.func(t, h)
+
+    def _regularised(self, t, h):
+        """``(f, d E_kin/dt, d E_jac/dt)``: mean ||f||² and mean ||ε^T ∂f/∂h||² per sample, whose
+        expectation over ε (Rademacher: E[εε^T] = I) is mean ||∂f/∂h||_F² (Hutchinson)."""
+        graph = torch.is_grad_enabled()    # False only in the adjoint's forward solve: values only
+        with torch.enable_grad():
+            if not (graph and h.requires_grad):   # no history wanted or none to lose
+                h = h.detach().requires_grad_()
+            f = self.func(t, h)
+            kinetic = f.pow(2).flatten(1).mean(1)
+            if "jacobian" in self.regularise:
+                if self.eps is None:
+                    self.eps = torch.randint_like(h, 2) * 2 - 1
+                (vjp,) = torch.autograd.grad(f, h, self.eps, create_graph=graph)
+                jacobian = vjp.pow(2).flatten(1).mean(1)
+            else:
+                jacobian = torch.zeros_like(kinetic)
+        if not graph:
+            f, kinetic, jacobian = f.detach(), kinetic.detach(), jacobian.detach()
+        return f, kinetic, jacobian
 
     def callback_step(self, t0, y0, dt):
         """Called by torchdiffeq before every attempted step (accepted or rejected)."""
@@ -224,6 +279,10 @@ class ODEBlock(nn.Module):
         name: how errors and :func:`nfe_report` call this block, e.g. ``"ODE-block at position 5"``.
         func: another f(t, h) module to use instead of ``ODEFunc(channels, hidden)``.
 
+    Regularised training: ``block.regularise = dict(kinetic=a, jacobian=b)`` (see the module
+    docstring and :func:`check_regularise`); in training mode with gradients on, each forward then
+    sets ``block.reg_loss`` (a scalar with grad, else ``None``) for the loss to add.
+
     Buffers (``persistent=False``: they follow ``.to(device)`` and DDP but stay out of
     ``state_dict``, so checkpoints do not depend on them):
         nfe_forward: evaluations of f in the last forward solve (reset at each forward).
@@ -262,6 +321,17 @@ class ODEBlock(nn.Module):
         self.set_tolerance(rtol, atol)
         self.register_buffer("nfe_forward", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("nfe_backward", torch.zeros((), dtype=torch.long), persistent=False)
+        self._regularise: dict = {}
+        self.reg_loss: torch.Tensor | None = None
+
+    @property
+    def regularise(self) -> dict:
+        """Weights of the training penalties, ``{"kinetic": a, "jacobian": b}``; ``{}``: none."""
+        return dict(self._regularise)
+
+    @regularise.setter
+    def regularise(self, value) -> None:
+        self._regularise = check_regularise(value)
 
     def set_tolerance(self, rtol: float, atol: float | None = None) -> None:
         """Change the solver tolerances (``atol=None``: ``atol = rtol``); takes effect next forward."""
@@ -295,23 +365,35 @@ class ODEBlock(nn.Module):
         return self._solve(x)
 
     def _solve(self, x: torch.Tensor) -> torch.Tensor:
-        dyn = _Dynamics(self)
+        regularise = self._regularise if self.training and torch.is_grad_enabled() else None
+        dyn = _Dynamics(self, regularise)
         t = torch.tensor([0.0, self.t1], dtype=x.dtype, device=x.device)
         params = tuple(p for p in self.func.parameters() if p.requires_grad)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or len(params) > 0)
         options = self._options()
+        y0, forward_options = x, options
+        self.reg_loss = None
+        if regularise:   # the energies start at 0; the step control looks at h alone, as unregularised
+            zero = x.new_zeros(x.shape[0])
+            y0 = (x, zero, zero)
+            if self.method in ADAPTIVE_METHODS:
+                forward_options = dict(options, norm=_norm_of_h)
         try:
             if self.adjoint and needs_grad:
                 solution = odeint_adjoint(
-                    dyn, x, t, rtol=self.rtol, atol=self.atol, method=self.method, options=options,
+                    dyn, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=forward_options,
                     adjoint_options=dict(options), adjoint_params=params)
             else:
-                solution = odeint(dyn, x, t, rtol=self.rtol, atol=self.atol, method=self.method,
-                                  options=options)
+                solution = odeint(dyn, y0, t, rtol=self.rtol, atol=self.atol, method=self.method,
+                                  options=forward_options)
         except AssertionError as err:  # torchdiffeq's own checks (the backstop)
             raise self._solver_error(f"torchdiffeq stopped: {err}", "forward") from err
         finally:
             dyn.phase = "backward"
+        if regularise:
+            solution, kinetic, jacobian = solution
+            energy = {"kinetic": kinetic[-1].mean(), "jacobian": jacobian[-1].mean()}
+            self.reg_loss = sum(w * energy[k] for k, w in regularise.items())
         out = solution[-1]
         if not bool(torch.isfinite(out).all()):
             raise self._solver_error("non-finite values (NaN or inf) in the state at the end time", "forward")
@@ -328,9 +410,17 @@ class ODEBlock(nn.Module):
             parts.append(f"step_size={self.step_size:g}")
         if self.t1 != 1.0:
             parts.append(f"t1={self.t1:g}")
+        if self._regularise:
+            parts.append(f"regularise={self._regularise}")
         if self.name:
             parts.insert(0, f"name={self.name!r}")
         return ", ".join(parts)
+
+
+def _norm_of_h(state) -> torch.Tensor:
+    """Step-size control of a regularised solve: the RMS norm of h alone (torchdiffeq's default
+    for one tensor), so the energies riding along do not change the steps taken on h."""
+    return state[0].pow(2).mean().sqrt()
 
 
 class ResidualBlock(nn.Module):
@@ -380,3 +470,14 @@ def nfe_report(model: nn.Module) -> dict[str, tuple[int, int]]:
             key = module.name or path or "ODE-block"
             report[key] = (int(module.nfe_forward), int(module.nfe_backward))
     return report
+
+
+def regularisation_loss(model_or_blocks) -> torch.Tensor | None:
+    """The sum of the ``reg_loss`` of every ODE-block (a model or a list of blocks) from its last
+    forward, or ``None`` when none has one; the blocks' references are cleared (a stored graph
+    would keep its memory alive and make the model impossible to ``deepcopy``)."""
+    blocks = model_or_blocks if isinstance(model_or_blocks, (list, tuple)) else ode_blocks(model_or_blocks)
+    losses = [b.reg_loss for b in blocks if b.reg_loss is not None]
+    for b in blocks:
+        b.reg_loss = None
+    return sum(losses) if losses else None
