@@ -129,3 +129,18 @@ def test_cli_export_errors(tmp_path, capsys):
     assert main(["export", "--ckpt", str(shipped_checkpoint()), "--onnx", str(out), "--solver", "euler:x"]) == 2
     assert "METHOD:STEPS" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_export_bench_record(tmp_path):
+    """bloodseg.paper.bench.export_bench on one photograph: the record's fields (times never asserted)."""
+    from bloodseg.paper.bench import export_bench
+    out = tmp_path / "speed" / "export.json"
+    record = export_bench(out, repeats=1, n_images=1, command="test")
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record, default=float))
+    assert record["solver"] == EULER1 and len(record["images"]) == 1
+    row = record["images"][0]
+    assert row["network_input"] == [1, 3, 240, 320] and row["pixel_agreement"] >= 0.999
+    assert row["eager_ms"] > 0 and row["onnx_ms"] > 0 and row["max_abs_logit_diff"] < 1e-3
+    assert record["summary"]["pixel_agreement_min"] == row["pixel_agreement"]
+    for key in ("git_commit", "command", "device", "torch", "onnxruntime", "date"):
+        assert record["provenance"][key]

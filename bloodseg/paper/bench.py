@@ -52,7 +52,7 @@ from .reference import PAPER_TABLE1
 
 
 __all__ = ["paper_time_ratios", "plot_time_ratios", "bench_images", "time_inference", "training_step_cost", "run_bench",
-           "bench_rows", "format_bench", "checkpoint_for"]
+           "bench_rows", "format_bench", "checkpoint_for", "export_bench"]
 
 
 def _paper_times() -> dict:
@@ -317,3 +317,109 @@ def plot_time_ratios(results: dict[str, dict], ax=None):
     ax.axhline(1, color="grey", lw=0.8)
     ax.legend(fontsize=8)
     return ax
+
+
+def export_bench(out=None, ckpt=None, solver=None, repeats: int = 3, threads: int = 1,
+                 command: str | None = None, n_images: int | None = None) -> dict:
+    """PyTorch eager against the ONNX export (:mod:`bloodseg.export`, run by onnxruntime) on the 16
+    vendored BCCD photographs, with the same fixed-grid solver (``solver``; None: the checkpoint's
+    stored one), in one process with ``threads`` threads each.
+
+    Per photograph: the two masks of ``Segmenter.predict`` (same preprocessing, scale and cleanup)
+    and their pixel agreement; the network input the predict fed (a forward pre-hook) and the
+    largest logit difference on it; then ``repeats`` rounds in which eager and ONNX take turns
+    (the first alternating), timing the network alone and the whole ``predict``; the median of
+    each is kept. Returns the record, also written to ``out`` (JSON) when given, with provenance.
+    ``n_images``: the first n photographs only (tests).
+    """
+    import datetime
+    import json
+    import os
+    import statistics
+    import subprocess
+    import sys
+    import tempfile
+
+    import onnxruntime
+
+    from ..bccd import bccd_sample_dir
+    from ..calibrate import solver_label
+    from ..export import export_onnx, load_onnx
+    from ..io import read_image, write_bytes
+    from ..segmenter import Segmenter, shipped_checkpoint
+
+    t_all, old_threads = time.perf_counter(), torch.get_num_threads()
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,   # noqa: E731
+                                    cwd=Path(__file__).resolve().parent).stdout.strip()
+    commit, dirty = git("rev-parse", "HEAD") or "unknown", bool(git("status", "--porcelain", ":/bloodseg"))
+    torch.set_num_threads(threads)
+    try:
+        seg = Segmenter.load(ckpt or shipped_checkpoint(), device="cpu")
+        seg = seg if solver is None else seg.replace(solver=solver)
+        with tempfile.TemporaryDirectory() as tmp:
+            export_onnx(seg, Path(tmp) / "model.onnx")
+            onnx_seg = load_onnx(Path(tmp) / "model.onnx", threads=threads)
+        files = sorted((bccd_sample_dir() / "images").glob("*.jpg"))[:n_images]
+        seen = []
+        seg.predict(read_image(files[0])), onnx_seg.predict(read_image(files[0]))   # warm-up
+        rows = []
+        for f in files:
+            image = read_image(f)
+            seen.clear()
+            hook = seg.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+            try:   # the hook only here: it would add a copy to the eager times
+                mask_t = seg.predict(image)
+            finally:
+                hook.remove()
+            mask_o = onnx_seg.predict(image)
+            x = seen[0]
+            with torch.inference_mode():
+                diff = float((seg.model(x) - onnx_seg.model(x)).abs().max())
+            jobs = {"eager": lambda: seg.model(x), "onnx": lambda: onnx_seg.model(x),
+                    "predict_eager": lambda: seg.predict(image), "predict_onnx": lambda: onnx_seg.predict(image)}
+            times = {k: [] for k in jobs}
+            for r in range(repeats):
+                for pair in (("eager", "onnx"), ("predict_eager", "predict_onnx")):
+                    for k in (pair if r % 2 == 0 else pair[::-1]):
+                        t0 = time.perf_counter()
+                        with torch.inference_mode():
+                            jobs[k]()
+                        times[k].append(time.perf_counter() - t0)
+            ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+            rows.append(dict(image=f.name, size=list(image.shape[:2]), network_input=list(x.shape),
+                             eager_ms=ms["eager"], onnx_ms=ms["onnx"], ratio_onnx_to_eager=ms["onnx"] / ms["eager"],
+                             predict_eager_ms=ms["predict_eager"], predict_onnx_ms=ms["predict_onnx"],
+                             predict_ratio_onnx_to_eager=ms["predict_onnx"] / ms["predict_eager"],
+                             pixel_agreement=float((mask_t == mask_o).mean()), max_abs_logit_diff=diff))
+    finally:
+        torch.set_num_threads(old_threads)
+    mean = lambda k: statistics.fmean(r[k] for r in rows)   # noqa: E731
+    summary = {k: mean(k) for k in ("eager_ms", "onnx_ms", "predict_eager_ms", "predict_onnx_ms")}
+    summary.update(ratio_onnx_to_eager=summary["onnx_ms"] / summary["eager_ms"],
+                   predict_ratio_onnx_to_eager=summary["predict_onnx_ms"] / summary["predict_eager_ms"],
+                   pixel_agreement_min=min(r["pixel_agreement"] for r in rows),
+                   pixel_agreement_mean=mean("pixel_agreement"),
+                   max_abs_logit_diff=max(r["max_abs_logit_diff"] for r in rows))
+    record = {
+        "what": f"PyTorch eager vs onnxruntime (bloodseg.export) on the {len(rows)} vendored BCCD photographs, "
+                f"solver {solver_label(seg.solver)} in both, {threads} thread(s) each, one process, eager and "
+                f"ONNX taking turns; ms are medians of {repeats} rounds per photograph, summary means over "
+                "photographs; 'eager_ms'/'onnx_ms' the network alone on the input predict feeds it, "
+                "'predict_*' the whole Segmenter.predict (scale, CLAHE, network, cleanup)",
+        "checkpoint": str(Path(ckpt or shipped_checkpoint()).name), "solver": seg.solver,
+        "summary": summary, "images": rows,
+        "provenance": {
+            "git_commit": commit, "git_dirty": dirty,
+            "command": command or " ".join([Path(sys.executable).name] + sys.argv),
+            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                      f"{threads} thread(s) each for torch and onnxruntime, shared with other jobs; load "
+                      f"average {os.getloadavg()[0]:.1f} at the end)",
+            "torch": str(torch.__version__), "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - t_all, 1)},
+    }
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(out, (json.dumps(record, indent=1, default=float) + "\n").encode())
+    return record
