@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import BloodsegError
+from .ode import check_regularise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ class TrainRecipe:
     sync_bn: bool = True           # under DDP: BatchNorm statistics of the global batch
     schedule: str = "constant"     # "constant" lr, or "cosine": lr * (1 + cos(pi * epoch / epochs)) / 2
     max_minutes: float = 0.0       # > 0: start no new epoch once this much wall time would be exceeded
+    ode_reg: dict = dataclasses.field(default_factory=dict)   # {"kinetic": a, "jacobian": b}: RNODE penalties
 
     def validate(self) -> None:
         """Raise :class:`BloodsegError` naming the first field that cannot work."""
@@ -103,6 +105,7 @@ class TrainRecipe:
                 or self.checkpoint_every < 0 or self.num_workers < 0:
             raise BloodsegError(f"checkpoint_every and num_workers must be >= 0; got "
                                 f"{self.checkpoint_every}, {self.num_workers}")
+        check_regularise(self.ode_reg)
 
 
 @dataclasses.dataclass(frozen=True)

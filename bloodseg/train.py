@@ -42,7 +42,7 @@ from .errors import BloodsegError, CheckpointError, TrainingError
 from .io import _writable_dir
 from .measure import sync
 from .metrics import ConfusionMatrix, per_image_scores, scores
-from .ode import nfe_report
+from .ode import nfe_report, ode_blocks, regularisation_loss
 from .recipe import Recipe, TrainRecipe
 
 
@@ -237,6 +237,11 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
     epoch-end ``last.pt`` resumes with any number of processes; a mid-epoch one only with the
     number that wrote it.
 
+    ``ode_reg`` in the recipe (``{"kinetic": a, "jacobian": b}``) regularises every ODE-block
+    (:attr:`bloodseg.ode.ODEBlock.regularise`) during the run: the blocks' penalties are added to
+    the cross-entropy, and the history gains ``reg_loss`` (the mean penalty per step; ``loss``
+    stays the cross-entropy alone, comparable to ``val_loss``) next to the NFE per step.
+
     Resuming reproduces an uninterrupted run bit for bit on the CPU. On CUDA, cuDNN picks
     non-deterministic kernels by default, so two runs (resumed or not) agree only to rounding;
     ``torch.use_deterministic_algorithms(True)`` (with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``) makes them
@@ -257,6 +262,10 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
     with _run_lock(out_dir, info):   # one training run per folder (rank 0 holds it)
         net = unwrap(model).to(device)
         classes = int(net.options.get("classes", 3))
+        blocks = ode_blocks(net)
+        if cfg.ode_reg and not blocks:
+            raise BloodsegError(f"ode_reg={cfg.ode_reg} regularises ODE-blocks, and model "
+                                f"'{getattr(net, 'name', type(net).__name__)}' has none")
         lr = cfg.lr * (info.world_size if cfg.scale_lr else 1)
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         optimizer = opt_cls(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
@@ -276,6 +285,8 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
                 except CheckpointError as exc:   # a full disk: say where the run can resume from
                     raise CheckpointError(f"{exc} {_last_good(last_path)}") from None
 
+        for block in blocks:   # the recipe decides; switched off again below
+            block.regularise = cfg.ode_reg
         first, started = state.epoch, time.perf_counter()
         for epoch in range(first, cfg.epochs):
             if _out_of_time(cfg, epoch, first, started, device, info):
@@ -286,9 +297,9 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
             t0 = time.perf_counter()
             order = epoch_order(len(train_set), cfg.seed, epoch, info)
             step0 = state.step if epoch == first else 0
-            sums = torch.zeros(4, dtype=torch.float64)  # loss*n, n, nfe_fwd, nfe_bwd
-            if step0 and state.partial is not None:
-                sums += torch.tensor(state.partial, dtype=torch.float64)
+            sums = torch.zeros(5, dtype=torch.float64)  # loss*n, n, nfe_fwd, nfe_bwd, ODE penalty
+            if step0 and state.partial is not None:   # (older last.pt files hold the first 4)
+                sums[:len(state.partial)] += torch.tensor(state.partial, dtype=torch.float64)
             batches = _loader(train_set, order[step0 * cfg.batch_size:], cfg.batch_size, cfg.num_workers)
             bar = _progress(batches, show, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
             step = step0
@@ -298,13 +309,16 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
                 with autocast:
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
-                if not torch.isfinite(loss):
-                    _stop_on_nan(loss, epoch, step, lr, out_dir, last_path, best_path)
-                loss.backward()
+                penalty = regularisation_loss(blocks) if cfg.ode_reg else None
+                total = loss if penalty is None else loss + penalty
+                if not torch.isfinite(total):
+                    _stop_on_nan(total, epoch, step, lr, out_dir, last_path, best_path)
+                total.backward()
                 optimizer.step()
                 step += 1
                 nf, nb = _sum_nfe(model)
-                sums += torch.tensor([loss.item() * len(x), len(x), nf, nb], dtype=torch.float64)
+                reg = 0.0 if penalty is None else penalty.item()
+                sums += torch.tensor([loss.item() * len(x), len(x), nf, nb, reg], dtype=torch.float64)
                 if show:
                     bar.set_postfix(loss=f"{loss.item():.4f}", nfe=nf)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -324,6 +338,8 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
                 "time_s": time.perf_counter() - t0,
                 "lr": optimizer.param_groups[0]["lr"],
             }
+            if cfg.ode_reg:
+                record["reg_loss"] = float(sums[4] / n_steps_total)
             state.history.append(record)
             improved = record["val_loss"] < state.best
             if improved:
@@ -339,6 +355,8 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
                                         f"{_last_good(last_path)}") from None
                 if on_epoch is not None:
                     on_epoch(record)
+        for block in blocks:
+            block.regularise = None
         if info.world_size > 1:
             dist.barrier()
             if sync_bn:
