@@ -252,67 +252,96 @@ def _save(results_dir, chapter, name, data, profile="quick"):
         {"provenance": {"profile": profile, "device": "cpu (test)", "date": "today"}, "data": data}))
 
 
+def _record(results_dir, experiment, label, seed, scale="study", **fields):
+    folder = results_dir / experiment / scale
+    folder.mkdir(parents=True, exist_ok=True)
+    rec = dict(format=1, experiment=experiment, scale=scale, label=label, seed=seed, git_commit="abc1234def",
+               command="bloodseg reproduce", recipe={}, device="cpu", torch="2.13.0", date="2026-12-03T00:00:00",
+               wall_s=1.0, **fields)
+    (folder / f"{label}-seed{seed}.json").write_text(json.dumps(rec))
+
+
+def _scored(results_dir, experiment, label, seed, miou, pa=0.9, n=30, spread=0.05):
+    """A record whose per-image MIoU is ``miou`` + the same per-image pattern for every model."""
+    pattern = spread * np.sin(np.arange(n))
+    per = [dict(pa=pa + 0.1 * p, miou=miou + p, iou=[0.0]) for p in pattern]
+    _record(results_dir, experiment, label, seed, per_image=per,
+            test=dict(pa=pa, miou=miou, cpa=[], recall=[], iou=[]), history=[])
+
+
 def test_ledger_without_any_results_says_not_measured_yet(results_dir):
     rows = claims.claims_ledger()
-    assert len(rows) >= 20
-    assert {r["verdict"] for r in rows} == {claims.NOT_YET}
-    assert all(r["ours"] is None for r in rows)
+    assert len(rows) >= 20 and {r["table"] for r in rows} == {"paper", "goal"}
+    judged = [r for r in rows if r["verdict"] != claims.NOT_YET]
+    assert {r["claim"] for r in judged} == {"NODEs-UNet's parameter memory is 46% of ResNet's (width 32)"}
+    assert all(r["ours"] is None and "needs" in r["note"] for r in rows if r["verdict"] == claims.NOT_YET)
     html = claims.ledger_html(rows)
     assert '<a href="06_nodes_unet.html">' in html and "not measured yet" in html
 
 
-def test_ledger_computes_verdicts_from_saved_results(results_dir):
-    _save(results_dir, "06_nodes_unet", "table2", {
-        "unet": _fake(0.80, 1.0, pa=0.90), "resunet": _fake(0.82, 1.2, pa=0.91),
-        "nodes-unet": _fake(0.81, 5.0, pa=0.92)})
-    _save(results_dir, "06_nodes_unet", "tolerance_curve", [
-        dict(rtol=1e-1, miou=0.80, time_20_s=1.0, nfe_forward=42),
-        dict(rtol=1e-6, miou=0.81, time_20_s=3.0, nfe_forward=90)])
-    _save(results_dir, "06_nodes_unet", "param_memory", table2.param_memory_table(width=8, hidden=(None,)))
-    _save(results_dir, "06_nodes_unet", "adjoint_memory", [
-        dict(model="nodes-unet", backprop="direct", peak_mb=100.0),
-        dict(model="nodes-unet", backprop="adjoint", peak_mb=30.0)])
-    _save(results_dir, "05_placement_ablation", "position_summary", table1.position_summary(_fake_table1()))
+def test_ledger_judges_every_row_by_its_interval(results_dir):
+    for seed in range(3):
+        jitter = 0.002 * seed
+        _scored(results_dir, "table2", "unet", seed, 0.80 + jitter, pa=0.90)
+        _scored(results_dir, "table2", "resunet", seed, 0.83 + jitter, pa=0.89 - jitter)   # +3 pp surely
+        _scored(results_dir, "table2", "nodes-unet", seed, 0.80 + jitter + (0.01 if seed == 1 else -0.01),
+                pa=0.90)                                                                      # +-1 pp: unsure
+        _scored(results_dir, "table1", "unet", seed, 0.80 + jitter)
+        for p in range(1, 10):
+            _scored(results_dir, "table1", f"ode-unet-{p}", seed, 0.85 + 0.001 * p + jitter)
+        times = {"unet": [1.0, 1.1, 0.9], "nodes-unet": [4.0, 4.2, 3.9], "resunet": [1.2] * 3}
+        times.update({f"ode-unet-{p}": [10.0 / (1 + table1.POSITION_LEVEL[p]) * f for f in (1.0, 1.05, 0.95)]
+                      for p in range(1, 10)})
+        _record(results_dir, "timing", "timing", seed, timing=dict(time_per_image_s=times))
+        _record(results_dir, "tolerance", "nodes-unet", seed, tolerance_curve=[
+            dict(rtol=1e-1, miou=0.80 - 0.01 * (seed + 1), time_20_s=1.0, nfe_forward=40),
+            dict(rtol=1e-6, miou=0.80, time_20_s=3.0 + seed, nfe_forward=90)])
     rows = {r["claim"]: r for r in claims.claims_ledger()}
-    gain = rows["NODEs-UNet PA gain over U-Net"]
-    assert gain["ours"] == pytest.approx(2.0) and gain["verdict"] == claims.HOLDS and gain["paper"] == 0.88
-    assert rows["NODEs-UNet MIoU gain over ResNet"]["verdict"] == claims.FAILS
-    assert rows["NODEs-UNet pixel accuracy on the test set (abstract, Table 2)"]["verdict"] == claims.UNTESTABLE
-    assert rows["Table 1 accuracy about flat across positions (MIoU spread)"]["verdict"] == claims.HOLDS
-    assert rows["Looser test-time tolerance segments faster (time loosest/tightest)"]["ours"] == pytest.approx(1 / 3)
-    assert rows["... at some cost in accuracy (MIoU loosest - tightest)"]["verdict"] == claims.HOLDS
-    mem = rows["Adjoint halves the peak memory of a NODEs-UNet training step (adjoint / direct, rtol 1e-6)"]
-    assert mem["ours"] == pytest.approx(0.3) and mem["verdict"] == claims.HOLDS
-    assert rows["A residual block is one Euler step of size 1 (§4.2)"]["verdict"] == claims.NOT_YET
-    assert "cpu (test)" in gain["provenance"]
-    assert rows["U-Net time for 20 images (Table 1)"]["verdict"] == claims.NOT_YET  # no table1 saved
+    res = rows["ResNet MIoU gain over U-Net (Table 2)"]
+    assert res["ours"] == pytest.approx(3.0) and res["ci"][0] > 0 and res["verdict"] == claims.HOLDS
+    assert "study | 3 seed(s)" in res["source"] and "abc1234d" in res["source"]
+    assert rows["NODEs-UNet MIoU gain over U-Net (Table 2)"]["verdict"] == claims.INCONCLUSIVE
+    assert rows["NODEs-UNet MIoU gain over ResNet (Table 2)"]["verdict"] == claims.FAILS
+    assert rows["ResNet PA gain over U-Net (Table 2)"]["verdict"] == claims.FAILS
+    every = rows["An ODE-block at every position beats the U-Net's MIoU (Table 1)"]
+    assert every["ours"] == 9 and every["ci"] == (9.0, 9.0) and every["verdict"] == claims.HOLDS
+    flat = rows["Table 1's accuracy is about flat across positions (MIoU spread)"]
+    assert flat["ours"] == pytest.approx(0.8) and flat["verdict"] == claims.HOLDS
+    assert rows["Time falls toward the bottom of the U and rises again (Spearman: depth vs time)"]["verdict"] == claims.HOLDS
+    fastest = rows["The fastest single-block position is the bottom of the U (position 5)"]
+    assert fastest["ours"] == pytest.approx(10 / 5 / (10 / 4)) and fastest["verdict"] == claims.HOLDS
+    cost = rows["NODEs-UNet 'reduces the computational cost' (abstract): time vs U-Net"]
+    assert cost["ours"] == pytest.approx(4.0333 / 1.0, rel=1e-3) and cost["verdict"] == claims.FAILS
+    assert rows["A looser test-time tolerance segments faster"]["verdict"] == claims.HOLDS
+    assert rows["... at some cost in accuracy"]["ours"] == pytest.approx(-2.0)
+    assert rows["NODEs-UNet MIoU (abstract, Table 2)"]["verdict"] == claims.UNTESTABLE
+    assert rows["Adjoint training step needs at most half the memory of direct backprop (NODEs-UNet)"]["verdict"] \
+        == claims.NOT_YET                                     # no adjoint-memory records
+    counts = claims.verdict_counts(list(rows.values()))
+    assert sum(counts.values()) == sum(r["table"] == "paper" for r in rows.values())
+    text = claims.glance_markdown(list(rows.values()))
+    assert f"**{counts[claims.HOLDS]} hold**" in text and "| ResNet MIoU gain over U-Net (Table 2) [pp] |" in text
 
 
-def test_headline_figure_draws_with_and_without_results(results_dir):
+def test_ledger_refuses_a_record_without_provenance(results_dir):
+    _scored(results_dir, "table2", "unet", 0, 0.8)
+    path = results_dir / "table2" / "study" / "unet-seed0.json"
+    rec = json.loads(path.read_text())
+    del rec["git_commit"]
+    path.write_text(json.dumps(rec))
+    with pytest.raises(Exception, match="provenance"):
+        claims.claims_ledger()
+
+
+def test_ledger_figure_draws_with_and_without_results(results_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    plt.close(claims.plot_headline())
-    _save(results_dir, "06_nodes_unet", "table2", {
-        "unet": _fake(0.80, 1.0), "resunet": _fake(0.82, 1.2), "nodes-unet": _fake(0.81, 5.0)})
-    plt.close(claims.plot_headline())
-
-
-def test_gains_within_seed_noise_are_not_judged(results_dir):
-    _save(results_dir, "06_nodes_unet", "table2", {
-        "unet": _fake(0.80, 1.0, pa=0.90), "resunet": _fake(0.90, 1.2, pa=0.905),
-        "nodes-unet": _fake(0.81, 5.0, pa=0.95)})
-    noise = dict(seeds=[0, 1, 2], miou_pp=[78.0, 81.0, 84.0], std_pp=3.0, range_pp=6.0,
-                 pa_pp=[90.0, 90.5, 91.0], pa_std_pp=0.5)
-    summary = table1.position_summary(_fake_table1(), noise)
-    assert summary["ours"]["within_seed_noise"] is True and "Seed noise" in table1.position_statement(summary)
-    _save(results_dir, "05_placement_ablation", "position_summary", summary)
-    rows = {r["claim"]: r for r in claims.claims_ledger()}
-    small = rows["NODEs-UNet MIoU gain over U-Net"]          # +1 pp < 2 x 3 pp
-    assert small["verdict"] == claims.UNTESTABLE and "seed" in small["note"]
-    assert rows["ResNet MIoU gain over U-Net"]["verdict"] == claims.HOLDS        # +10 pp
-    assert rows["NODEs-UNet PA gain over U-Net"]["verdict"] == claims.HOLDS      # +5 pp > 2 x 0.5 pp
-    assert rows["NODEs-UNet MIoU gain over ResNet"]["verdict"] == claims.FAILS   # -9 pp
+    plt.close(claims.plot_ledger(claims.claims_ledger()))
+    for seed in range(2):
+        for label, m in (("unet", 0.8), ("resunet", 0.82), ("nodes-unet", 0.81)):
+            _scored(results_dir, "table2", label, seed, m + 0.01 * seed)
+    plt.close(claims.plot_ledger(claims.claims_ledger()))
 
 
 def test_seed_noise_retrains_with_other_seeds(runs_dir):

@@ -1,365 +1,465 @@
-"""The claims ledger: every quantitative claim of the paper, our number read back from the
-chapters' saved JSON, and a verdict computed from the numbers (:func:`claims_ledger`).
+"""The claims ledger: every quantitative claim of the paper, and the book's own goals, judged by one rule.
+
+**The rule.** Each row has our estimate, its 95% interval, and a threshold with a side ("greater
+than", "less than", "within"). The verdict is :func:`bloodseg.paper.stats.verdict` of the interval:
+
+* **holds** — the whole interval is on the claimed side of the threshold;
+* **does not hold** — the whole interval is on the other side;
+* **inconclusive** — the interval contains the threshold: more seeds or images could decide it;
+* **untestable** — the number belongs to the paper's data (MISP01) or hardware; ours is shown for scale;
+* **not measured yet** — the record it needs has not been made (the note says which).
+
+Where the numbers come from: the relative claims read the records of ``bloodseg reproduce``
+(``<results>/<experiment>/<scale>/*.json``, each with its commit, command, device and date), the best
+scale available (``full``, else ``study``, else ``quick``); intervals bootstrap seeds and test images
+together (:mod:`bloodseg.paper.stats`). Deterministic numbers (parameter counts, a residual block vs an
+Euler step, saved single measurements) have a zero-width interval and say so in their note. Timing
+claims are judged with the spread of their own repeated, interleaved measurements (``reproduce timing``).
 """
 from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
+from . import stats
 from .reference import PAPER_PARAM_MEMORY_RATIO, PAPER_TABLE1, PAPER_TABLE2, paper_gain
 from .report import RESULTS_DIR, load_results
-from .runs import read_json
+from .reproduce import load_records, per_image_matrix
 from .table1 import DEEPER_FASTER_RHO, FLAT_SPREAD_PP, POSITION_LEVEL, spearman
 
-
-CHAPTERS = {
-    "01_odes_and_euler": "01_odes_and_euler",
-    "02_ode_blocks": "02_ode_blocks",
-    "03_data_and_preprocessing": "03_data_and_preprocessing",
-    "04_unet_baseline": "04_unet_baseline",
-    "05_placement_ablation": "05_placement_ablation",
-    "06_nodes_unet": "06_nodes_unet",
-}
-
-HOLDS, FAILS, UNTESTABLE, NOT_YET = "holds", "does not hold", "not testable here", "not measured yet"
+HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+UNTESTABLE, NOT_YET = "untestable", "not measured yet"
+VERDICTS = (HOLDS, FAILS, INCONCLUSIVE, UNTESTABLE, NOT_YET)
+COLOURS = {HOLDS: "#1a7f37", FAILS: "#cf222e", INCONCLUSIVE: "#9a6700", UNTESTABLE: "#6e7781", NOT_YET: "#8c959f"}
+#: Scales in the order the ledger prefers them.
+EVIDENCE_SCALES = ("full", "study", "quick")
+POSITIONS = tuple(range(1, 10))
+#: A ``bloodseg bench --device cuda`` result recorded on a GPU host (chapter 5 shows it).
+CUDA_BENCH = ("05_placement_ablation", "bench_cuda_h100.json")
+SHORT = {"nodes-unet": "NODEs-UNet", "resunet": "ResNet", "unet": "U-Net", "pa": "PA", "miou": "MIoU"}
 
 
 class _Missing(Exception):
     pass
 
 
-def _load(chapter: str, name: str, profile: str | None = None) -> dict:
+# ----------------------------------------------------------------------------- evidence
+
+def evidence(experiment: str) -> tuple[str, list[dict]]:
+    """``(scale, records)`` of ``experiment`` at the best scale that has records."""
+    for scale in EVIDENCE_SCALES:
+        folder = Path(RESULTS_DIR) / experiment / scale
+        records = load_records(folder) if folder.is_dir() else []
+        if records:
+            return scale, records
+    raise _Missing(f"`bloodseg reproduce {experiment} --scale study`")
+
+
+def _source(scale: str, records: list[dict]) -> str:
+    r = max(records, key=lambda r: r["date"])
+    seeds = sorted({x["seed"] for x in records})
+    return (f"{scale} | {len(seeds)} seed(s) | {r['device']} | torch {r['torch']} | "
+            f"commit {str(r['git_commit'])[:8]} | {r['date'][:10]}")
+
+
+def _common_seeds(records, labels) -> list[int]:
+    sets = [{r["seed"] for r in records if r.get("label") == lab and "per_image" in r} for lab in labels]
+    seeds = sorted(set.intersection(*sets)) if sets else []
+    if not seeds:
+        raise _Missing("records of " + ", ".join(labels))
+    return seeds
+
+
+def _scores(records, label, seeds, key="miou") -> np.ndarray:
+    return 100 * per_image_matrix(records, label, seeds, key)
+
+
+def _chapter(chapter: str, name: str, profile=None):
     try:
-        return load_results(chapter, name, profile=profile)
+        saved = load_results(chapter, name, profile=profile)
     except FileNotFoundError:
-        raise _Missing(f"{chapter}/{name}") from None
+        raise _Missing(f"{chapter}/{name}.json (execute that chapter)") from None
+    p = saved.get("provenance") or {}
+    return saved["data"], f"{p.get('profile')} | {p.get('device')} | {p.get('date')} | chapter {chapter}"
 
 
-def _data(chapter, name, profile=None):
-    return _load(chapter, name, profile)["data"]
+def _json(*parts):
+    path = Path(RESULTS_DIR).joinpath(*parts)
+    if not path.is_file():
+        raise _Missing(str(path))
+    d = json.loads(path.read_text())
+    p = d.get("provenance") or {}
+    return d, " | ".join(str(p[k]) for k in ("device", "date", "git_commit", "commit") if p.get(k)) or str(path)
+
+
+def _point(value: float) -> tuple:
+    return (float(value), float(value))
+
+
+# ----------------------------------------------------------------------------- estimators
+# Each returns (estimate, (lo, hi), source); they raise _Missing when their evidence is absent.
+
+def _gain(a, b, key):
+    scale, recs = evidence("table2")
+    seeds = _common_seeds(recs, [a, b])
+    d = stats.paired_bootstrap(_scores(recs, b, seeds, key), _scores(recs, a, seeds, key))
+    return d["diff"], d["ci"], _source(scale, recs)
+
+
+def _positions_beating_unet():
+    scale, recs = evidence("table1")
+    labels = [f"ode-unet-{p}" for p in POSITIONS]
+    seeds = _common_seeds(recs, ["unet", *labels])
+    unet = _scores(recs, "unet", seeds)
+    cis = [stats.paired_bootstrap(unet, _scores(recs, lab, seeds)) for lab in labels]
+    better = sum(c["ci"][0] > 0 for c in cis)
+    worse = sum(c["ci"][1] < 0 for c in cis)
+    return float(sum(c["diff"] > 0 for c in cis)), (float(better), float(len(cis) - worse)), _source(scale, recs)
+
+
+def _position_spread():
+    scale, recs = evidence("table1")
+    labels = [f"ode-unet-{p}" for p in POSITIONS]
+    seeds = _common_seeds(recs, labels)
+    r = stats.bootstrap_stat(np.stack([_scores(recs, lab, seeds) for lab in labels]), np.ptp)
+    return r["value"], r["ci"], _source(scale, recs)
+
+
+def _timing(stat, labels):
+    """``stat`` of the mean inference times of ``labels`` (seeds x rounds resampled together)."""
+    scale, recs = evidence("timing")
+    times = [r["timing"]["time_per_image_s"] for r in sorted(recs, key=lambda r: r["seed"])]
+    if any(lab not in t for t in times for lab in labels):
+        raise _Missing("timing records of " + ", ".join(labels))
+    stack = np.stack([np.array([t[lab] for t in times]) for lab in labels])    # models x seeds x rounds
+    r = stats.bootstrap_stat(stack, stat)
+    return r["value"], r["ci"], _source(scale, recs)
+
+
+POS_LABELS = [f"ode-unet-{p}" for p in POSITIONS]
+
+
+def _rho_depth_time():
+    levels = [POSITION_LEVEL[p] for p in POSITIONS]
+    return _timing(lambda m: spearman(levels, m), POS_LABELS)
+
+
+def _fastest_is_bottom():       # time of position 5 / the fastest other position (< 1: 5 is fastest)
+    return _timing(lambda m: m[4] / np.delete(m, 4).min(), POS_LABELS)
+
+
+def _slowest_over_unet():
+    return _timing(lambda m: m[1:].max() / m[0], ["unet", *POS_LABELS])
+
+
+def _nodes_over_unet():
+    return _timing(lambda m: m[1] / m[0], ["unet", "nodes-unet"])
+
+
+def _tolerance(fn):
+    """``fn(tight_row, loose_row)`` per seed of the tolerance records; mean over seeds and interval."""
+    scale, recs = evidence("tolerance")
+    values = []
+    for r in recs:
+        rows = sorted(r["tolerance_curve"], key=lambda x: x["rtol"])
+        values.append(fn(rows[0], rows[-1]))
+    ci = stats.mean_ci(values)
+    return ci["mean"], ci["ci"], _source(scale, recs)
+
+
+def _adjoint_ratio():
+    scale, recs = evidence("adjoint-memory")
+    ratios = []
+    for rec in recs:
+        peak = {r["backprop"]: r.get("peak_mb") for r in rec["adjoint_memory"] if r["model"] == "nodes-unet"}
+        if peak.get("adjoint") and peak.get("direct"):
+            ratios.append(peak["adjoint"] / peak["direct"])
+    if not ratios:
+        raise _Missing("adjoint-memory records with both peaks")
+    ci = stats.mean_ci(ratios)
+    return ci["mean"], ci["ci"], _source(scale, recs)
+
+
+def _absolute(model, key):
+    scale, recs = evidence("table2")
+    values = [100 * r["test"][key] for r in recs if r["label"] == model]
+    if not values:
+        raise _Missing(f"table2 records of {model}")
+    ci = stats.mean_ci(values)
+    return ci["mean"], ci["ci"], _source(scale, recs)
+
+
+def _param_ratio():
+    from .table2 import param_memory_table                  # parameters of the models: exact, counted now
+    rows = param_memory_table(width=32, hidden=(None,))
+    r = next(r for r in rows if r["model"] == "nodes-unet")
+    return 100 * r["ratio_to_resunet"], _point(100 * r["ratio_to_resunet"]), "counted from the models (width 32)"
+
+
+def bench_depth_rho(where=CUDA_BENCH) -> float:
+    """Spearman correlation between the U-Net level of the nine single-block positions and their
+    time in a recorded ``bloodseg bench`` JSON (``(chapter, file name)`` under the results folder)."""
+    d, _ = _json(*where)
+    ratio = {r["model"]: r["ratio_to_unet"] for r in d["models"]}
+    pos = [p for p in POSITIONS if f"ode-unet-{p}" in ratio]
+    return spearman([POSITION_LEVEL[p] for p in pos], [ratio[f"ode-unet-{p}"] for p in pos])
+
+
+def _cuda_rho():
+    rho = bench_depth_rho(CUDA_BENCH)
+    return rho, _point(rho), _json(*CUDA_BENCH)[1]
+
+
+def _chapter_value(chapter, name, fn, profile=None):
+    data, src = _chapter(chapter, name, profile)
+    v = float(fn(data))
+    return v, _point(v), src
 
 
 def _find(obj, *keys):
-    """The first of ``keys`` present in dict ``obj`` (chapters 1–3 are written by others)."""
     for k in keys:
         if isinstance(obj, dict) and k in obj:
             return obj[k]
     raise _Missing("/".join(keys))
 
 
-def _gain(table, a, b, key):
-    return 100 * (table[a][key] - table[b][key])
+def _calibration():
+    d, src = _json("calibration", "shipped.json")
+    t = d["test"]
+    v = 100 * (t["calibrated"]["white_iou_raw"] - t["trained"]["white_iou_raw"])
+    return v, _point(v), src
 
 
-#: A ``bloodseg bench --device cuda`` result recorded on a GPU host (chapter 5 shows it).
-CUDA_BENCH = ("05_placement_ablation", "bench_cuda_h100.json")
+def _calibration_time():
+    d, src = _json("calibration", "shipped.json")
+    t = d["test"]
+    v = t["calibrated"]["predict_s_per_photo_raw"] / t["trained"]["predict_s_per_photo_raw"]
+    return v, _point(v), src
 
 
-def bench_depth_rho(where=CUDA_BENCH) -> float:
-    """Spearman correlation between the U-Net level of the nine single-block positions and their
-    time in a recorded ``bloodseg bench`` JSON (``(chapter, file name)`` under the results folder)."""
-    path = Path(RESULTS_DIR) / where[0] / where[1]
-    if not path.is_file():
-        raise _Missing(str(path))
-    ratio = {r["model"]: r["ratio_to_unet"] for r in json.loads(path.read_text())["models"]}
-    pos = [p for p in range(1, 10) if f"ode-unet-{p}" in ratio]
-    return spearman([POSITION_LEVEL[p] for p in pos], [ratio[f"ode-unet-{p}"] for p in pos])
+def _auto_scale():
+    d, src = _json("scale", "bccd_resized.json")
+    v = min(r["auto_minus_native_pp"] for r in d["rows"])
+    return v, _point(v), src
+
+
+# ----------------------------------------------------------------------------- the claims
+
+def _row(table, claim, unit, paper, estimate, side, threshold, where, rule, note=""):
+    return dict(table=table, claim=claim, unit=unit, paper=paper, estimate=estimate, side=side,
+                threshold=threshold, where=where, rule=rule, note=note)
 
 
 def _claims(profile=None) -> list[dict]:
-    """Each claim: text, the paper's value (from :mod:`bloodseg.paper.reference`), how to measure ours, where."""
     P1, P2 = PAPER_TABLE1, PAPER_TABLE2
-    t2 = lambda: _data("06_nodes_unet", "table2", profile)  # noqa: E731
-    t1 = lambda: _data("05_placement_ablation", "table1", profile)  # noqa: E731
-
-    def seed_std(key):
-        try:
-            n = _data("05_placement_ablation", "position_summary", profile).get("noise") or {}
-        except _Missing:
-            return None
-        return n.get("pa_std_pp" if key == "pa" else "std_pp")
-
-    def direction(key):         # a gain claim: the sign, unless seed noise alone could explain it
-        def verdict(value):
-            std = seed_std(key)
-            if std is not None and abs(value) < 2 * std:
-                return UNTESTABLE, (f"within 2x the seed-to-seed std of the U-Net's {'PA' if key == 'pa' else 'MIoU'} "
-                                    f"({std:.2f} pp, chapter 5)")
-            return HOLDS if value > 0 else FAILS
-        return verdict
-
-    def absolute(value):        # a MISP01 number: our data are synthetic smears
-        return UNTESTABLE
-
-    def ps():
-        return _data("05_placement_ablation", "position_summary", profile)["ours"]
-
-    def tol():
-        return _data("06_nodes_unet", "tolerance_curve", profile)
-
-    def pmem():
-        return _data("06_nodes_unet", "param_memory", profile)
-
-    def adj():
-        return _data("06_nodes_unet", "adjoint_memory", profile)
-
-    def adjoint_ratio():
-        rows = adj()
-        d = next(r for r in rows if r["model"] == "nodes-unet" and r["backprop"] == "direct")
-        a = next(r for r in rows if r["model"] == "nodes-unet" and r["backprop"] == "adjoint")
-        return a["peak_mb"] / d["peak_mb"]
-
-    def nfe_monotone():
-        rows = sorted(tol(), key=lambda r: -r["rtol"])   # loose → tight
-        nfe = [r["nfe_forward"] for r in rows]
-        return nfe[-1] / max(nfe[0], 1), all(b >= a for a, b in zip(nfe, nfe[1:]))
-
-    def loose_vs_tight():
-        rows = sorted(tol(), key=lambda r: r["rtol"])    # tight first
-        tight, loose = rows[0], rows[-1]
-        return tight, loose
-
-    def first_of(*where):       # (chapter, name) pairs: chapters 1-3 are written by others
-        for ch, name in where:
-            if _exists(ch, name, profile):
-                return _data(ch, name, profile)
-        raise _Missing(" or ".join(f"{c}/{n}" for c, n in where))
-
-    def residual_euler():
-        d = first_of(("01_odes_and_euler", "residual_vs_euler"), ("02_ode_blocks", "residual_vs_euler"))
-        return float(_find(d, "max_abs_diff", "max_abs_difference", "difference", "max_diff"))
-
-    def clahe_contrast():
-        d = first_of(("03_data_and_preprocessing", "clahe"), ("03_data_and_preprocessing", "contrast"))
-        before = float(_find(d, "contrast_before", "luma_std_before", "std_before"))
-        after = float(_find(d, "contrast_after", "luma_std_after", "std_after"))
-        return before, after
-
-    def single_block_nfe():     # chapter 1: one ODE-block, NFE against rtol
-        rows = sorted(_data("01_odes_and_euler", "nfe_vs_tolerance", profile), key=lambda r: -r["rtol"])
-        nfe = [r["nfe"] for r in rows]
-        return nfe[-1] / max(nfe[0], 1), all(b >= a for a, b in zip(nfe, nfe[1:]))
-
-    def block_memory():         # chapter 2: one ODE-block, peak memory of a training step against rtol
-        rows = _data("02_ode_blocks", "training_step_cost", profile)["rows"]
-        out = {}
-        for adjoint in (False, True):
-            rs = sorted((r for r in rows if r["adjoint"] == adjoint), key=lambda r: -r["rtol"])
-            out[adjoint] = rs[-1]["peak_mb"] / rs[0]["peak_mb"]
-        return out
-
-    paper_rho = round(spearman([POSITION_LEVEL[p] for p in range(1, 10)],
-                               [P1[f"ode-unet-{p}"]["time_s"] for p in range(1, 10)]), 2)
-
-    def gain_claim(a, b, key):  # Table 2: model a's PA or MIoU gain over model b, in percentage points
-        label = {"nodes-unet": "NODEs-UNet", "resunet": "ResNet", "unet": "U-Net", "pa": "PA", "miou": "MIoU"}
-        return dict(claim=f"{label[a]} {label[key]} gain over {label[b]}", unit="pp", paper=paper_gain(P2, a, b, key),
-                    ours=lambda: _gain(t2(), a, b, key), verdict=direction(key), where="06_nodes_unet",
-                    note="holds if ours > 0, unless within seed noise")
-
-    def param_ratio_32():
-        rows = pmem()
-        r = next(r for r in rows if r["model"] == "nodes-unet" and r["ode_hidden"] is None)
-        return r["ratio_to_resunet"]
-
-    claims = [
-        dict(claim="NODEs-UNet pixel accuracy on the test set (abstract, Table 2)", unit="%",
-             paper=P2["nodes-unet"]["pa"], ours=lambda: 100 * t2()["nodes-unet"]["pa"], verdict=absolute,
-             where="06_nodes_unet", note="MISP01 is not available here; ours is on synthetic smears"),
-        dict(claim="NODEs-UNet MIoU on the test set (abstract, Table 2)", unit="%",
-             paper=P2["nodes-unet"]["miou"], ours=lambda: 100 * t2()["nodes-unet"]["miou"], verdict=absolute,
-             where="06_nodes_unet", note="MISP01 is not available here; ours is on synthetic smears"),
-        *(gain_claim(a, b, key) for a, b in (("nodes-unet", "unet"), ("nodes-unet", "resunet"), ("resunet", "unet"))
-          for key in ("pa", "miou")),
-        dict(claim="An ODE-block at any position beats the U-Net's MIoU (Table 1)", unit="positions of 9",
-             paper=sum(P1[f"ode-unet-{p}"]["miou"] > P1["unet"]["miou"] for p in range(1, 10)),
-             ours=lambda: ps()["n_better_than_unet"], verdict=lambda v: HOLDS if v == 9 else FAILS,
-             where="05_placement_ablation", note="holds only if all 9 positions beat the U-Net"),
-        dict(claim="Table 1 accuracy about flat across positions (MIoU spread)", unit="pp",
-             paper=round(max(P1[f"ode-unet-{p}"]["miou"] for p in range(1, 10))
-                         - min(P1[f"ode-unet-{p}"]["miou"] for p in range(1, 10)), 2),
-             ours=lambda: ps()["miou_spread_pp"], verdict=lambda v: HOLDS if v <= FLAT_SPREAD_PP else FAILS,
-             where="05_placement_ablation", note=f"holds if spread <= {FLAT_SPREAD_PP:g} pp"),
-        dict(claim="Time falls toward the bottom of the U and rises again (Spearman depth vs time)", unit="rho",
-             paper=paper_rho,
-             ours=lambda: ps()["rho_depth_time"], verdict=lambda v: HOLDS if v <= DEEPER_FASTER_RHO else FAILS,
-             where="05_placement_ablation", note=f"holds if rho <= {DEEPER_FASTER_RHO:g}"),
-        dict(claim="... the same on a GPU (H100, `bloodseg bench`, 256x256, width 32, random weights)", unit="rho",
-             paper=paper_rho,
-             ours=lambda: bench_depth_rho(CUDA_BENCH), verdict=lambda v: HOLDS if v <= DEEPER_FASTER_RHO else FAILS,
-             where="05_placement_ablation",
-             note="a recorded bench run (not re-run by the book); one image at a time keeps a GPU waiting on "
-                  "kernel launches, so time follows the NFE more than the map size"),
-        dict(claim="Fastest single-block position is the bottom of the U (5)", unit="position",
-             paper=min(range(1, 10), key=lambda p: P1[f"ode-unet-{p}"]["time_s"]),
-             ours=lambda: ps()["fastest_position"], verdict=lambda v: HOLDS if v == 5 else FAILS,
-             where="05_placement_ablation", note=""),
-        dict(claim="An ODE-block costs much more time than the U-Net (slowest position / U-Net)", unit="x",
-             paper=round(max(P1[f"ode-unet-{p}"]["time_s"] for p in range(1, 10)) / P1["unet"]["time_s"], 1),
-             ours=lambda: ps()["max_ratio"], verdict=lambda v: HOLDS if v > 1 else FAILS,
-             where="05_placement_ablation", note="holds if > 1x; the size of the factor depends on hardware"),
-        dict(claim="Tighter tolerance -> more function evaluations ('like depth')", unit="x NFE (tightest/loosest)",
-             paper=None, ours=lambda: nfe_monotone()[0],
-             verdict=lambda v: HOLDS if nfe_monotone()[1] and v > 1 else FAILS, where="06_nodes_unet",
-             note="holds if NFE never falls as rtol tightens"),
-        dict(claim="Tighter tolerance -> more function evaluations, one ODE-block", unit="x NFE (tightest/loosest)",
-             paper=None, ours=lambda: single_block_nfe()[0],
-             verdict=lambda v: HOLDS if single_block_nfe()[1] and v > 1 else FAILS, where="01_odes_and_euler",
-             note="holds if NFE never falls as rtol tightens"),
-        dict(claim="Adjoint: approximately constant memory as NFE grows, one ODE-block",
-             unit="x peak (tightest/loosest rtol)", paper=None, ours=lambda: block_memory()[True],
-             verdict=lambda v: HOLDS if v <= 1.2 and block_memory()[False] > 1.2 else FAILS,
-             where="02_ode_blocks", note="holds if the adjoint's peak grows <= 1.2x while direct backprop's grows more"),
-        dict(claim="Looser test-time tolerance segments faster (time loosest/tightest)", unit="x time",
-             paper=None, ours=lambda: loose_vs_tight()[1]["time_20_s"] / loose_vs_tight()[0]["time_20_s"],
-             verdict=lambda v: HOLDS if v < 1 else FAILS, where="06_nodes_unet", note="holds if < 1"),
-        dict(claim="... at some cost in accuracy (MIoU loosest - tightest)", unit="pp", paper=None,
-             ours=lambda: 100 * (loose_vs_tight()[1]["miou"] - loose_vs_tight()[0]["miou"]),
-             verdict=lambda v: HOLDS if v < 0 else FAILS, where="06_nodes_unet",
-             note="the paper gives no number; holds if MIoU drops"),
-        dict(claim="NODEs-UNet parameter memory is 46% of ResNet's (width 32)", unit="%",
-             paper=100 * PAPER_PARAM_MEMORY_RATIO, ours=lambda: 100 * param_ratio_32(),
-             verdict=lambda v: HOLDS if abs(v - 100 * PAPER_PARAM_MEMORY_RATIO) <= 10 else FAILS,
-             where="06_nodes_unet", note="holds if within 10 pp; ours depends on the ResNet and f we chose"),
-        dict(claim="Adjoint halves the peak memory of a NODEs-UNet training step (adjoint / direct, rtol 1e-6)",
-             unit="x",
-             paper=None, ours=adjoint_ratio, verdict=lambda v: HOLDS if v <= 0.5 else FAILS,
-             where="06_nodes_unet", note="whole NODEs-UNet training step, trained weights; holds if <= 0.5x"),
-        dict(claim="NODEs-UNet 'reduces the computational cost' (abstract): time vs U-Net", unit="x",
-             paper=None, ours=lambda: t2()["nodes-unet"]["time_20_s"] / t2()["unet"]["time_20_s"],
-             verdict=lambda v: HOLDS if v < 1 else FAILS, where="06_nodes_unet",
-             note="holds if faster than the U-Net"),
-        dict(claim="A residual block is one Euler step of size 1 (§4.2)", unit="max |diff|", paper=None,
-             ours=residual_euler, verdict=lambda v: HOLDS if v < 1e-5 else FAILS,
-             where="01_odes_and_euler", note="same f, same input; holds if max |diff| < 1e-5"),
-        dict(claim="CLAHE on Y enhances contrast (§2)", unit="luma contrast after/before", paper=None,
-             ours=lambda: clahe_contrast()[1] / clahe_contrast()[0],
-             verdict=lambda v: HOLDS if v > 1 else FAILS, where="03_data_and_preprocessing",
-             note="holds if contrast rises"),
-        dict(claim="U-Net time for 20 images (Table 1)", unit="s", paper=P1["unet"]["time_s"],
-             ours=lambda: t1()["unet"]["time_20_s"], verdict=absolute, where="05_placement_ablation",
-             note="hardware: paper GPU at 256x256, ours CPU at the profile's size"),
-    ]
-    return claims
-
-
-def _exists(chapter: str, name: str, profile: str | None = None) -> bool:
-    try:
-        _load(chapter, name, profile)
-        return True
-    except _Missing:
-        return False
-
-
-def claims_ledger(profile: str | None = None) -> list[dict]:
-    """Every claim with the paper's value, ours (read from the chapters' saved JSON) and a verdict.
-
-    A claim whose measurement is not saved yet gets ``ours=None`` and verdict "not measured yet".
-    """
+    paper_rho = round(spearman([POSITION_LEVEL[p] for p in POSITIONS],
+                               [P1[f"ode-unet-{p}"]["time_s"] for p in POSITIONS]), 2)
     rows = []
-    for c in _claims(profile):
-        note = c["note"]
-        try:
-            ours = float(c["ours"]())
-            verdict = c["verdict"](ours)
-            if isinstance(verdict, tuple):      # (verdict, why)
-                verdict, note = verdict[0], verdict[1]
-        except (_Missing, KeyError, StopIteration, TypeError, ValueError, ZeroDivisionError):
-            ours, verdict = None, NOT_YET
-        rows.append(dict(claim=c["claim"], unit=c["unit"], paper=c["paper"], ours=ours, verdict=verdict,
-                         where=c["where"], note=note,
-                         provenance="" if verdict == NOT_YET else _provenance(c["where"], profile)))
+    for a, b in (("nodes-unet", "unet"), ("nodes-unet", "resunet"), ("resunet", "unet")):
+        for key in ("pa", "miou"):
+            rows.append(_row("paper", f"{SHORT[a]} {SHORT[key]} gain over {SHORT[b]} (Table 2)", "pp",
+                             paper_gain(P2, a, b, key), lambda a=a, b=b, key=key: _gain(a, b, key),
+                             "greater", 0.0, "06_nodes_unet", "gain > 0"))
+    rows += [
+        _row("paper", "An ODE-block at every position beats the U-Net's MIoU (Table 1)", "positions of 9",
+             sum(P1[f"ode-unet-{p}"]["miou"] > P1["unet"]["miou"] for p in POSITIONS), _positions_beating_unet,
+             "greater", 8.5, "05_placement_ablation", "all 9 paired intervals > 0",
+             "interval: positions whose gain is surely > 0, and 9 minus those surely < 0"),
+        _row("paper", "Table 1's accuracy is about flat across positions (MIoU spread)", "pp",
+             round(max(P1[f"ode-unet-{p}"]["miou"] for p in POSITIONS)
+                   - min(P1[f"ode-unet-{p}"]["miou"] for p in POSITIONS), 2), _position_spread,
+             "less", FLAT_SPREAD_PP, "05_placement_ablation", f"spread < {FLAT_SPREAD_PP:g} pp"),
+        _row("paper", "Time falls toward the bottom of the U and rises again (Spearman: depth vs time)", "rho",
+             paper_rho, _rho_depth_time, "less", DEEPER_FASTER_RHO, "05_placement_ablation",
+             f"rho < {DEEPER_FASTER_RHO:g}", "trained study models on the 2-core CPU, interleaved timing rounds"),
+        _row("paper", "... the same on a GPU (H100 `bloodseg bench`, 256 px, width 32, random weights)", "rho",
+             paper_rho, _cuda_rho, "less", DEEPER_FASTER_RHO, "05_placement_ablation",
+             f"rho < {DEEPER_FASTER_RHO:g}", "one recorded run, no repeats: its interval has zero width"),
+        _row("paper", "The fastest single-block position is the bottom of the U (position 5)",
+             "time(5) / fastest other", 1.0 if min(POSITIONS, key=lambda p: P1[f"ode-unet-{p}"]["time_s"]) == 5
+             else float("nan"), _fastest_is_bottom, "less", 1.0, "05_placement_ablation", "ratio < 1"),
+        _row("paper", "An ODE-block costs more time than the U-Net (slowest position / U-Net)", "x",
+             round(max(P1[f"ode-unet-{p}"]["time_s"] for p in POSITIONS) / P1["unet"]["time_s"], 1),
+             _slowest_over_unet, "greater", 1.0, "05_placement_ablation", "ratio > 1"),
+        _row("paper", "Tighter tolerance -> more function evaluations ('tolerance acts like depth')",
+             "x NFE (tightest/loosest)", None,
+             lambda: _tolerance(lambda t, lo: t["nfe_forward"] / max(lo["nfe_forward"], 1)),
+             "greater", 1.0, "06_nodes_unet", "ratio > 1"),
+        _row("paper", "A looser test-time tolerance segments faster", "x time (loosest/tightest)", None,
+             lambda: _tolerance(lambda t, lo: lo["time_20_s"] / t["time_20_s"]),
+             "less", 1.0, "06_nodes_unet", "ratio < 1"),
+        _row("paper", "... at some cost in accuracy", "pp MIoU (loosest - tightest)", None,
+             lambda: _tolerance(lambda t, lo: 100 * (lo["miou"] - t["miou"])),
+             "less", 0.0, "06_nodes_unet", "difference < 0"),
+        _row("paper", "NODEs-UNet's parameter memory is 46% of ResNet's (width 32)", "%",
+             100 * PAPER_PARAM_MEMORY_RATIO, _param_ratio, "within", (36.0, 56.0), "06_nodes_unet",
+             "within 46 +- 10 %", "depends on the ResNet and the f we chose"),
+        _row("paper", "NODEs-UNet 'reduces the computational cost' (abstract): time vs U-Net", "x",
+             None, _nodes_over_unet, "less", 1.0, "06_nodes_unet", "ratio < 1"),
+        _row("paper", "NODEs-UNet pixel accuracy (abstract, Table 2)", "%", P2["nodes-unet"]["pa"],
+             lambda: _absolute("nodes-unet", "pa"), None, None, "06_nodes_unet", "MISP01 only",
+             "MISP01 is not available; ours is on synthetic smears"),
+        _row("paper", "NODEs-UNet MIoU (abstract, Table 2)", "%", P2["nodes-unet"]["miou"],
+             lambda: _absolute("nodes-unet", "miou"), None, None, "06_nodes_unet", "MISP01 only",
+             "MISP01 is not available; ours is on synthetic smears"),
+        _row("paper", "U-Net MIoU (Table 1: 88.58; Table 2: 88.43, the paper's two U-Net rows)", "%",
+             P2["unet"]["miou"], lambda: _absolute("unet", "miou"), None, None, "04_unet_baseline",
+             "MISP01 only", "the paper does not say why its two U-Net rows differ"),
+        _row("paper", "U-Net time for 20 images (Table 1)", "s", P1["unet"]["time_s"],
+             lambda: _timing(lambda m: 20 * m[0], ["unet"]), None, None, "05_placement_ablation",
+             "hardware", "the paper's 4 GTX 1080 Ti at 256 px; ours a 2-core CPU at 128 px"),
+        # the book's own goals
+        _row("goal", "Adjoint training step needs at most half the memory of direct backprop (NODEs-UNet)", "x",
+             None, _adjoint_ratio, "less", 0.5, "06_nodes_unet", "ratio < 0.5"),
+        _row("goal", "NODEs-UNet inference at most 3x the U-Net's time (trained tolerances)", "x", None,
+             _nodes_over_unet, "less", 3.0, "06_nodes_unet", "ratio < 3"),
+        _row("goal", "A residual block is one Euler step of size 1 (§4.2)", "max |diff|", None,
+             lambda: _chapter_value("01_odes_and_euler", "residual_vs_euler",
+                                    lambda d: _find(d, "max_abs_diff", "max_abs_difference", "difference"), profile),
+             "less", 1e-5, "01_odes_and_euler", "< 1e-5"),
+        _row("goal", "Tighter tolerance -> more function evaluations, one ODE-block", "x NFE (tightest/loosest)",
+             None, lambda: _chapter_value("01_odes_and_euler", "nfe_vs_tolerance", lambda d: (
+                 lambda nfe: nfe[-1] / max(nfe[0], 1))([r["nfe"] for r in sorted(d, key=lambda r: -r["rtol"])]),
+                 profile), "greater", 1.0, "01_odes_and_euler", "ratio > 1"),
+        _row("goal", "Adjoint memory about constant as NFE grows, one ODE-block", "x peak (tightest/loosest)",
+             None, lambda: _chapter_value("02_ode_blocks", "training_step_cost", lambda d: (
+                 lambda rs: rs[-1]["peak_mb"] / rs[0]["peak_mb"])(
+                     sorted((r for r in d["rows"] if r["adjoint"]), key=lambda r: -r["rtol"])), profile),
+             "less", 1.2, "02_ode_blocks", "ratio < 1.2"),
+        _row("goal", "CLAHE on the luma raises contrast (§2)", "x contrast (after/before)", None,
+             lambda: _chapter_value("03_data_and_preprocessing", "clahe", lambda d: float(
+                 _find(d, "contrast_after", "luma_std_after", "std_after"))
+                 / float(_find(d, "contrast_before", "luma_std_before", "std_before")), profile),
+             "greater", 1.0, "03_data_and_preprocessing", "ratio > 1"),
+        _row("goal", "Calibrated solver keeps the shipped checkpoint's BCCD white-cell IoU", "pp (calibrated - dopri5)",
+             None, _calibration, "greater", -0.3, "08_real_smears", "> -0.3 pp",
+             "72 BCCD test photographs; solver chosen on validation photographs"),
+        _row("goal", "... at no more than 0.35x the predict time", "x time", None, _calibration_time,
+             "less", 0.35, "08_real_smears", "ratio < 0.35"),
+        _row("goal", "Automatic scale within 2 pp of the native size (resized x0.5-2.0)", "pp (worst factor)",
+             None, _auto_scale, "greater", -2.0, "08_real_smears", "> -2 pp"),
+    ]
     return rows
 
 
-def _provenance(chapter: str, profile=None) -> str:
-    """Profile, device and date of a chapter's saved results ("" when it saved none)."""
-    files = sorted((RESULTS_DIR / chapter).glob("*.json"))
-    real = [f for f in files if not f.name.endswith(".smoke.json")]
-    smoke = [f for f in files if f.name.endswith(".smoke.json")]
-    for f in (smoke + real if profile == "smoke" else real + smoke):
-        p = (read_json(f) or {}).get("provenance")
-        if p:
-            return f"{p.get('profile')} | {p.get('device')} | {p.get('date')}"
-    return ""
+def _verdict(side, threshold, ci) -> str:
+    if side is None:
+        return UNTESTABLE
+    if side == "within":
+        lo, hi = threshold
+        if lo <= ci[0] and ci[1] <= hi:
+            return HOLDS
+        return FAILS if ci[1] < lo or ci[0] > hi else INCONCLUSIVE
+    return stats.verdict(ci, threshold, side)
 
 
-def ledger_html(rows: list[dict]) -> str:
-    """The ledger as an HTML table whose "where" column links to the chapter."""
-    def fmt(v):
-        if v is None:
-            return "&mdash;"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 0.01 or abs(v) >= 1000 else f"{v:.2f}"
-        return html.escape(str(v))
+def claims_ledger(profile: str | None = None) -> list[dict]:
+    """Every row: ``table`` ("paper" or "goal"), ``claim``, ``unit``, ``paper``, ``ours``, ``ci``,
+    ``rule``, ``verdict``, ``where`` (chapter), ``source`` (provenance) and ``note``."""
+    out = []
+    for c in _claims(profile):
+        try:
+            ours, ci, source = c["estimate"]()
+            ours, ci = float(ours), (float(ci[0]), float(ci[1]))
+            if not (math.isfinite(ours) and all(math.isfinite(x) for x in ci)):
+                raise _Missing("a finite estimate")
+            verdict, note = _verdict(c["side"], c["threshold"], ci), c["note"]
+        except _Missing as e:
+            ours, ci, source, verdict = None, None, "", NOT_YET
+            note = f"needs {e}" + (f"; {c['note']}" if c["note"] else "")
+        out.append(dict(table=c["table"], claim=c["claim"], unit=c["unit"], paper=c["paper"], ours=ours, ci=ci,
+                        rule=c["rule"], verdict=verdict, where=c["where"], source=source, note=note))
+    return out
 
-    colour = {HOLDS: "#1a7f37", FAILS: "#cf222e", UNTESTABLE: "#6e7781", NOT_YET: "#9a6700"}
-    head = "".join(f"<th>{h}</th>" for h in ("claim", "unit", "paper", "ours", "verdict", "measured in", "note"))
+
+def verdict_counts(rows: list[dict], table: str = "paper") -> dict:
+    return {v: sum(r["verdict"] == v for r in rows if r["table"] == table) for v in VERDICTS}
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "&mdash;"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 0.01 or abs(v) >= 1000 else f"{v:.2f}"
+    return html.escape(str(v))
+
+
+def ledger_html(rows: list[dict], table: str | None = None) -> str:
+    """The rows of ``table`` ("paper", "goal" or all) as an HTML table linking each row to its chapter."""
+    head = "".join(f"<th>{h}</th>" for h in ("claim", "unit", "paper", "ours (95% CI)", "rule", "verdict",
+                                              "measured in", "source", "note"))
     body = []
     for r in rows:
-        link = f'<a href="{r["where"]}.html">{r["where"]}</a>'
-        body.append("<tr>" + "".join([
-            f"<td>{html.escape(r['claim'])}</td>", f"<td>{html.escape(r['unit'])}</td>",
-            f"<td>{fmt(r['paper'])}</td>", f"<td>{fmt(r['ours'])}</td>",
-            f"<td style='color:{colour.get(r['verdict'], '#000')}'><b>{r['verdict']}</b></td>",
-            f"<td>{link}</td>", f"<td>{html.escape(r['note'])}</td>"]) + "</tr>")
+        if table and r["table"] != table:
+            continue
+        ours = _fmt(r["ours"])
+        if r["ci"] is not None and r["ci"][0] != r["ci"][1]:
+            ours += f" ({_fmt(r['ci'][0])}, {_fmt(r['ci'][1])})"
+        cells = [html.escape(r["claim"]), html.escape(r["unit"]), _fmt(r["paper"]), ours, html.escape(r["rule"]),
+                 f"<b style='color:{COLOURS[r['verdict']]}'>{r['verdict']}</b>",
+                 f'<a href="{r["where"]}.html">{r["where"]}</a>', html.escape(r["source"]), html.escape(r["note"])]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def plot_headline(profile: str | None = None):
-    """Paper vs ours for the headline numbers (Table 2 PA/MIoU and the gains), from saved JSON.
-
-    Missing results are drawn as empty bars labelled "not measured yet"."""
+def plot_ledger(rows: list[dict]):
+    """Left: verdict counts of the paper's claims and of the book's goals. Right: every judged
+    difference claim of Table 2 as our estimate with its interval next to the paper's number."""
     import matplotlib.pyplot as plt
-    try:
-        t2 = _data("06_nodes_unet", "table2", profile)
-    except _Missing:
-        t2 = None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
-    models = list(PAPER_TABLE2)
-    x = np.arange(len(models))
-    name = {"pa": "PA", "miou": "MIoU"}
-    short = {"nodes-unet": "NODEs-UNet", "resunet": "ResNet", "unet": "U-Net"}
-    for k, key in enumerate(("pa", "miou")):
-        ax = axes[0]
-        off = (k - 0.5) * 0.4
-        ax.bar(x + off - 0.1, [PAPER_TABLE2[m][key] for m in models], 0.2, color=f"C{k}", alpha=0.45,
-               label=f"paper {name[key]}")
-        ours = [100 * t2[m][key] if t2 and m in t2 else np.nan for m in models]
-        ax.bar(x + off + 0.1, ours, 0.2, color=f"C{k}", label=f"ours {name[key]}")
-    axes[0].set_xticks(x)
-    axes[0].set_xticklabels([short[m] for m in models])
-    axes[0].set_ylabel("%")
-    axes[0].set_ylim(50, 100)
-    axes[0].set_title("Table 2: PA and MIoU" + ("" if t2 else " (ours: not measured yet)"))
-    axes[0].legend(fontsize=8, ncol=2)
-    try:
-        noise = _data("05_placement_ablation", "position_summary", profile).get("noise") or {}
-    except _Missing:
-        noise = {}
-    pairs = [("nodes-unet", "unet"), ("nodes-unet", "resunet"), ("resunet", "unet")]
-    labels, paper, ours, err = [], [], [], []
-    for a, b in pairs:
-        for key in ("pa", "miou"):
-            labels.append(f"{short[a]}\nvs {short[b]}\n{name[key]}")
-            paper.append(paper_gain(PAPER_TABLE2, a, b, key))
-            ours.append(_gain(t2, a, b, key) if t2 else np.nan)
-            err.append(2 * noise.get("pa_std_pp" if key == "pa" else "std_pp", np.nan))
-    x = np.arange(len(labels))
-    axes[1].bar(x - 0.2, paper, 0.4, label="paper", alpha=0.6)
-    has_err = bool(noise) and not all(np.isnan(err))
-    axes[1].bar(x + 0.2, ours, 0.4, label="ours" + (" (bars: 2x seed std, ch. 5)" if has_err else ""),
-                yerr=err if has_err else None, capsize=3)
-    axes[1].axhline(0, color="black", lw=0.8)
-    axes[1].set_xticks(x)
-    axes[1].set_xticklabels(labels, fontsize=7)
-    axes[1].set_ylabel("gain (percentage points)")
-    axes[1].set_title("gains claimed in §4.2")
-    axes[1].legend(fontsize=8)
-    for ax in axes:
-        ax.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw=dict(width_ratios=[1, 1.6]))
+    ax = axes[0]
+    for k, table in enumerate(("paper", "goal")):
+        counts = verdict_counts(rows, table)
+        left = 0
+        for v in VERDICTS:
+            ax.barh(k, counts[v], left=left, color=COLOURS[v], label=v if k == 0 else None)
+            if counts[v]:
+                ax.text(left + counts[v] / 2, k, str(counts[v]), ha="center", va="center", color="white", fontsize=9)
+            left += counts[v]
+    ax.set_yticks([0, 1])
+    ax.set_yticklabels(["paper's claims", "book's goals"])
+    ax.invert_yaxis()
+    ax.set_xlabel("rows")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("verdicts")
+    ax = axes[1]
+    gains = [r for r in rows if r["table"] == "paper" and r["unit"] == "pp" and "gain" in r["claim"]]
+    y = np.arange(len(gains))
+    for i, r in enumerate(gains):
+        ax.plot(r["paper"], i, "D", color="#6e7781", label="paper" if i == 0 else None)
+        if r["ours"] is not None:
+            ax.errorbar(r["ours"], i, xerr=[[r["ours"] - r["ci"][0]], [r["ci"][1] - r["ours"]]], fmt="o",
+                        color=COLOURS[r["verdict"]], capsize=3, label="ours (95% CI)" if i == 0 else None)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y)
+    ax.set_yticklabels([r["claim"].replace(" (Table 2)", "") for r in gains], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("gain (percentage points); colour = verdict")
+    ax.set_title("Table 2's gains: paper vs ours")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def glance_markdown(rows: list[dict]) -> str:
+    """The "Results at a glance" of the intro: counts, then the paper's claims one line each."""
+    c, g = verdict_counts(rows, "paper"), verdict_counts(rows, "goal")
+    lines = [f"Of the paper's {sum(c.values())} quantitative claims, **{c[HOLDS]} hold**, **{c[FAILS]} do not "
+             f"hold**, **{c[INCONCLUSIVE]} are inconclusive** (the 95% interval contains the threshold), "
+             f"{c[UNTESTABLE]} are untestable here (MISP01 or the paper's GPUs) and {c[NOT_YET]} are not "
+             f"measured yet. Of the book's own {sum(g.values())} goals, {g[HOLDS]} hold and {g[FAILS]} do not.", "",
+             "| claim | paper | ours (95% CI) | verdict |", "|---|---|---|---|"]
+    for r in rows:
+        if r["table"] != "paper":
+            continue
+        ours = "—" if r["ours"] is None else f"{r['ours']:.3g}" + (
+            f" ({r['ci'][0]:.3g}, {r['ci'][1]:.3g})" if r["ci"] and r["ci"][0] != r["ci"][1] else "")
+        paper = "—" if r["paper"] is None or (isinstance(r["paper"], float) and math.isnan(r["paper"])) \
+            else f"{r['paper']:g}"
+        lines.append(f"| {r['claim']} [{r['unit']}] | {paper} | {ours} | {r['verdict']} |")
+    return "\n".join(lines)
