@@ -369,8 +369,9 @@ def claims_ledger(profile: str | None = None) -> list[dict]:
                 raise _Missing("a finite estimate")
             verdict, note = _verdict(c["side"], c["threshold"], ci), c["note"]
         except _Missing as e:
-            ours, ci, source, verdict = None, None, "", NOT_YET
-            note = f"needs {e}" + (f"; {c['note']}" if c["note"] else "")
+            ours, ci, source = None, None, ""
+            verdict = UNTESTABLE if c["side"] is None else NOT_YET     # untestable whatever we measure
+            note = c["note"] if c["side"] is None else f"needs {e}" + (f"; {c['note']}" if c["note"] else "")
         out.append(dict(table=c["table"], claim=c["claim"], unit=c["unit"], paper=c["paper"], ours=ours, ci=ci,
                         rule=c["rule"], verdict=verdict, where=c["where"], source=source, note=note))
     return out
