@@ -59,7 +59,8 @@ def evidence(experiment: str) -> tuple[str, list[dict]]:
     raise _Missing(f"`bloodseg reproduce {experiment} --scale study`")
 
 
-def _source(scale: str, records: list[dict]) -> str:
+def source_line(scale: str, records: list[dict]) -> str:
+    """One line of provenance for a set of records: scale, seeds, device, torch, commit, date."""
     r = max(records, key=lambda r: r["date"])
     seeds = sorted({x["seed"] for x in records})
     return (f"{scale} | {len(seeds)} seed(s) | {r['device']} | torch {r['torch']} | "
@@ -107,7 +108,7 @@ def _gain(a, b, key):
     scale, recs = evidence("table2")
     seeds = _common_seeds(recs, [a, b])
     d = stats.paired_bootstrap(_scores(recs, b, seeds, key), _scores(recs, a, seeds, key))
-    return d["diff"], d["ci"], _source(scale, recs)
+    return d["diff"], d["ci"], source_line(scale, recs)
 
 
 def _positions_beating_unet():
@@ -118,7 +119,7 @@ def _positions_beating_unet():
     cis = [stats.paired_bootstrap(unet, _scores(recs, lab, seeds)) for lab in labels]
     better = sum(c["ci"][0] > 0 for c in cis)
     worse = sum(c["ci"][1] < 0 for c in cis)
-    return float(sum(c["diff"] > 0 for c in cis)), (float(better), float(len(cis) - worse)), _source(scale, recs)
+    return float(sum(c["diff"] > 0 for c in cis)), (float(better), float(len(cis) - worse)), source_line(scale, recs)
 
 
 def _position_spread():
@@ -126,7 +127,7 @@ def _position_spread():
     labels = [f"ode-unet-{p}" for p in POSITIONS]
     seeds = _common_seeds(recs, labels)
     r = stats.bootstrap_stat(np.stack([_scores(recs, lab, seeds) for lab in labels]), np.ptp)
-    return r["value"], r["ci"], _source(scale, recs)
+    return r["value"], r["ci"], source_line(scale, recs)
 
 
 def _timing(stat, labels):
@@ -137,7 +138,7 @@ def _timing(stat, labels):
         raise _Missing("timing records of " + ", ".join(labels))
     stack = np.stack([np.array([t[lab] for t in times]) for lab in labels])    # models x seeds x rounds
     r = stats.bootstrap_stat(stack, stat)
-    return r["value"], r["ci"], _source(scale, recs)
+    return r["value"], r["ci"], source_line(scale, recs)
 
 
 POS_LABELS = [f"ode-unet-{p}" for p in POSITIONS]
@@ -168,7 +169,7 @@ def _tolerance(fn):
         rows = sorted(r["tolerance_curve"], key=lambda x: x["rtol"])
         values.append(fn(rows[0], rows[-1]))
     ci = stats.mean_ci(values)
-    return ci["mean"], ci["ci"], _source(scale, recs)
+    return ci["mean"], ci["ci"], source_line(scale, recs)
 
 
 def _adjoint_ratio():
@@ -181,7 +182,7 @@ def _adjoint_ratio():
     if not ratios:
         raise _Missing("adjoint-memory records with both peaks")
     ci = stats.mean_ci(ratios)
-    return ci["mean"], ci["ci"], _source(scale, recs)
+    return ci["mean"], ci["ci"], source_line(scale, recs)
 
 
 def _absolute(model, key):
@@ -190,7 +191,7 @@ def _absolute(model, key):
     if not values:
         raise _Missing(f"table2 records of {model}")
     ci = stats.mean_ci(values)
-    return ci["mean"], ci["ci"], _source(scale, recs)
+    return ci["mean"], ci["ci"], source_line(scale, recs)
 
 
 def _param_ratio():
