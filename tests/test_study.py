@@ -50,6 +50,6 @@ def test_timing_and_tolerance_frames(results):
 def test_figures_draw(results):
     import matplotlib.pyplot as plt
     for fig in (study.plot_table("table2", "smoke"), study.plot_convergence("table2", "smoke"),
-                study.plot_timing("smoke")):
+                study.plot_timing("smoke"), study.plot_tolerance("smoke")):
         assert fig.axes
         plt.close(fig)

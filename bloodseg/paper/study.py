@@ -199,3 +199,44 @@ def adjoint_frame(scale: str) -> pd.DataFrame:
         rows.append({"seed": r["seed"], "direct MB": peak.get("direct"), "adjoint MB": peak.get("adjoint"),
                      "adjoint / direct": (peak["adjoint"] / peak["direct"]) if peak.get("direct") else np.nan})
     return pd.DataFrame(rows).set_index("seed")
+
+
+def plot_tolerance(scale: str):
+    """The recorded tolerance curve: MIoU (mean, min-max over seeds), NFE and time against rtol."""
+    import matplotlib.pyplot as plt
+    f = tolerance_frame(scale)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].fill_between(f.index, f["MIoU min"], f["MIoU max"], alpha=0.25, label="min-max over seeds")
+    axes[0].plot(f.index, f["MIoU %"], "o-", label="mean")
+    axes[0].set_ylabel("test MIoU (%)")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(f.index, f["NFE fwd"], "o-")
+    axes[1].set_ylabel("forward NFE per image")
+    axes[2].plot(f.index, f["time 20 img (s)"], "o-")
+    axes[2].set_ylabel("time for 20 images (s)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("test-time rtol")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"NODEs-UNet at other test-time tolerances ({scale} scale, recorded, "
+                 f"{int(f['seeds'].max())} seeds)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_adjoint(scale: str):
+    """Recorded peak memory of a NODEs-UNet training step, adjoint vs direct, per repeat."""
+    import matplotlib.pyplot as plt
+    f = adjoint_frame(scale)
+    x = np.arange(len(f))
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(x - 0.2, f["direct MB"], 0.4, label="direct backprop")
+    ax.bar(x + 0.2, f["adjoint MB"], 0.4, label="adjoint")
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"repeat {s}" for s in f.index])
+    ax.set_ylabel("peak memory (MB)")
+    ax.set_title(f"training-step peak memory, {scale} scale (recorded)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
