@@ -213,3 +213,18 @@ def test_cli_parses_ode_reg(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and "bloodseg train: error:" in err and what in err, (bad, err)
     assert not (tmp_path / "run").exists()     # refused before any data or folder is made
+
+
+def test_regularisation_study_records_both_arms_and_reuses_finished_units(tmp_path):
+    from bloodseg.paper.regularise import regularisation_study
+    kw = dict(out=tmp_path / "speed" / "regularisation.json", work=tmp_path / "work", seeds=(0,), scale="smoke",
+              regularise={"kinetic": 0.1, "jacobian": 0.1}, log=lambda msg: None)
+    r = regularisation_study(**kw)
+    assert kw["out"].exists()
+    for key in ("git_commit", "command", "recipe", "device", "torch", "date", "wall_s"):
+        assert key in r
+    plain, reg = r["units"]["plain"][0], r["units"]["regularised"][0]
+    assert plain["reg_loss"] is None and reg["reg_loss"] > 0 and reg["recipe"]["train"]["ode_reg"] == kw["regularise"]
+    assert r["nfe_train_ratio"] > 0 and r["miou_diff_pp"]["n_images"] == len(plain["per_image_miou"])
+    again = regularisation_study(**kw)          # the trained units are read back, not trained again
+    assert again["units"] == r["units"]
