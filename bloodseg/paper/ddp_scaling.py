@@ -19,6 +19,9 @@ this module holds what goes around it, in reading order:
 * :func:`gradient_check` — do N processes compute the gradients one process computes on the
   whole batch? (``python -m bloodseg.cli ddp-gradcheck`` under ``torchrun``.)
 * :func:`batch_and_lr` and the ``plot_*`` helpers of the book's chapter "Multi-GPU training".
+* :func:`record_throughput` — the CPU throughput the chapter reads instead of measuring it at every
+  build (``python -m bloodseg.paper.ddp_scaling record-throughput``, a JSON record with provenance:
+  commit, command, device, load average, torch, date, wall time); :func:`load_record` reads it back.
 
 Effective batch and learning rate: ``TrainConfig.batch_size`` is per process, so ``N`` processes
 train with a global batch of ``batch_size * N``, and one epoch takes ``N`` times fewer steps. With
@@ -72,6 +75,12 @@ __all__ = [
     "plot_gradient_check",
     "plot_history",
     "plot_throughput",
+    "CPU_SETTINGS",
+    "CPU_BENCH",
+    "THROUGHPUT_RECORD",
+    "record_throughput",
+    "load_record",
+    "provenance_line",
 ]
 
 
@@ -156,11 +165,14 @@ def launch(args, nproc: int = 2, threads_per_process: int | None = None, module:
     (default: the CPU cores divided by ``nproc``, at least 1). Output (stdout and stderr) is echoed
     line by line when ``echo`` and returned. ``check``: raise BloodsegError on a non-zero exit.
     ``cwd``: the working directory of the processes (relative paths in ``args`` start there).
+    ``MKL_NUM_THREADS`` is set to the same number (an inherited ``MKL_NUM_THREADS=1`` would otherwise
+    cap the threads).
     """
     cmd = torchrun_command(args, nproc_per_node=nproc, module=module)
     run_env = dict(os.environ, **(env or {}))
     threads = threads_per_process or max(1, cpu_cores() // nproc)
     run_env["OMP_NUM_THREADS"] = str(threads)
+    run_env["MKL_NUM_THREADS"] = str(threads)     # an inherited MKL_NUM_THREADS=1 caps torch at one thread
     run_env.setdefault("PYTHONUNBUFFERED", "1")
     argv = [sys.executable, "-m", "torch.distributed.run"] + cmd[1:]
     t0 = time.perf_counter()
@@ -574,3 +586,125 @@ def gradcheck_command(configs: str, width: int = 4, size: int = 32, batch: int =
 def _close_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- records
+
+#: On a CPU, what the chapter's throughput section compares: (processes, threads per process) —
+#: one process using every core through intra-op threads, one process with one thread, and two
+#: processes with one thread each.
+CPU_SETTINGS = ((1, None), (1, 1), (2, 1))
+
+#: The training steps timed on a CPU: NODEs-UNet of width 8 on 64 px patches of the quick
+#: profile's smears, batch 4 per process, 5 timed steps after 2 warm-up steps.
+CPU_BENCH = dict(model="nodes-unet", width=8, patch=64, batch_size=4, steps=5, warmup=2, profile="quick")
+
+#: Where :func:`record_throughput` writes by default, relative to the results folder
+#: (``book/results``): the chapter reads it on a machine without GPUs.
+THROUGHPUT_RECORD = "07_multi_gpu/record_throughput.json"
+
+
+def _provenance(t0: float, command: str, threads: str) -> dict:
+    import datetime
+    import platform
+    from .reproduce import git_commit
+    return {"git_commit": git_commit(), "command": command,
+            "device": f"cpu ({platform.processor() or platform.machine()}, {cpu_cores()} cores, {threads}; "
+                      f"shared with other jobs, load average {os.getloadavg()[0]:.1f} at the end)",
+            "torch": str(torch.__version__), "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def record_throughput(out=None, settings=CPU_SETTINGS, repeats: int = 3, out_dir="runs/throughput-record",
+                      command: str | None = None, log=print, **bench) -> dict:
+    """Measure :func:`measure_throughput` ``repeats`` times and write a JSON record to ``out``
+    (default ``book/results/`` + :data:`THROUGHPUT_RECORD`).
+
+    Every round runs every setting of ``settings`` once (the order reversed every other round, so
+    that no setting always runs first); ``bench`` overrides :data:`CPU_BENCH`. The record holds
+    every round's rows and ``rows``: one row per setting with the median images per second and
+    seconds over the rounds (``images_per_s_rounds`` keeps them all; ``speedup`` and
+    ``efficiency`` recomputed from the medians), the format of :func:`measure_throughput`, so
+    :func:`plot_throughput` draws it. ``{"what", "data", "provenance"}``, as ``run.save`` writes.
+    """
+    import statistics
+    t0 = time.perf_counter()
+    cfg = {**CPU_BENCH, **bench}
+    settings = [tuple(s) if isinstance(s, (tuple, list)) else (s, None) for s in settings]
+    rounds = []
+    for k in range(repeats):
+        order = settings if k % 2 == 0 else settings[::-1]
+        by_setting = dict(zip(order, measure_throughput(order, out_dir=out_dir, **cfg)))   # rows come in order
+        rows = [by_setting[s] for s in settings]
+        rounds.append(rows)
+        if log:
+            log(f"round {k + 1}/{repeats}: " + ", ".join(
+                f"{r['processes']}x{r['threads_per_process']} {r['images_per_s']:.2f} img/s" for r in rows))
+    summary = []
+    for i in range(len(settings)):
+        per = [rnd[i] for rnd in rounds]
+        row = dict(per[0])
+        row["images_per_s_rounds"] = [r["images_per_s"] for r in per]
+        row["seconds_rounds"] = [r["seconds"] for r in per]
+        row["images_per_s"] = statistics.median(row["images_per_s_rounds"])
+        row["seconds"] = statistics.median(row["seconds_rounds"])
+        summary.append(row)
+    base = _baseline(summary)
+    for r in summary:
+        r["speedup"] = r["images_per_s"] / base["images_per_s"]
+        r["efficiency"] = r["speedup"] * base["processes"] / r["processes"]
+    record = {
+        "what": (f"images per second of training steps ({cfg['model']} width {cfg['width']}, {cfg['patch']} px "
+                 f"patches of the '{cfg['profile']}' smears, batch {cfg['batch_size']} per process, {cfg['steps']} "
+                 f"timed steps after {cfg['warmup']} warm-up) under torchrun, for each (processes, threads per "
+                 f"process); {repeats} rounds, settings interleaved; rows: medians over the rounds"),
+        "data": {"settings": [list(s) for s in settings], "bench": cfg, "repeats": repeats, "rounds": rounds,
+                 "rows": summary},
+        "provenance": _provenance(t0, command or "python -m bloodseg.paper.ddp_scaling record-throughput",
+                                  "threads per setting as in the rows"),
+    }
+    if out is None:
+        from .report import RESULTS_DIR
+        out = Path(RESULTS_DIR) / THROUGHPUT_RECORD
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def load_record(name: str = THROUGHPUT_RECORD) -> dict | None:
+    """A record under the results folder (``book/results`` from a clone's root, ``results`` from
+    ``book/``), or None when it is not there."""
+    from .report import RESULTS_DIR
+    path = Path(RESULTS_DIR) / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def provenance_line(record: dict) -> str:
+    """One line saying where a record came from: commit, date, device, torch, wall time, command."""
+    p = record.get("provenance") or {}
+    return (f"recorded {str(p.get('date', '?'))[:16].replace('T', ' ')} UTC at commit {str(p.get('git_commit', '?'))[:12]} "
+            f"on {p.get('device', '?')}, torch {p.get('torch', '?')}, in {p.get('wall_s', '?')} s by "
+            f"`{p.get('command', '?')}`")
+
+
+def main(argv=None) -> None:
+    """``python -m bloodseg.paper.ddp_scaling record-throughput [--repeats N] [--out PATH]``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m bloodseg.paper.ddp_scaling",
+                                description="Write the records the chapter 'Multi-GPU training' reads.")
+    sub = p.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("record-throughput", help="CPU images/s for CPU_SETTINGS (record_throughput)")
+    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--out", help="default: book/results/" + THROUGHPUT_RECORD)
+    r.add_argument("--work", default="runs/throughput-record", help="where the per-launch JSON files go")
+    args = p.parse_args(argv)
+    command = "python -m bloodseg.paper.ddp_scaling " + shlex.join(sys.argv[1:] if argv is None else argv)
+    record = record_throughput(args.out, repeats=args.repeats, out_dir=args.work, command=command)
+    print(json.dumps([{k: r[k] for k in ("processes", "threads_per_process", "images_per_s", "speedup")}
+                      for r in record["data"]["rows"]], indent=1))
+
+
+if __name__ == "__main__":
+    main()
