@@ -12,7 +12,10 @@ Chapter 1 (ODEs and Euler steps)
 Chapter 2 (ODE-blocks)
     :func:`gradient_agreement` (adjoint vs direct backprop), :func:`block_step_cost` (peak
     memory and time of one training step of a single ODE-block against tolerance), :func:`nfe_during_training`,
-    :class:`ExplodingFunc` (dynamics that blow up, to show the step cap).
+    :class:`ExplodingFunc` (dynamics that blow up, to show the step cap); :func:`adjoint_solve`
+    (the adjoint method written out) on :class:`ToyDynamics` (:func:`adjoint_toy`);
+    :func:`source_listing` (code shown from its source); :func:`solve_photograph` (the shipped
+    NODEs-UNet re-solved with another solver, :data:`EXPLORER_SPECS`).
 Chapter 3 (data)
     :func:`luma_histogram`, :func:`luma_contrast`, :func:`clahe_contrast`, :func:`plot_clahe`, :func:`plot_pairs`, :func:`plot_gallery`, :func:`class_fractions`,
     :func:`split_balance`, :func:`plot_split_balance`, :func:`baseline_scores`.
@@ -53,6 +56,7 @@ __all__ = [
     "PaperExample", "GrowthExample", "EXAMPLES", "solve_example", "solver_study",
     "seeded_feature_map", "residual_vs_euler", "euler_convergence", "euler_trajectories", "nfe_vs_tolerance",
     "ExplodingFunc", "gradient_agreement", "STEP_COST_SIZES", "block_step_cost", "nfe_during_training",
+    "ToyDynamics", "adjoint_solve", "adjoint_toy", "source_listing", "EXPLORER_SPECS", "solve_photograph",
     "luma_histogram", "plot_clahe", "plot_pairs", "plot_gallery", "class_fractions", "split_balance",
     "plot_split_balance", "baseline_scores",
 ]
@@ -226,17 +230,19 @@ class ExplodingFunc(nn.Module):
         return self.rate * h ** 3
 
 
-def gradient_agreement(channels: int = 4, size: int = 8, rtol: float = 1e-7, seed: int = 0) -> dict:
+def gradient_agreement(channels: int = 4, size: int = 8, rtol: float = 1e-7, seed: int = 0,
+                       method: str = "dopri5", step_size: float | None = None) -> dict:
     """Gradients of one ODE-block by direct backprop and by the adjoint, in float64.
 
     Same weights, same input, loss = mean(h(1)²). Returns ``max_rel_diff`` (max over the input and
     every parameter of max|g_adj − g_direct| / max|g_direct|), and both NFE pairs
-    ``nfe_direct`` / ``nfe_adjoint`` as (forward, backward).
+    ``nfe_direct`` / ``nfe_adjoint`` as (forward, backward). ``method`` / ``step_size`` choose the
+    solver of both passes (a fixed-grid method takes ``step_size``; ``rtol`` is then unused).
     """
     grads, nfe = {}, {}
     for adjoint in (False, True):
         torch.manual_seed(seed)
-        block = ODEBlock(channels, rtol=rtol, adjoint=adjoint).double()
+        block = ODEBlock(channels, rtol=rtol, adjoint=adjoint, method=method, step_size=step_size).double()
         x = seeded_feature_map(channels, size, batch=2, seed=seed, dtype=torch.float64).requires_grad_(True)
         (block(x) ** 2).mean().backward()
         grads[adjoint] = [x.grad] + [p.grad for p in block.parameters()]
@@ -376,6 +382,161 @@ def nfe_during_training(channels: int = 8, size: int = 16, batch: int = 4, steps
         rows.append(dict(step=step, loss=float(loss.detach()), nfe_forward=int(block.nfe_forward),
                          nfe_backward=int(block.nfe_backward)))
     return rows
+
+
+# ---------------------------------------------------------------------------- the adjoint, written out
+
+class ToyDynamics(nn.Module):
+    """A 2-D f(h, t, θ) = tanh(A·h + b) with θ = (A, b): small enough to draw, nonlinear enough
+    that ∂f/∂h changes along the path (so the backward solve must reconstruct h)."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.A = nn.Parameter(torch.tensor([[-0.1, -2.0], [2.0, -0.1]], dtype=dtype))
+        self.b = nn.Parameter(torch.tensor([0.3, -0.2], dtype=dtype))
+
+    def forward(self, t, h):
+        return torch.tanh(h @ self.A.T + self.b)
+
+
+def adjoint_solve(func: nn.Module, h1: torch.Tensor, a1: torch.Tensor, t0: float = 0.0, t1: float = 1.0,
+                  rtol: float = 1e-8, atol: float = 1e-8, points: int = 41):
+    """The adjoint method of Chen et al. (2018), written out: one solve of the augmented state
+    [h, a, g] backward in time, from t1 to t0.
+
+        dh/dt = f(h, t, θ)         h(t1) given: h is rebuilt backwards, nothing was stored
+        da/dt = -a·∂f/∂h           a(t1) = dL/dh(t1);  a(t0) = dL/dh(t0)
+        dg/dt = -a·∂f/∂θ           g(t1) = 0;          g(t0) = dL/dθ
+
+    Returns ``(times, h, a, g)``: the times from t1 down to t0 and the three parts of the state at
+    each (``g`` is a list, one tensor per parameter of ``func``), and the number of evaluations of f.
+    """
+    from torchdiffeq import odeint
+
+    params = [p for p in func.parameters() if p.requires_grad]
+    calls = [0]
+
+    def augmented(t, state):
+        h, a = state[0], state[1]
+        calls[0] += 1
+        with torch.enable_grad():
+            h = h.detach().requires_grad_(True)
+            f = func(t, h)
+            # a·∂f/∂h and a·∂f/∂θ: vector-Jacobian products, one backward pass through f
+            vjp = torch.autograd.grad(f, [h] + params, grad_outputs=a, allow_unused=True)
+        vjp = [torch.zeros_like(x) if v is None else v for v, x in zip(vjp, [h] + params)]
+        return (f.detach(), -vjp[0], *[-v for v in vjp[1:]])
+
+    state = (h1.detach(), a1.detach(), *[torch.zeros_like(p) for p in params])
+    times = torch.linspace(t1, t0, points, dtype=h1.dtype)
+    out = odeint(augmented, state, times, rtol=rtol, atol=atol, method="dopri5")
+    return times, out[0], out[1], list(out[2:]), calls[0]
+
+
+def adjoint_toy(t1: float = 2.0, rtol: float = 1e-8, points: int = 41) -> dict:
+    """:class:`ToyDynamics` from h(0) = (1, 0) to t1, loss L = ½|h(t1) − target|²: the forward
+    trajectory, the backward adjoint solve (:func:`adjoint_solve`), and the gradients it gives
+    next to those of direct backprop through the forward solve (autograd through torchdiffeq).
+
+    Returns numpy arrays ``t_forward``, ``h_forward`` (points x 2), ``t_backward`` (t1 → 0),
+    ``h_backward``, ``a_backward``, ``g_backward`` (points x 6: A row by row, then b); ``names`` of
+    the 6 parameters; ``grad_adjoint`` / ``grad_direct`` (dL/dh(0) then dL/dθ, 8 numbers each),
+    ``max_rel_diff`` between them, and the NFE of both solves.
+    """
+    from torchdiffeq import odeint
+
+    func = ToyDynamics()
+    h0 = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0.4, -0.6], dtype=torch.float64)
+    t_fwd = torch.linspace(0.0, t1, points, dtype=torch.float64)
+    calls = [0]
+
+    def counted(t, h):
+        calls[0] += 1
+        return func(t, h)
+
+    h_fwd = odeint(counted, h0, t_fwd, rtol=rtol, atol=rtol, method="dopri5")
+    loss = 0.5 * ((h_fwd[-1] - target) ** 2).sum()
+    direct = torch.autograd.grad(loss, [h0, func.A, func.b])          # direct backprop
+    a1 = (h_fwd[-1] - target).detach()                               # dL/dh(t1)
+    t_bwd, h_bwd, a_bwd, g_bwd, nfe_bwd = adjoint_solve(func, h_fwd[-1], a1, 0.0, t1, rtol, rtol, points)
+    adjoint = [a_bwd[-1]] + [g[-1] for g in g_bwd]
+    flat = lambda xs: torch.cat([x.reshape(-1) for x in xs]).detach().numpy()
+    grad_direct, grad_adjoint = flat(direct), flat(adjoint)
+    rel = float(np.abs(grad_adjoint - grad_direct).max() / np.abs(grad_direct).max())
+    return dict(t_forward=t_fwd.numpy(), h_forward=h_fwd.detach().numpy(), target=target.numpy(),
+                t_backward=t_bwd.numpy(), h_backward=h_bwd.numpy(), a_backward=a_bwd.numpy(),
+                g_backward=torch.cat([g.reshape(len(t_bwd), -1) for g in g_bwd], dim=1).numpy(),
+                names=["A11", "A12", "A21", "A22", "b1", "b2"], loss=float(loss.detach()),
+                grad_direct=grad_direct.tolist(), grad_adjoint=grad_adjoint.tolist(), max_rel_diff=rel,
+                nfe_forward=calls[0], nfe_backward=nfe_bwd)
+
+
+def source_listing(obj, title: str | None = None):
+    """The source of a function, class or method as a Markdown code listing (``inspect.getsource``,
+    so the book shows the code that runs, never a copy), headed by where it lives."""
+    import inspect
+    import textwrap
+
+    from IPython.display import Markdown
+
+    lines, start = inspect.getsourcelines(obj)
+    path = inspect.getsourcefile(obj) or ""
+    rel = path[path.rfind("bloodseg/"):] if "bloodseg/" in path else path
+    name = title or f"{obj.__module__}.{obj.__qualname__}"
+    code = textwrap.dedent("".join(lines)).rstrip()
+    return Markdown(f"`{name}` ({rel}, lines {start}–{start + len(lines) - 1}):\n\n```python\n{code}\n```")
+
+
+# ---------------------------------------------------------------------------- a trained network, re-solved
+
+#: The static grid of the solver explorer: solver specs of :mod:`bloodseg.calibrate`, cheapest
+#: first; None is the trained solver (dopri5 at the trained tolerances), the reference.
+EXPLORER_SPECS = ({"method": "euler", "steps": 1}, {"method": "euler", "steps": 4},
+                  {"method": "rk4", "steps": 1}, {"method": "dopri5", "rtol": 1e-1},
+                  {"method": "dopri5", "rtol": 1e-3}, None)
+
+
+def solve_photograph(segmenter, image_bgr: np.ndarray, spec, reference: np.ndarray | None = None,
+                     repeats: int = 1) -> dict:
+    """Segment one photograph with every ODE-block of ``segmenter`` solved by ``spec`` (a
+    :mod:`bloodseg.calibrate` spec; None = the trained solver).
+
+    Returns ``dict(solver, spec, mask, nfe, nfe_total, seconds, ode_seconds, agreement)``: the
+    network's argmax mask (no post-processing), the forward NFE of each block, the fastest of
+    ``repeats`` predictions (whole photograph) and the time spent inside the ODE-blocks in it, and
+    the share of pixels equal to ``reference`` (None without one).
+    """
+    from ..calibrate import solver_label
+    from ..ode import nfe_report, ode_blocks
+
+    seg = segmenter.replace(solver=spec)
+    spent = [0.0]
+    starts = {}
+
+    def pre(module, inputs):
+        starts[id(module)] = time.perf_counter()
+
+    def post(module, inputs, output):
+        spent[0] += time.perf_counter() - starts.pop(id(module))
+
+    hooks = [h for b in ode_blocks(seg.model)
+             for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(post))]
+    best = (math.inf, 0.0)
+    try:
+        for _ in range(max(1, int(repeats))):
+            spent[0] = 0.0
+            start = time.perf_counter()
+            mask = seg.predict(image_bgr, postprocess=False)
+            best = min(best, (time.perf_counter() - start, spent[0]))
+    finally:
+        for h in hooks:
+            h.remove()
+        segmenter.replace()._use_solver()      # the shared network gets its own solver back
+    nfe = {name: fwd for name, (fwd, _) in nfe_report(seg.model).items()}
+    return dict(solver=solver_label(spec), spec=spec, mask=mask, nfe=nfe, nfe_total=sum(nfe.values()),
+                seconds=best[0], ode_seconds=best[1],
+                agreement=None if reference is None else float((mask == reference).mean()))
 
 
 # ============================================================================ chapter 3: data
