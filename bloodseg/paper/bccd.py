@@ -71,7 +71,9 @@ __all__ = ["bccd_source", "prepare_cached", "RealPlan", "REAL_PLANS", "real_plan
            "plot_cleanup_tuning", "cleanup_rows", "cleanup_summary", "compare_cleanup", "plot_cleanup_comparison",
            "tune_checkpoint_cleanup", "failure_cases", "read_box_counts", "rbc_boxes_at_border", "count_vs_boxes",
            "synthetic_counting", "train_bccd_checkpoint", "gpu_runs_frame",
-           "plot_gpu_runs"]
+           "plot_gpu_runs", "evaluate_raw_and_cleaned", "training_runs", "RECORD_TRAINING", "RECORD_SHIPPED",
+           "RECORD_STAIN", "load_record", "provenance_line", "record_training", "record_shipped",
+           "compare_per_image", "plot_instances", "stain_shift_frame", "plot_stain_shifts"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -262,28 +264,70 @@ def evaluate_bccd(model_or_fn, samples: list[Sample], tile: int = 1024, keep_mas
     "white_dice", "silver_miou"}], "masks": predicted masks (``keep_masks``), "seconds"}``.
     """
     predict = _predictor(model_or_fn, tile, tta, postprocess)
-    cm = torch.zeros(3, 3, dtype=torch.long)
-    tp = fp = fn = 0
-    rows, masks = [], []
+    scorer = _Scorer(keep_masks)
     t0 = time.perf_counter()
     for s in samples:
-        pred = predict(s.image)
+        scorer.add(s, predict(s.image))
+    return scorer.result(time.perf_counter() - t0)
+
+
+class _Scorer:
+    """What :func:`evaluate_bccd` sums over photographs: one silver 3-class confusion matrix, the
+    gold white-cell counts, a row per photograph and (``keep_masks``) the masks."""
+
+    def __init__(self, keep_masks: bool):
+        self.cm = torch.zeros(3, 3, dtype=torch.long)
+        self.white = np.zeros(3, np.int64)
+        self.rows, self.masks, self.keep_masks = [], [], keep_masks
+
+    def add(self, s: Sample, pred: np.ndarray) -> None:
         if pred.shape != s.mask.shape:
             raise DataError(f"prediction for {s.name} is {pred.shape}, its mask {s.mask.shape}")
         m = confusion_matrix(pred, s.mask, 3)
-        cm += m
-        a, b, c = map(int, _white_counts(pred, s.mask))
-        tp, fp, fn = tp + a, fp + b, fn + c
-        one = _white_scores(a, b, c)
-        rows.append({"name": s.name, "white_iou": one["iou"], "white_dice": one["dice"],
-                     "silver_miou": scores(m)["miou"]})
-        if keep_masks:
-            masks.append(pred)
-    out = {"silver": scores(cm), "gold": _white_scores(tp, fp, fn), "per_image": rows,
-           "n_images": len(samples), "seconds": time.perf_counter() - t0}
-    if keep_masks:
-        out["masks"] = masks
-    return out
+        self.cm += m
+        counts = _white_counts(pred, s.mask)
+        self.white += counts
+        one = _white_scores(*map(int, counts))
+        self.rows.append({"name": s.name, "white_iou": one["iou"], "white_dice": one["dice"],
+                          "silver_miou": scores(m)["miou"]})
+        if self.keep_masks:
+            self.masks.append(pred)
+
+    def result(self, seconds: float) -> dict:
+        out = {"silver": scores(self.cm), "gold": _white_scores(*map(int, self.white)), "per_image": self.rows,
+               "n_images": len(self.rows), "seconds": seconds}
+        if self.keep_masks:
+            out["masks"] = self.masks
+        return out
+
+
+def evaluate_raw_and_cleaned(segmenter: Segmenter, samples: list[Sample], tile: int = 1024,
+                             keep_masks: bool = False) -> dict:
+    """``{"raw": ..., "cleaned": ...}``, each as :func:`evaluate_bccd` returns it: the network alone
+    (``postprocess=False``) and with the Segmenter's own white-cell cleanup (the default of
+    :meth:`~bloodseg.Segmenter.predict`), from ONE pass of the network per photograph.
+
+    Each photograph is resized by :meth:`~bloodseg.Segmenter.scale_for` (its automatic scale when the
+    Segmenter has one), its probabilities come back at full size, the raw mask is their argmax and
+    the cleaned one :func:`~bloodseg.postprocess.clean_white_cells` of them with the stored area
+    rescaled to that factor (:func:`~bloodseg.postprocess.min_area_at`), as ``Segmenter.predict``
+    does it. Same numbers as two calls of :func:`evaluate_bccd`, half the passes. ``seconds``: the
+    whole loop, in both. Without a stored cleanup, ``cleaned`` equals ``raw``.
+    """
+    from ..postprocess import min_area_at
+    seg = segmenter.replace(tile=tile)
+    spec = seg.postprocess
+    raw, cleaned = _Scorer(keep_masks), _Scorer(keep_masks)
+    t0 = time.perf_counter()
+    for s in samples:
+        factor = seg.scale_for(s.image)
+        probs = seg.predict_proba(s.image, input_scale=factor)
+        mask = probs.argmax(0).numpy().astype(np.uint8)
+        raw.add(s, mask)
+        cleaned.add(s, clean_white_cells(mask, probs, min_area_at(spec, factor), spec["fill_white_holes"])
+                    if spec else mask)
+    seconds = time.perf_counter() - t0
+    return {"raw": raw.result(seconds), "cleaned": cleaned.result(seconds)}
 
 
 #: Candidate ``white_min_area`` values (px of the photograph) :func:`tune_white_cleanup` tries.
@@ -750,3 +794,316 @@ def plot_gpu_runs(record: dict):
     ax2.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- records the chapter reads
+# The chapter runs what takes seconds (data, a short training, the shipped checkpoint on a few
+# photographs) and reads what takes minutes from JSON records written once by the functions below
+# (``python -m bloodseg.paper.bccd record-training`` / ``record-shipped``). Every record is
+# ``{"what", "data", "provenance"}``; the provenance says commit, command, device (with the load
+# average: the machine may be shared), torch, date and wall time.
+
+#: Where the records lie under the results folder (``book/results``).
+RECORD_TRAINING = "08_real_smears/record_training.json"
+RECORD_SHIPPED = "08_real_smears/record_shipped.json"
+#: Written by :mod:`bloodseg.paper.robustness` (``python -m bloodseg.paper.robustness``).
+RECORD_STAIN = "robustness/stain.json"
+
+
+def training_runs(plan: RealPlan) -> list[tuple[str, str]]:
+    """The (model, start) pairs the chapter compares: U-Net from scratch and synthetic-pretrained,
+    NODEs-UNet synthetic-pretrained; the full profile adds NODEs-UNet from scratch."""
+    runs = [("unet", "scratch"), ("unet", "synthetic"), ("nodes-unet", "synthetic")]
+    return runs + [("nodes-unet", "scratch")] if plan.name == "full" else runs
+
+
+def _results_path(name: str) -> Path:
+    from .report import RESULTS_DIR
+    return Path(RESULTS_DIR) / name
+
+
+def load_record(name: str) -> dict | None:
+    """A record under the results folder (``book/results`` from a clone's root, ``results`` from
+    ``book/``; e.g. :data:`RECORD_SHIPPED`), or None when it has not been written."""
+    path = _results_path(name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def provenance_line(record: dict) -> str:
+    """One line saying where a record came from: date, commit, device, torch, wall time, command."""
+    p = record.get("provenance") or {}
+    commit = str(p.get("git_commit", "?"))
+    commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") or p.get("git_dirty") else "")
+    return (f"recorded {str(p.get('date', '?'))[:16].replace('T', ' ')} UTC, commit {commit}, "
+            f"{p.get('device', '?')}, torch {p.get('torch', '?')}, {p.get('wall_s', '?')} s, "
+            f"by `{p.get('command', '?')}`")
+
+
+def _provenance(t0: float, command: str) -> dict:
+    import datetime
+    import os
+    import platform
+    from .reproduce import git_commit
+    return {"git_commit": git_commit(), "command": command,
+            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                      f"{torch.get_num_threads()} torch thread(s); shared with other jobs, load average "
+                      f"{os.getloadavg()[0]:.1f} at the end)" if not torch.cuda.is_available()
+                      else f"cuda ({torch.cuda.get_device_name()})",
+            "torch": str(torch.__version__), "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _write_record(out, name: str, record: dict) -> Path:
+    path = Path(out) if out is not None else _results_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _gold_extra(r: dict) -> dict:
+    return {"gold precision": round(float(r["gold"]["precision"]), 4),
+            "gold recall": round(float(r["gold"]["recall"]), 4)}
+
+
+def record_training(out=None, src=None, work="runs/08_real_smears/record", profile="quick",
+                    command: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train the chapter's networks (:func:`training_runs`) with ``profile``'s :class:`RealPlan`, score
+    them, give each its own white-cell cleanup, and write the record (default ``book/results/`` +
+    :data:`RECORD_TRAINING`).
+
+    Exactly what the chapter did live before it read this record: BCCD (``src``, default
+    :func:`bccd_source`) prepared into ``work/bccd``; synthetic pretraining, then fine-tuning (or
+    training from scratch) on :func:`bccd_splits`; every network and the colour baseline scored on
+    the plan's test photographs (:func:`evaluate_bccd`, the network's argmax); then
+    :func:`compare_cleanup` on ALL validation and test photographs. ``data``: ``plan``, ``splits``
+    (sizes), ``runs`` (label, model, start, history, seconds, best epoch), ``scores`` (score rows),
+    ``per_image`` ({label: rows}), ``cleanup_comparison`` (rows of :func:`cleanup_summary`).
+    """
+    t0 = time.perf_counter()
+    plan = real_plan(profile)
+    src, kind = bccd_source() if src is None else bccd_source(src)
+    work = Path(work)
+    prepare_cached(src, work / "bccd")
+    splits = bccd_splits(work / "bccd", plan)
+    pre_splits = synthetic_pretraining_splits(plan)
+    log(f"{plan.name}: {len(splits['train'])} train / {len(splits['val'])} val patches, "
+        f"{len(splits['test'])} test photographs; {len(pre_splits['train'])} synthetic patches")
+    trained, pretrained, runs = {}, {}, []
+    for name, init in training_runs(plan):
+        ckpt = None
+        if init == "synthetic":
+            if name not in pretrained:
+                pretrained[name] = train_model(name, pre_splits, work / f"pretrain-{name}", plan,
+                                               epochs=plan.pretrain_epochs, lr=plan.lr)
+            ckpt = pretrained[name].checkpoint
+        tm = train_model(name, splits, work / f"{name}-{init}", plan, init=ckpt, input_scale=plan.scale)
+        trained[tm.label] = tm
+        runs.append({"label": tm.label, "model": name, "init": init, "history": tm.history,
+                     "seconds": round(tm.seconds, 1),
+                     "pretrain_seconds": round(pretrained[name].seconds, 1) if init == "synthetic" else None,
+                     "best_epoch": int(np.argmin([h["val_loss"] for h in tm.history])) + 1})
+        log(f"{tm.label}: {tm.seconds:.0f} s, best epoch {runs[-1]['best_epoch']} of {len(tm.history)}")
+    results = {"colour baseline": evaluate_bccd(colour_threshold_baseline, splits["test"], keep_masks=False)}
+    for label, tm in trained.items():
+        results[label] = evaluate_bccd(tm.segmenter, splits["test"], keep_masks=False)
+    val_all, test_all = load_folder(work / "bccd" / "val"), load_folder(work / "bccd" / "test")
+    comparison = compare_cleanup({label: tm.segmenter for label, tm in trained.items()}, val_all, test_all)
+    log("cleanup compared: " + json.dumps(comparison))
+    record = {
+        "what": (f"the chapter's BCCD training at the '{plan.name}' budget ({', '.join(trained)}), scored on the "
+                 f"first {len(splits['test'])} test photographs (network argmax; gold white-cell and silver "
+                 f"3-class scores), then each network's white-cell cleanup chosen on all {len(val_all)} validation "
+                 f"photographs and scored on all {len(test_all)} test photographs"),
+        "data": {"source": kind, "bccd": str(src), "plan": dataclasses.asdict(plan),
+                 "splits": {"train_patches": len(splits["train"]), "val_patches": len(splits["val"]),
+                            "test_images": len(splits["test"]), "pretrain_patches": len(pre_splits["train"]),
+                            "cleanup_val_images": len(val_all), "cleanup_test_images": len(test_all)},
+                 "runs": runs,
+                 "scores": [score_row(label, r) for label, r in results.items()],
+                 "per_image": {label: r["per_image"] for label, r in results.items()},
+                 "cleanup_comparison": comparison},
+        "provenance": _provenance(t0, command or f"python -m bloodseg.paper.bccd record-training --profile {profile}"),
+    }
+    log(f"wrote {_write_record(out, RECORD_TRAINING, record)}")
+    return record
+
+
+def record_shipped(out=None, src=None, work="runs/08_real_smears/record",
+                   command: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """The shipped checkpoint (its stored settings: calibrated solver, scale, white-cell cleanup) on
+    the whole BCCD validation and test splits; writes the record (default ``book/results/`` +
+    :data:`RECORD_SHIPPED`).
+
+    ``data``: ``settings`` (the Segmenter's), ``stored`` (the scores stored in the checkpoint),
+    ``test_raw`` / ``test_cleaned`` (score rows with gold precision and recall, from
+    :func:`evaluate_raw_and_cleaned`), ``per_image_raw`` / ``per_image_cleaned``, ``tuning`` (the
+    cleanup search of :func:`tune_white_cleanup` on the validation photographs: rows, raw, chosen,
+    plateau, components), ``test_rows`` (the same grid on the test photographs, shown, never chosen
+    by), ``counting`` (:func:`count_vs_boxes` of the label masks and of the default predictions)
+    and ``border`` (:func:`rbc_boxes_at_border`).
+    """
+    from ..segmenter import shipped_checkpoint
+    t0 = time.perf_counter()
+    src, kind = bccd_source() if src is None else bccd_source(src)
+    prep = Path(work) / "bccd"
+    prepare_cached(src, prep)
+    val, test = load_folder(prep / "val"), load_folder(prep / "test")
+    seg = Segmenter.load(shipped_checkpoint(), device="cpu")
+    seg.predict(test[0].image)                                   # warm-up, untimed
+    both = evaluate_raw_and_cleaned(seg, test, keep_masks=True)
+    log(f"test: raw {both['raw']['gold']['iou']:.4f}, cleaned {both['cleaned']['gold']['iou']:.4f} "
+        f"({both['raw']['seconds']:.0f} s)")
+    tuning = tune_white_cleanup(seg, val, chosen_on=f"BCCD validation split, {len(val)} photographs")
+    log(f"tuning: {tuning['chosen']} ({tuning['seconds']:.0f} s)")
+    test_rows = cleanup_rows(seg, test)
+    boxes, names = read_box_counts(prep), [s.name for s in test]
+    counting = {"labels (gold white, silver red)": count_vs_boxes([s.mask for s in test], names, boxes),
+                "shipped NODEs-UNet (default settings)": count_vs_boxes(both["cleaned"]["masks"], names, boxes)}
+    meta = load_checkpoint(shipped_checkpoint())["metrics"]
+    label = f"shipped {seg.model.name} w{seg.model.options.get('width')}"
+    record = {
+        "what": (f"the shipped checkpoint ({shipped_checkpoint().name}) with its stored settings on all {len(test)} "
+                 f"BCCD test photographs (network alone and with its white-cell cleanup, one pass each), its "
+                 f"cleanup search repeated on all {len(val)} validation photographs, the same grid on the test "
+                 "photographs, and cell counts against the BCCD boxes"),
+        "data": {"source": kind, "bccd": str(src), "checkpoint": shipped_checkpoint().name,
+                 "settings": json.loads(json.dumps(seg.settings(), default=float)),
+                 "stored": {"model": meta["model"], "colour_baseline": meta["colour_baseline"],
+                            "test_images": meta["data"]["test_images"], "device_name": meta.get("device_name"),
+                            "epochs_run": meta.get("epochs_run"), "train_seconds": meta.get("train_seconds")},
+                 "test_raw": {**score_row(label + " (network alone)", both["raw"]), **_gold_extra(both["raw"])},
+                 "test_cleaned": {**score_row(label + " + white cleanup", both["cleaned"]),
+                                  **_gold_extra(both["cleaned"])},
+                 "seconds_per_photo": both["raw"]["seconds"] / max(1, len(test)),
+                 "per_image_raw": both["raw"]["per_image"], "per_image_cleaned": both["cleaned"]["per_image"],
+                 "tuning": {k: tuning[k] for k in ("rows", "raw", "chosen", "plateau", "components", "n_images",
+                                                   "seconds")},
+                 "test_rows": test_rows,
+                 "counting": {k: {"rows": v["rows"], "white": v["white"], "red": v["red"]} for k, v in counting.items()},
+                 "border": rbc_boxes_at_border(src, names)},
+        "provenance": _provenance(t0, command or "python -m bloodseg.paper.bccd record-shipped"),
+    }
+    log(f"wrote {_write_record(out, RECORD_SHIPPED, record)}")
+    return record
+
+
+def compare_per_image(live: list[dict], recorded: list[dict], key: str = "white_iou") -> dict:
+    """Per-photograph scores measured now against a record's, matched by name: ``{"n", "names",
+    "max_abs_diff"}`` (``n`` = 0 when no photograph is in both)."""
+    rec = {r["name"]: r[key] for r in recorded}
+    pairs = [(r[key], rec[r["name"]]) for r in live if r["name"] in rec]
+    diffs = [abs(a - b) for a, b in pairs if not (math.isnan(a) and math.isnan(b))]
+    return {"n": len(pairs), "names": [r["name"] for r in live if r["name"] in rec],
+            "max_abs_diff": max(diffs) if diffs else (0.0 if pairs else math.nan)}
+
+
+# ----------------------------------------------------------------------------- per-cell instances
+
+def plot_instances(image: np.ndarray, labels: np.ndarray, rows: list[dict], seed: int = 0):
+    """The photograph with every cell's outline (violet: white, yellow: red), and the label image
+    coloured by id with each white cell's id written on it. Returns the figure."""
+    import matplotlib.pyplot as plt
+    white_ids = [r["id"] for r in rows if r["class"] == "white"]
+    is_white = np.isin(labels, white_ids)
+    pad = np.pad(labels, 1, mode="edge")
+    edges = (labels > 0) & ((pad[:-2, 1:-1] != labels) | (pad[2:, 1:-1] != labels) |
+                            (pad[1:-1, :-2] != labels) | (pad[1:-1, 2:] != labels))
+    edges = (cv2.dilate(edges.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0) & (labels > 0)   # 2-3 px wide
+    outlined = image[..., ::-1].copy()
+    outlined[edges & is_white] = (170, 0, 255)
+    outlined[edges & ~is_white] = (255, 220, 0)
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(60, 256, (int(labels.max()) + 1, 3)).astype(np.uint8)
+    palette[0] = 0
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.1))
+    axes[0].imshow(outlined)
+    axes[0].set_title(f"{sum(r['class'] == 'white' for r in rows)} white (violet), "
+                      f"{sum(r['class'] == 'red' for r in rows)} red cells (yellow)", fontsize=9)
+    axes[1].imshow(palette[labels])
+    for r in rows:
+        axes[1].text(r["centroid_x"], r["centroid_y"], str(r["id"]), fontsize=6 if r["class"] == "red" else 9,
+                     ha="center", va="center", color="white" if r["class"] == "white" else "black",
+                     fontweight="bold" if r["class"] == "white" else "normal")
+    axes[1].set_title("instance ids (one colour per cell)", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- stain and colour shifts
+
+def stain_shift_frame(record: dict):
+    """A table (pandas DataFrame, one row per shift) of :mod:`bloodseg.paper.robustness`'s record:
+    the transform, pooled gold white-cell IoU, its drop from unshifted in pp (positive = worse)
+    with the 95 % interval, and the verdict against the 2 pp goal."""
+    import pandas as pd
+    summary, shifts = record["summary"], record.get("shifts", {})
+    rows = []
+    for name, r in summary.items():
+        t = shifts.get(name, {})
+        how = ", ".join(f"{k} {v}" for k, v in t.items() if k != "transform")
+        rows.append({"shift": name, "transform": (t.get("transform", "").replace("bloodseg.stain.", "") +
+                                                  (f" ({how})" if how else "")) or "none",
+                     "white IoU": r["white_iou_pooled"], "drop (pp)": r.get("drop_pp", 0.0),
+                     "95% CI (pp)": (f"[{r['drop_pp_ci'][0]:+.2f}, {r['drop_pp_ci'][1]:+.2f}]"
+                                     if "drop_pp_ci" in r else ""),
+                     "within 2 pp": r.get("within_goal", ""), "verdict": r.get("goal_verdict", "")})
+    return pd.DataFrame(rows).set_index("shift")
+
+
+def plot_stain_shifts(record: dict, goal_pp: float = 2.0):
+    """Bars: drop of the pooled gold white-cell IoU under each shift (pp, positive = worse) with its
+    95 % bootstrap interval, and the goal as a dashed line. Returns the figure."""
+    import matplotlib.pyplot as plt
+    items = [(k, r) for k, r in record["summary"].items() if k != "none"]
+    drops = np.array([r["drop_pp"] for _, r in items])
+    ci = np.array([r["drop_pp_ci"] for _, r in items])
+    fig, ax = plt.subplots(figsize=(8, 3.3))
+    x = np.arange(len(items))
+    colours = ["C2" if r.get("goal_verdict") == "holds" else "C3" if r.get("goal_verdict") == "does not hold"
+               else "C1" for _, r in items]
+    ax.bar(x, drops, color=colours, yerr=[drops - ci[:, 0], ci[:, 1] - drops], capsize=3,
+           error_kw={"lw": 1})
+    ax.axhline(goal_pp, color="red", ls="--", lw=1, label=f"goal: drop below {goal_pp:g} pp")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, [k for k, _ in items], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("white-cell IoU drop (pp)")
+    ax.set_title("Shifted test photographs: drop from unshifted, 95% interval "
+                 "(green: holds, orange: inconclusive, red: fails)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None) -> None:
+    """``python -m bloodseg.paper.bccd record-training|record-shipped [--bccd-src DIR] [--work DIR] [--out PATH]``."""
+    import argparse
+    import shlex
+    import sys
+    p = argparse.ArgumentParser(prog="python -m bloodseg.paper.bccd",
+                                description="Write the records the chapter 'Real smears' reads.")
+    sub = p.add_subparsers(dest="what", required=True)
+    for name, helptext in (("record-training", "train and score the chapter's networks (record_training)"),
+                           ("record-shipped", "score the shipped checkpoint, search its cleanup (record_shipped)")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--bccd-src", help="raw BCCD folder (default: $BLOODSEG_BCCD, else the vendored sample)")
+        s.add_argument("--work", default="runs/08_real_smears/record", help="prepared data and trained runs")
+        s.add_argument("--out", help="the JSON record (default: under book/results/08_real_smears/)")
+        if name == "record-training":
+            s.add_argument("--profile", default="quick", choices=sorted(REAL_PLANS))
+    args = p.parse_args(argv)
+    command = "python -m bloodseg.paper.bccd " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.what == "record-training":
+        record_training(args.out, args.bccd_src, args.work, args.profile, command=command)
+    else:
+        record_shipped(args.out, args.bccd_src, args.work, command=command)
+
+
+if __name__ == "__main__":
+    main()
