@@ -684,7 +684,9 @@ def load_record(name: str = THROUGHPUT_RECORD) -> dict | None:
 def provenance_line(record: dict) -> str:
     """One line saying where a record came from: commit, date, device, torch, wall time, command."""
     p = record.get("provenance") or {}
-    return (f"recorded {str(p.get('date', '?'))[:16].replace('T', ' ')} UTC at commit {str(p.get('git_commit', '?'))[:12]} "
+    commit = str(p.get("git_commit", "?"))
+    commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")   # -dirty: files differed from it
+    return (f"recorded {str(p.get('date', '?'))[:16].replace('T', ' ')} UTC at commit {commit} "
             f"on {p.get('device', '?')}, torch {p.get('torch', '?')}, in {p.get('wall_s', '?')} s by "
             f"`{p.get('command', '?')}`")
 
