@@ -18,7 +18,8 @@ from bloodseg.models import build_model
 from bloodseg.segmenter import Segmenter
 from bloodseg.synthetic import make_smear
 
-SEEDS = range(10)
+# count.split_touching was tuned on seeds 0-9 (red F1 0.974, white 0.955); the tests score other seeds
+SEEDS = range(100, 110)
 
 
 def match(pred, truth, cells, cls):
@@ -70,18 +71,21 @@ def scores():
 
 
 def test_white_cells_are_found_one_by_one(scores):
-    # measured over seeds 0-9: F1 0.955 (21 of 23 found; the 2 misses are white cells that overlap
-    # another white cell and merge with it: components, not split)
+    # measured over seeds 100-109: F1 0.958 (23 of 25 found; the 2 misses are white cells that
+    # overlap another white cell and merge with it: components, not split)
     assert scores["white"]["f1"] >= 0.95, scores["white"]
     assert scores["white"]["area_err_median"] < 0.05, scores["white"]
 
 
 def test_red_cells_are_split_into_true_cells(scores):
-    # measured over seeds 0-9: F1 0.79 (tp ~1090, fp ~270, fn ~300): the watershed of
-    # count.split_touching both over-splits (slivers of a cell) and under-splits (clumps of 3-5
-    # heavily overlapping cells) on these dense smears; the errors cancel in the counts, not here.
-    # The target is 0.85; this asserts the measured level so that a regression shows.
-    assert scores["red"]["f1"] >= 0.77, scores["red"]
+    # measured over seeds 100-109: F1 0.968 (tp 1316, fp 20, fn 67; the misses are mostly cells
+    # largely covered by a neighbour, whose visible crescent has no distance peak of its own);
+    # |area error| per matched cell mean 3.3 %, median 0.8 %. With the markers and watershed
+    # before (local maxima, cv2.watershed, which orders pixels by colour difference and does not
+    # flood the distance) it was F1 0.771, area error mean 10.9 %, median 0.9 %.
+    # The goal is 0.85; this asserts the measured level less a margin.
+    assert scores["red"]["f1"] >= 0.94, scores["red"]
+    assert scores["red"]["area_err_median"] < 0.03 and scores["red"]["area_err_mean"] < 0.06, scores["red"]
 
 
 def test_make_smear_instances_leave_image_mask_and_counts_unchanged():
