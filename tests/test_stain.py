@@ -104,3 +104,35 @@ def test_old_recipes_without_stain_still_load():
     r = Recipe.from_dict(d)
     assert r.data.stain == 0.0 and r == get_recipe("smoke")
     assert Recipe.from_dict(get_recipe("smoke").replace(**{"data.stain": 0.5}).to_dict()).data.stain == 0.5
+
+
+class _Thresholds:
+    """A stand-in Segmenter: white cell where the image is much bluer than red (fast, no network)."""
+
+    def scale_for(self, image):
+        return 1.0
+
+    def predict(self, image):
+        b, r = image[..., 0].astype(int), image[..., 2].astype(int)
+        return np.where(b - r > 15, 1, 0).astype(np.uint8)
+
+
+def test_stain_shift_scores_rows_and_paired_drops():
+    from bloodseg.paper.robustness import SHIFTS, apply_shift, stain_shift_scores
+    samples = []
+    for seed in range(3):
+        image, mask = make_smear(seed, size=(96, 128))
+        samples.append(Sample(f"s{seed}", image, mask, f"s{seed}"))
+    assert apply_shift(samples[0].image, "none") is samples[0].image
+    assert set(SHIFTS) >= {"hed_h+", "hed_h-", "hed_e+", "hed_e-", "warm", "cool", "jpeg_30", "blur_1.5"}
+    rows = stain_shift_scores(_Thresholds(), samples, shifts=["warm", "jpeg_30"], n_boot=200)
+    assert list(rows) == ["none", "warm", "jpeg_30"]
+    base = rows["none"]
+    assert len(base["per_photo_iou"]) == 3 and 0 <= base["white_iou_pooled"] <= 1
+    for name in ("warm", "jpeg_30"):
+        r = rows[name]
+        assert r["drop_pp"] == pytest.approx(100 * (base["white_iou_pooled"] - r["white_iou_pooled"]))
+        lo, hi = r["drop_pp_ci"]
+        assert lo <= hi and r["within_goal"] == (r["drop_pp"] <= 2.0)
+        assert r["mean_drop_pp"] == pytest.approx(100 * (base["white_iou_mean"] - r["white_iou_mean"]))
+        assert r["goal_verdict"] in ("holds", "does not hold", "inconclusive")

@@ -115,7 +115,7 @@ def stain_shift_scores(segmenter, samples, shifts=None, log: Callable[[str], Non
         union = c.sum(1)
         per_photo = np.where(union > 0, c[:, 0] / np.maximum(union, 1), 1.0)
         row = {"white_iou_pooled": float(c[:, 0].sum() / c.sum()), "white_iou_mean": float(per_photo.mean()),
-               "per_photo_iou": [round(float(v), 5) for v in per_photo], "counts": c.tolist(),
+               "per_photo_iou": [float(v) for v in per_photo], "counts": c.tolist(),
                "scale_factors": factors, "seconds": round(time.perf_counter() - t0, 1)}
         if name != "none":
             base = out["none"]
