@@ -126,3 +126,12 @@ def test_plotting_cells_are_hidden(name):
 def test_saved_widget_state_is_small(name):
     nb = json.loads((BOOK / f"{name}.ipynb").read_text())
     assert len(json.dumps(nb["metadata"].get("widgets", {}))) < 40_000
+
+
+def test_as_png_keeps_line_drawings_small():
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
+    ax.plot([0, 1], [0, 1])
+    picture = figures.as_png(fig)
+    assert picture.format == "png" and len(picture.data) * 4 / 3 < 45_000
+    assert not plt.fignum_exists(fig.number)

@@ -399,38 +399,43 @@ class ToyDynamics(nn.Module):
         return torch.tanh(h @ self.A.T + self.b)
 
 
-def adjoint_solve(func: nn.Module, h1: torch.Tensor, a1: torch.Tensor, t0: float = 0.0, t1: float = 1.0,
-                  rtol: float = 1e-8, atol: float = 1e-8, points: int = 41):
-    """The adjoint method of Chen et al. (2018), written out: one solve of the augmented state
-    [h, a, g] backward in time, from t1 to t0.
+def adjoint_solve(func: nn.Module, h1: torch.Tensor, a1: torch.Tensor,
+                  t0: float = 0.0, t1: float = 1.0, rtol: float = 1e-8,
+                  atol: float = 1e-8, points: int = 41):
+    """The adjoint method of Chen et al. (2018), written out: one solve of
+    the augmented state [h, a, g] backward in time, from t1 to t0.
 
-        dh/dt = f(h, t, θ)         h(t1) given: h is rebuilt backwards, nothing was stored
-        da/dt = -a·∂f/∂h           a(t1) = dL/dh(t1);  a(t0) = dL/dh(t0)
-        dg/dt = -a·∂f/∂θ           g(t1) = 0;          g(t0) = dL/dθ
+        dh/dt = f(h, t, θ)     h(t1) given: h is rebuilt backwards
+        da/dt = -a·∂f/∂h       a(t1) = dL/dh(t1)  ->  a(t0) = dL/dh(t0)
+        dg/dt = -a·∂f/∂θ       g(t1) = 0          ->  g(t0) = dL/dθ
 
-    Returns ``(times, h, a, g)``: the times from t1 down to t0 and the three parts of the state at
-    each (``g`` is a list, one tensor per parameter of ``func``), and the number of evaluations of f.
+    Returns ``(times, h, a, g, nfe)``: the times from t1 down to t0, the
+    three parts of the state at each (``g``: one tensor per parameter of
+    ``func``), and the number of evaluations of f.
     """
     from torchdiffeq import odeint
 
     params = [p for p in func.parameters() if p.requires_grad]
-    calls = [0]
+    nfe = [0]
 
     def augmented(t, state):
         h, a = state[0], state[1]
-        calls[0] += 1
+        nfe[0] += 1
         with torch.enable_grad():
             h = h.detach().requires_grad_(True)
             f = func(t, h)
-            # a·∂f/∂h and a·∂f/∂θ: vector-Jacobian products, one backward pass through f
-            vjp = torch.autograd.grad(f, [h] + params, grad_outputs=a, allow_unused=True)
-        vjp = [torch.zeros_like(x) if v is None else v for v, x in zip(vjp, [h] + params)]
+            # a·∂f/∂h and a·∂f/∂θ: vector-Jacobian products,
+            # one backward pass through one evaluation of f
+            vjp = torch.autograd.grad(f, [h] + params, grad_outputs=a,
+                                      allow_unused=True)
+        vjp = [torch.zeros_like(x) if v is None else v
+               for v, x in zip(vjp, [h] + params)]
         return (f.detach(), -vjp[0], *[-v for v in vjp[1:]])
 
     state = (h1.detach(), a1.detach(), *[torch.zeros_like(p) for p in params])
     times = torch.linspace(t1, t0, points, dtype=h1.dtype)
     out = odeint(augmented, state, times, rtol=rtol, atol=atol, method="dopri5")
-    return times, out[0], out[1], list(out[2:]), calls[0]
+    return times, out[0], out[1], list(out[2:]), nfe[0]
 
 
 def adjoint_toy(t1: float = 2.0, rtol: float = 1e-8, points: int = 41) -> dict:
@@ -494,7 +499,7 @@ def source_listing(obj, title: str | None = None):
 #: first; None is the trained solver (dopri5 at the trained tolerances), the reference.
 EXPLORER_SPECS = ({"method": "euler", "steps": 1}, {"method": "euler", "steps": 4},
                   {"method": "rk4", "steps": 1}, {"method": "dopri5", "rtol": 1e-1},
-                  {"method": "dopri5", "rtol": 1e-3}, None)
+                  {"method": "dopri5", "rtol": 1e-3}, {"method": "dopri5", "rtol": 1e-5}, None)
 
 
 def solve_photograph(segmenter, image_bgr: np.ndarray, spec, reference: np.ndarray | None = None,
