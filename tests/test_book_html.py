@@ -260,3 +260,12 @@ def test_binder_environment_matches_requirements():
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     assert config["html"]["use_download_button"], "keep the .ipynb download button"
     assert config["launch_buttons"]["binderhub_url"]
+
+
+def test_no_page_shows_a_widget_that_needs_a_kernel(built_book):
+    """A built page has no kernel: an explorer's controls would be dead there. Their cells carry
+    ``remove-output`` and a static figure of the same settings stands beside them."""
+    for page in NOTEBOOK_PAGES:
+        html = (built_book / f"{page}.html").read_text()
+        assert "application/vnd.jupyter.widget-view+json" not in html, \
+            f"{page}: widget controls on the built page (tag the cell remove-output, show a static figure)"
