@@ -1070,6 +1070,7 @@ def plot_stain_shifts(record: dict, goal_pp: float = 2.0):
            error_kw={"lw": 1})
     ax.axhline(goal_pp, color="red", ls="--", lw=1, label=f"goal: drop below {goal_pp:g} pp")
     ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylim(min(0.0, float(ci[:, 0].min())) - 0.3, max(goal_pp, float(ci[:, 1].max())) + 0.5)
     ax.set_xticks(x, [k for k, _ in items], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("white-cell IoU drop (pp)")
     ax.set_title("Shifted test photographs: drop from unshifted, 95% interval "
