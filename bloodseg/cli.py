@@ -22,6 +22,7 @@ from .datasets import SegmentationDataset, training_splits
 from .distributed import cleanup_distributed, setup_distributed
 from .download import download_bccd
 from .errors import BloodsegError
+from .export import export_onnx
 from .io import load_folder
 from .models import MODEL_NAMES, build_model
 from .ode import FIXED_GRID_METHODS, check_regularise, set_tolerance
@@ -240,7 +241,6 @@ def _solver_arg(text: str) -> dict:
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx
     seg = Segmenter.load(args.ckpt, device="cpu")
     solver = _solver_arg(args.solver) if args.solver else None
     out = export_onnx(seg, args.onnx, solver=solver)
