@@ -191,3 +191,16 @@ def test_a_recipe_field_added_later_does_not_void_records(tmp_path):
     rec["recipe"]["train"]["epochs"] = 99                 # ... but a different value is another recipe
     first["ran"][0].write_text(json.dumps(rec))
     assert len(rp.run_experiment("table2", "smoke", 1, **kw)["ran"]) == 1
+
+
+def test_full_scale_time_boxes_every_unit_to_fit_the_limit():
+    """`reproduce all --scale full --max-minutes 9` plans the GPU call: 13 trained models x seeds."""
+    full = rp.scale_recipe("full")
+    assert full.model.width == 32 and full.train.bf16 and full.train.batch_size == 16
+    per = rp.unit_minutes(list(rp.EXPERIMENTS), 3, 9.0)
+    assert per == pytest.approx(0.7 * 9 / (13 * 3))
+    assert rp.unit_minutes(["table2"], 3, 9.0) == pytest.approx(0.7 * 9 / 12)
+    seen = []
+    rp.reproduce("adjoint-memory", "full", 1, max_minutes=1e-6, out="/nonexistent", log=seen.append,
+                 progress=False)
+    assert any("every unit trains for at most" in str(m) for m in seen)

@@ -60,7 +60,10 @@ def scale_recipe(scale: str) -> Recipe:
     """The recipe of a scale.
 
     * ``quick`` — chapters 5-6's ablation recipe of the quick preset (width 16, 3 epochs on 64 px crops).
-    * ``full`` — the full preset (the paper's setting: width 32, 256 px, 50 epochs).
+    * ``full`` — the full preset (the paper's setting: width 32, 256 px, up to 50 epochs), batch 16
+      with bf16 autocast on CUDA. With ``max_minutes``, :func:`reproduce` time-boxes every unit
+      (``train.max_minutes``) so that all planned units fit: each trains the epochs that fit in its
+      share, and its record's history says how many that was.
     * ``study`` — a 2-core CPU's answer to the relative claims: width 8 (a quarter of the paper's
       32), 60 synthetic smears (4 patches of 128 px each): 168 test patches held out by source (42
       smears; testing is cheap and the per-image spread is the larger part of the interval), the
@@ -75,8 +78,8 @@ def scale_recipe(scale: str) -> Recipe:
     """
     if scale == "quick":
         return ablation_budget("quick")
-    if scale == "full":
-        return ablation_budget("full")
+    if scale == "full":                 # bf16 autocast on CUDA (the ODE solves stay float32); ignored on a CPU
+        return ablation_budget("full").replace(**{"train.bf16": True, "train.batch_size": 16})
     if scale == "smoke":
         return ablation_budget("smoke")
     if scale == "study":
@@ -369,6 +372,15 @@ def _adjoint_ratio(rec: dict) -> float:
     return peak["adjoint"] / peak["direct"] if peak.get("adjoint") and peak.get("direct") else math.nan
 
 
+def unit_minutes(names: list[str], seeds: int, max_minutes: float, share: float = 0.7) -> float:
+    """Training minutes per unit so that every unit of ``names`` x ``seeds`` fits in ``max_minutes``:
+    ``share`` of the time goes to training (the rest to data, evaluation and start-up), split over
+    the units that train (table 1's U-Net is table 2's; timing, tolerance and adjoint-memory reuse)."""
+    specs = {s["label"] for name in names if name in ("table1", "table2")
+             for s in experiment_specs(name, scale_recipe("full"))}
+    return max(share * max_minutes / max(1, len(specs) * seeds), 0.05)
+
+
 def reproduce(experiment: str, scale: str = "quick", seeds: int = 3, max_minutes: float = 0.0,
               out="book/results", work=None, command: str | None = None, progress: bool | None = None,
               log=print, changes: dict | None = None) -> dict:
@@ -376,6 +388,10 @@ def reproduce(experiment: str, scale: str = "quick", seeds: int = 3, max_minutes
     names = list(EXPERIMENTS) if experiment == "all" else [experiment]
     for name in names:
         experiment_specs(name, scale_recipe(scale))     # unknown names fail before anything runs
+    if scale == "full" and max_minutes and "train.max_minutes" not in (changes or {}):
+        changes = {**(changes or {}), "train.max_minutes": unit_minutes(names, seeds, max_minutes)}
+        log(f"full scale in {max_minutes:g} min: every unit trains for at most "
+            f"{changes['train.max_minutes']:.2f} min (the epochs that fit; its history says how many)")
     t0, results = time.perf_counter(), {}
     for name in names:
         left = max_minutes - (time.perf_counter() - t0) / 60 if max_minutes else 0.0
