@@ -1,0 +1,246 @@
+"""bloodseg.paper.cheap: the side-by-side bench, what the ODE-blocks learned, the solver experiment.
+
+The flow measures are checked on blocks whose f is known (zero, a scalar and a matrix linear
+field, solved exactly by the matrix exponential); the three record functions on a smoke setup
+(width 4, the smoke recipe, random or briefly trained weights) for the fields they document."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from bloodseg.checkpoint import save_checkpoint
+from bloodseg.models import build_model
+from bloodseg.ode import ODEBlock, ode_blocks
+from bloodseg.paper import cheap
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Zero(nn.Module):
+    def forward(self, t, h):
+        return torch.zeros_like(h)
+
+
+class Scalar(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+    def forward(self, t, h):
+        return self.a * h
+
+
+class Matrix(nn.Module):
+    """f(t, h) = A h over the channels (a 1x1 convolution without bias)."""
+
+    def __init__(self, A: torch.Tensor):
+        super().__init__()
+        self.A = A
+
+    def forward(self, t, h):
+        return torch.einsum("ij,njhw->nihw", self.A, h)
+
+
+def _block(func, channels=3, rtol=1e-7):
+    return ODEBlock(channels, rtol=rtol, func=func)
+
+
+def test_flow_of_a_zero_field_is_still():
+    h0 = torch.randn(2, 3, 4, 4)
+    m = cheap.flow_measures(_block(Zero()), h0)
+    assert set(m["f_ratio"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    assert all(v == 0 for v in m["f_ratio"].values())
+    # h stays h0 up to the rounding of dopri5's interpolation at the requested times
+    assert m["change"] == pytest.approx(0, abs=1e-6) and m["late_change"] == pytest.approx(0, abs=1e-6)
+    assert m["euler_diff"] == pytest.approx(0, abs=1e-6)
+    assert math.isnan(m["euler_diff_of_change"])   # nothing moved: no share of a change to get wrong
+    assert m["n_samples"] == 2 and len(m["per_sample"]["euler_diff"]) == 2
+
+
+@pytest.mark.parametrize("a", [0.3, -0.5, 1.0])
+def test_flow_of_a_scalar_linear_field_matches_the_exponential(a):
+    h0 = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    m = cheap.flow_measures(_block(Scalar(a)).double(), h0)
+    for v in m["f_ratio"].values():          # ||a h|| / ||h|| = |a| everywhere on the trajectory
+        assert v == pytest.approx(abs(a), rel=1e-9)
+    assert m["change"] == pytest.approx(abs(math.exp(a) - 1), rel=1e-5)
+    assert m["late_change"] == pytest.approx(abs(math.exp(a / 2) - 1), rel=1e-5)
+    # h(1) = e^a h0, one Euler step (1 + a) h0
+    assert m["euler_diff"] == pytest.approx(abs(math.exp(a) - 1 - a) / math.exp(a), rel=1e-5)
+    assert m["euler_diff_of_change"] == pytest.approx(abs(math.exp(a) - 1 - a) / abs(math.exp(a) - 1), rel=1e-5)
+
+
+def test_flow_of_a_matrix_linear_field_matches_the_matrix_exponential():
+    g = torch.Generator().manual_seed(0)
+    A = 0.6 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    m = cheap.flow_measures(_block(Matrix(A)), h0)
+    E = torch.linalg.matrix_exp(A)
+    exact = torch.einsum("ij,njhw->nihw", E, h0)
+    euler = h0 + torch.einsum("ij,njhw->nihw", A, h0)
+    want = ((exact - euler).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)).mean()
+    assert m["euler_diff"] == pytest.approx(float(want), rel=1e-5)
+    change = ((exact - h0).flatten(1).norm(dim=1) / h0.flatten(1).norm(dim=1)).mean()
+    assert m["change"] == pytest.approx(float(change), rel=1e-5)
+
+
+def test_flow_measures_need_the_times_they_report():
+    from bloodseg.errors import BloodsegError
+    with pytest.raises(BloodsegError, match="0.5"):
+        cheap.flow_measures(_block(Zero()), torch.zeros(1, 3, 2, 2), times=(0.0, 1.0))
+
+
+def test_count_macs_separates_nfe_times_the_cost_of_f():
+    torch.manual_seed(0)
+    model = build_model("nodes-unet", width=4, method="euler").eval()
+    x = torch.rand(1, 3, 64, 64)
+    macs = cheap.count_macs(model, x)
+    assert set(macs["blocks"]) == {b.name for b in ode_blocks(model)}
+    for b in ode_blocks(model):
+        row = macs["blocks"][b.name]
+        c = b.func.channels
+        side = {4: 8, 5: 4, 6: 8}[int(b.name.rsplit(" ", 1)[1])]
+        assert row["nfe"] == 1
+        assert row["f_mmacs_per_eval"] * 1e6 == pytest.approx(2 * 9 * (c + 1) * c * side * side)
+    inside = sum(r["mmacs"] for r in macs["blocks"].values())
+    assert macs["total_mmacs"] == pytest.approx(macs["backbone_mmacs"] + inside)
+    # the same network without blocks costs the backbone
+    unet = build_model("unet", width=4).eval()
+    assert cheap.count_macs(unet, x)["total_mmacs"] == pytest.approx(macs["backbone_mmacs"])
+
+
+def test_ratio_summary_is_per_round_and_has_an_interval():
+    times = {"unet": [1.0, 2.0, 1.0, 1.0, 1.0], "slow": [3.0, 6.0, 3.0, 3.3, 2.7]}
+    s = cheap.ratio_summary(times, "unet", n_images=20)
+    assert s["unet"]["ratio_median"] == 1.0 and s["unet"]["ratio_ci"] == [1.0, 1.0]
+    assert s["slow"]["ratio_median"] == pytest.approx(3.0)       # the slow round 2 is slow for both
+    lo, hi = s["slow"]["ratio_ci"]
+    assert lo <= 3.0 <= hi
+    assert s["slow"]["time_per_image_s"] == pytest.approx(3.0 / 20)
+
+
+# ----------------------------------------------------------------------------- the records, smoke-sized
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("units")
+    out = {}
+    for label, name, opts in [("unet", "unet", {}), ("resunet", "resunet", {}), ("nodes-unet", "nodes-unet", {}),
+                              ("nodes-unet-h16", "nodes-unet", {"ode_hidden": 16}), ("ode-unet-5", "ode-unet-5", {})]:
+        torch.manual_seed(0)
+        out[label] = str(save_checkpoint(folder / f"{label}.pt", build_model(name, width=4, **opts)))
+    return out
+
+
+def test_bench_options_smoke(units, tmp_path):
+    out = tmp_path / "bench.json"
+    r = cheap.bench_options(units, scale="smoke", width=4, n_images=2, rounds=2, regularise_work=None, out=out,
+                            command="test", log=lambda m: None)
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(r["rows"], default=float))
+    for key in ("git_commit", "command", "device", "torch", "date", "wall_s"):
+        assert key in r["provenance"]
+    rows = {row["option"]: row for row in r["rows"]}
+    assert rows["unet"]["ratio_to_unet"] == 1.0 and rows["unet"]["nfe_total"] == 0
+    for row in rows.values():
+        for key in ("params", "nfe_forward", "nfe_total", "time_2_s", "ratio_to_unet", "ratio_ci", "within_goal",
+                    "mmacs", "macs_ratio_to_unet", "test_miou", "mean_image_miou_ci", "miou_diff_to_unet_pp",
+                    "runtime", "solver"):
+            assert key in row, (row["option"], key)
+        assert len(row["time_s_rounds"]) == 2 and row["ratio_ci"][0] <= row["ratio_ci"][1]
+        assert 0 <= row["test_miou"] <= 1
+        assert row["within_goal"] in ("holds", "does not hold", "inconclusive")
+    assert rows["nodes-unet"]["solver"] == "trained" and rows["nodes-unet"]["nfe_total"] > 3
+    cal = r["calibration"]["nodes-unet"]
+    assert cal["pick_label"] != "trained", "every fixed-grid setting keeps a random network's score here"
+    calibrated = rows[f"nodes-unet {cal['pick_label']}"]
+    nominal = {"euler": 1, "midpoint": 2, "rk4": 4}[cal["pick"]["method"]] * cal["pick"]["steps"]
+    assert calibrated["nfe_total"] == 3 * nominal
+    onnx = rows[f"nodes-unet {cal['pick_label']} onnx"]
+    assert onnx["runtime"] == "onnxruntime" and onnx["nfe_total"] == calibrated["nfe_total"]
+    assert onnx["params"] == calibrated["params"] and onnx["mmacs"] == calibrated["mmacs"]
+    assert abs(onnx["test_miou"] - calibrated["test_miou"]) < 0.01
+    # an ONNX option is held against the ONNX U-Net, a PyTorch one against the PyTorch U-Net
+    assert rows["unet onnx"]["ratio_same_runtime"] == 1.0 and rows["unet onnx"]["nfe_total"] == 0
+    assert rows["nodes-unet"]["ratio_same_runtime"] == rows["nodes-unet"]["ratio_to_unet"]
+    assert onnx["ratio_same_runtime"] != onnx["ratio_to_unet"]
+    # the pick follows the rule: the cheapest eligible fixed-grid setting
+    eligible = [x for x in cal["rows"][1:] if x["ok"] and x["drop_pp"] <= cal["max_drop_pp"] + 1e-9]
+    assert cal["pick_label"] == min(eligible, key=lambda x: x["nominal_nfe_per_block"])["label"]
+    assert "nodes-unet-h16" in rows and "ode-unet-5" in rows and "resunet" in rows
+    frame = cheap.bench_frame(r)
+    assert list(frame.index) == list(rows)
+
+
+def test_blocks_learned_smoke(units):
+    ode_units = {k: v for k, v in units.items() if k in ("nodes-unet", "ode-unet-5")}
+    r = cheap.blocks_learned(ode_units, scale="smoke", width=4, n_images=2, shipped_images=1, log=lambda m: None)
+    labels = [m["label"] for m in r["models"]]
+    assert labels[0] == "nodes-unet untrained (control)" and labels[-1].startswith("shipped")
+    assert "nodes-unet" in labels and "ode-unet-5" in labels
+    assert "provenance" in r and r["times"] == list(cheap.FLOW_TIMES)
+    for m in r["models"]:
+        assert "calibration" in m and "pick_label" in m["calibration"]
+        for b in m["blocks"]:
+            for key in ("nfe_forward", "f_ratio", "change", "late_change", "euler_diff", "euler_diff_of_change",
+                        "trained", "channels"):
+                assert key in b
+            assert set(b["f_ratio"]) == {"0", "0.25", "0.5", "0.75", "1"}
+            assert b["nfe_forward"] >= 8 and b["euler_diff"] >= 0
+    assert len(cheap.blocks_frame(r)) == sum(len(m["blocks"]) for m in r["models"])
+
+
+def test_solver_experiment_smoke(tmp_path):
+    r = cheap.solver_experiment(scale="smoke", width=4, seeds=(0,), reference="train", work=tmp_path / "work",
+                                n_images=2, rounds=2, log=lambda m: None)
+    assert r["arms"] == ["dopri5", "euler-1", "rk4-2"] and r["epochs"] == 1 and not r["epochs_reduced"]
+    rows = {row["arm"]: row for row in r["rows"]}
+    assert rows["euler-1"]["nfe_forward"] and all(v == 1 for v in rows["euler-1"]["nfe_forward"].values())
+    assert all(v == 8 for v in rows["rk4-2"]["nfe_forward"].values())   # 4 stages x 2 steps
+    assert rows["dopri5"]["nfe_total"] >= 3 * 8
+    for row in rows.values():
+        for key in ("test_miou", "per_image_miou", "train_s", "train_step_s", "time_per_image_s", "best_epoch",
+                    "trained_solver", "nfe_train_step"):
+            assert row[key] is not None, key
+    # the rk4-trained checkpoint is solved with rk4-2 again after loading (step_size is set on the blocks)
+    assert all(s["method"] == "rk4" and s["step_size"] == 0.5 for s in rows["rk4-2"]["trained_solver"])
+    assert len(r["cross"]) == 9 and {c["solved"] for c in r["cross"]} == {"dopri5", "euler-1", "rk4-2"}
+    assert set(r["miou_diff_to_dopri5"]) == {"euler-1", "rk4-2"}
+    # a second call reuses the trained units
+    again = cheap.solver_experiment(scale="smoke", width=4, seeds=(0,), reference="train", work=tmp_path / "work",
+                                    n_images=1, rounds=1, cross=False, log=lambda m: None)
+    assert [x["train_s"] for x in again["rows"]] == [x["train_s"] for x in r["rows"]]
+    assert len(cheap.solvers_frame(r)) == 3
+
+
+def test_units_are_read_only_when_their_record_exists(tmp_path):
+    root = tmp_path / "study"
+    ckpt = root / "runs/reproduce/train/study/nodes-unet-seed0/best.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    (root / "runs/reproduce/train/study/nodes-unet-seed1").mkdir()
+    (root / "runs/reproduce/train/study/nodes-unet-seed1/best.pt").write_bytes(b"x")   # still training
+    rec = root / "book/results/table2/study/nodes-unet-seed0.json"
+    rec.parent.mkdir(parents=True)
+    rec.write_text(json.dumps({"test": {"miou": 0.8}, "train_s": 10, "per_image": [{"miou": 0.8}]}))
+    found = cheap.find_units(["nodes-unet"], (0, 1), root)
+    assert list(found) == ["nodes-unet-seed0"] and found["nodes-unet-seed0"]["test_miou"] == 0.8
+    copied = cheap.copy_units(found, tmp_path / "copy")
+    assert copied["nodes-unet-seed0"]["source"] == str(ckpt)
+    assert np.frombuffer(open(copied["nodes-unet-seed0"]["ckpt"], "rb").read(), np.uint8).tolist() == [ord("x")]
+
+
+def test_command_line_lists_the_three_records(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cheap.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "record-bench" in out and "record-blocks" in out and "record-solvers" in out
