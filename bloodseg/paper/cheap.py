@@ -9,7 +9,8 @@ its provenance (commit, command, device and its load, torch, date, wall time):
   thread, of every way to run the study's networks on the same 20 test patches: U-Net, ResNet
   U-Net, the single-block ODE-UNet (position 5), NODEs-UNet with dopri5 at its trained tolerances,
   the same network with the fixed-grid solver that calibration picks on the *validation* patches
-  (:func:`calibration_pick`), its ONNX export (:mod:`bloodseg.export`), the narrow-f NODEs-UNet
+  (:func:`calibration_pick`), its ONNX export (:mod:`bloodseg.export`; held against the U-Net's own
+  ONNX export, so that the goal compares like with like), the narrow-f NODEs-UNet
   (``nodes-unet-h16``), and the RNODE-regularised NODEs-UNet with its unregularised twin when
   :mod:`bloodseg.paper.regularise` has trained them. Rounds are interleaved (each round times every
   option on the 20 images, the order rotating), so that load from other processes falls on all of
@@ -70,7 +71,7 @@ __all__ = ["GOAL_RATIO", "FIXED_GRID", "FLOW_TIMES", "RECORD_BENCH", "RECORD_BLO
            "block_inputs", "bench_options", "blocks_learned", "solver_experiment", "bench_frame",
            "blocks_frame", "solvers_frame", "plot_frontier", "plot_flow", "plot_calibration",
            "plot_solvers", "plot_macs", "plot_regularisation", "floor_table", "plot_floor", "cross_frame",
-           "plot_cross", "main"]
+           "plot_cross", "model_name", "blocks_summary_frame", "main"]
 
 #: Issue #16's goal: NODEs-UNet at most 1.3x the U-Net's inference time.
 GOAL_RATIO = 1.3
@@ -700,13 +701,28 @@ def blocks_frame(record: dict):
     rows = []
     for m in record["models"]:
         for b in m["blocks"]:
-            rows.append({"model": m["label"], "block": b["name"].replace("ODE-block at position ", "pos "),
+            rows.append({"model": model_name(m), "block": b["name"].replace("ODE-block at position ", "pos "),
                          "channels": b["channels"], "rtol": b["trained"]["rtol"], "NFE": b["nfe_forward"],
                          "pick": m["calibration"]["pick_label"],
                          "|f|/|h| t=0": b["f_ratio"].get("0"), "|f|/|h| t=1": b["f_ratio"].get("1"),
                          "change": b["change"], "late change": b["late_change"], "Euler diff": b["euler_diff"],
                          "Euler diff / change": b["euler_diff_of_change"]})
     return pd.DataFrame(rows)
+
+
+def blocks_summary_frame(record: dict):
+    """One row per model: its blocks' total NFE, the calibration pick, and the flow measures over
+    its blocks (|f|/|h| at t = 0 and change: means; Euler diff: the largest)."""
+    import pandas as pd
+    rows = []
+    for m in record["models"]:
+        bs = m["blocks"]
+        rows.append({"model": model_name(m), "blocks": ", ".join(b["name"].rsplit(" ", 1)[-1] for b in bs),
+                     "NFE": sum(b["nfe_forward"] for b in bs), "pick": m["calibration"]["pick_label"],
+                     "|f|/|h| t=0": float(np.mean([b["f_ratio"]["0"] for b in bs])),
+                     "change": float(np.mean([b["change"] for b in bs])),
+                     "Euler diff (largest)": max(b["euler_diff"] for b in bs)})
+    return pd.DataFrame(rows).set_index("model")
 
 
 # ----------------------------------------------------------------------------- 3. the solver experiment
@@ -930,31 +946,58 @@ def solvers_frame(record: dict):
 # ----------------------------------------------------------------------------- figures
 
 def _short(option: str) -> str:
-    return (option.replace("nodes-unet", "NODEs").replace("ode-unet-5", "ODE-5").replace("resunet", "ResUNet")
+    return (option.replace("nodes-unet", "NODEs").replace("ode-unet-", "ODE-").replace("resunet", "ResUNet")
             .replace("unet", "U-Net").replace("regularised", "RNODE"))
 
 
+def _plain_ticks(ax, axis: str = "both") -> None:
+    """Log axes labelled 2, 3, 5, 10 instead of 2x10^0 (readable at the book's size)."""
+    import math as _math
+
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v, _):
+        lead = round(v / 10 ** _math.floor(_math.log10(v)), 6) if v > 0 else 0
+        return f"{v:g}" if lead in (2, 5) else ""
+
+    for which in ("x", "y") if axis == "both" else (axis,):
+        a = ax.xaxis if which == "x" else ax.yaxis
+        a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        a.set_minor_formatter(FuncFormatter(minor))
+
+
+def model_name(m: dict) -> str:
+    """A blocks_learned model's display name: its label, with the seed when it has one."""
+    label = m["label"]
+    if m.get("seed") is not None and "seed" not in label and "untrained" not in label:
+        return f"{label} s{m['seed']}"
+    return label
+
+
 def plot_frontier(record: dict, ax=None):
-    """Every option of the bench: time over the U-Net's (median, 95% interval over rounds; log axis)
-    against test MIoU (per-image mean's 95% interval as the vertical bar), with issue #16's goal
-    (1.3x the U-Net) as a line. Returns the figure."""
+    """Every option of the bench: time over the U-Net's in the same runtime (an ONNX option over the
+    ONNX U-Net; median and 95% interval over rounds; log axis) against test MIoU, with issue #16's
+    goal (1.3x the U-Net) as a line. Returns the figure."""
     import matplotlib.pyplot as plt
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8.4, 4.6))
     for i, r in enumerate(record["rows"]):
-        x, y = r["ratio_to_unet"], 100 * r["test_miou"]
-        lo, hi = r["ratio_ci"]
+        x, y = r.get("ratio_same_runtime", r["ratio_to_unet"]), 100 * r["test_miou"]
+        lo, hi = r.get("ratio_same_runtime_ci", r["ratio_ci"])
         colour = "k" if r["nfe_total"] == 0 else "C3" if r["solver"] == "trained" else "C2"
         marker = "s" if r["runtime"] == "onnxruntime" else "D" if r.get("ode_reg") is not None else "o"
         ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt=marker, color=colour, ms=6, capsize=3, lw=1)
-        ax.annotate(_short(r["option"]), (x, y), textcoords="offset points", xytext=(5, 4 - 10 * (i % 2)), fontsize=8)
+        if r["option"] != "unet onnx":     # at the U-Net's point: one label for both runtimes
+            text = "U-Net (PyTorch and ONNX)" if r["option"] == "unet" else _short(r["option"])
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 6 - 18 * (i % 2)), fontsize=8)
     ax.axvline(GOAL_RATIO, color="C0", ls="--", lw=1, label=f"goal: {GOAL_RATIO}x the U-Net's time")
     ax.set_xscale("log")
-    ax.set_xlabel("inference time / U-Net's (same round; log scale)")
+    _plain_ticks(ax, "x")
+    ax.set_xlabel("inference time / U-Net's in the same runtime and round (log scale)")
     ax.set_ylabel("test MIoU (%)")
     ax.set_title("The frontier: black = no ODE-block, red = dopri5 (trained tolerances), green = calibrated "
                  "fixed grid;\nsquare = ONNX, diamond = 6-epoch regularisation pair", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower center")
     fig.tight_layout()
     return fig
 
@@ -963,27 +1006,30 @@ def plot_flow(record: dict, models: Sequence[str] | None = None):
     """Left: ||f||/||h|| along the trajectory for every block of the chosen models; right: how far
     one Euler step lands from the solution (euler_diff), per block. Returns the figure."""
     import matplotlib.pyplot as plt
-    ms = [m for m in record["models"] if models is None or m["label"] in models or m["model"] in models]
+    ms = [m for m in record["models"] if models is None or model_name(m) in models or m["model"] in models]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     names, diffs, colours = [], [], []
     for j, m in enumerate(ms):
         for b in m["blocks"]:
             ts = [float(t) for t in b["f_ratio"]]
             axes[0].plot(ts, list(b["f_ratio"].values()), "o-", color=f"C{j % 10}", lw=1, ms=3,
-                         label=m["label"] if b is m["blocks"][0] else None)
-            names.append(f"{_short(m['label'])} {b['name'].replace('ODE-block at position ', 'p')}")
+                         label=model_name(m) if b is m["blocks"][0] else None)
+            names.append(f"{_short(model_name(m))} {b['name'].replace('ODE-block at position ', 'p')}")
             diffs.append(b["euler_diff"])
             colours.append(f"C{j % 10}")
     axes[0].set_yscale("log")
+    _plain_ticks(axes[0], "y")
     axes[0].set_xlabel("t")
     axes[0].set_ylabel("||f(t, h)|| / ||h||")
     axes[0].set_title("How fast each block's state moves", fontsize=10)
-    axes[0].legend(fontsize=7, ncol=2)
+    axes[0].set_ylim(0.06, None)
+    axes[0].legend(fontsize=7, ncol=2, loc="lower left")
     axes[0].grid(alpha=0.3)
     axes[1].barh(range(len(diffs)), diffs, color=colours)
     axes[1].set_yticks(range(len(diffs)), names, fontsize=7)
     axes[1].invert_yaxis()
     axes[1].set_xscale("log")
+    _plain_ticks(axes[1], "x")
     axes[1].set_xlabel("||h(1) - Euler step|| / ||h(1)||")
     axes[1].set_title("One Euler step against the dopri5 solution", fontsize=10)
     axes[1].grid(alpha=0.3, axis="x")
@@ -996,19 +1042,24 @@ def plot_calibration(cal: dict, title: str = "", ax=None):
     solver, with the allowed drop and the pick marked. Returns the figure."""
     import matplotlib.pyplot as plt
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7.5, 3.4))
+    groups: dict = {}
     for r in cal["rows"]:
         if r.get("drop_pp") is None:
             continue
         picked = r["label"] == cal.get("pick_label")
         ax.plot(r["nfe_total"], r["drop_pp"], "o" if r["label"] != "trained" else "s",
                 color="C2" if picked else "C3" if r["label"] == "trained" else "C0", ms=8 if picked else 5)
-        ax.annotate(r["label"], (r["nfe_total"], r["drop_pp"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        groups.setdefault(round(r["nfe_total"], 1), []).append(r)
+    for k, (nfe, rs) in enumerate(sorted(groups.items())):
+        ax.annotate("\n".join(r["label"] for r in rs), (nfe, max(r["drop_pp"] for r in rs)), textcoords="offset points",
+                    xytext=(0, 8), ha="center", va="bottom", fontsize=7)
     ax.axhline(cal.get("max_drop_pp", 0.3), color="C1", ls="--", lw=1, label=f"allowed drop {cal.get('max_drop_pp', 0.3):g} pp")
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xscale("log")
+    _plain_ticks(ax, "x")
     ax.set_xlabel("f-evaluations per forward, all blocks (log)")
     ax.set_ylabel("validation MIoU drop (pp)")
-    ax.set_title(title or f"calibration: pick {cal.get('pick_label')} (green)", fontsize=10)
+    ax.set_title(title or f"calibration: pick {cal.get('pick_label')} (large marker)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -1020,7 +1071,7 @@ def plot_solvers(record: dict):
     one bar per trained arm (seeds as points). Returns the figure."""
     import matplotlib.pyplot as plt
     arms = record["arms"]
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
+    fig, axes = plt.subplots(1, 4, figsize=(10, 3.0))
     for ax, key, scale, label in ((axes[0], "test_miou", 100, "test MIoU (%)"), (axes[1], "nfe_total", 1, "forward NFE"),
                                   (axes[2], "train_step_s", 1, "s / training step"),
                                   (axes[3], "time_per_image_s", 1000, "ms / test patch")):
@@ -1054,9 +1105,8 @@ def plot_macs(rows: list[dict], ax=None):
     if unet:
         ax.axhline(unet, color="k", lw=1, label="U-Net")
         ax.axhline(GOAL_RATIO * unet, color="C0", ls="--", lw=1, label=f"{GOAL_RATIO}x U-Net")
-    ax.set_yscale("log")
     ax.set_xticks(x, labels, rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("million MACs per patch (log)")
+    ax.set_ylabel("million MACs per patch")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -1096,16 +1146,22 @@ def plot_floor(floor: dict, bench: dict | None = None, ax=None):
     if bench:
         for r in bench["rows"]:
             if r["model"] in ("nodes-unet", "nodes-unet-h16", "ode-unet-5") and r["nfe_total"] > 0:
-                ax.plot(r["nfe_total"], r["ratio_to_unet"], "s" if r["runtime"] == "onnxruntime" else "o",
+                y = r.get("ratio_same_runtime", r["ratio_to_unet"])
+                pair = r.get("ode_reg") is not None
+                ax.plot(r["nfe_total"], y, "s" if r["runtime"] == "onnxruntime" else "D" if pair else "o",
                         color="C2" if r.get("calibrated") else "C3", ms=6)
-                ax.annotate(_short(r["option"]), (r["nfe_total"], r["ratio_to_unet"]), textcoords="offset points",
-                            xytext=(4, 3), fontsize=7)
+                if not pair:
+                    right = r["nfe_total"] < 10
+                    ax.annotate(_short(r["option"]), (r["nfe_total"], y), textcoords="offset points",
+                                xytext=(6 if right else -6, 4 if r["runtime"] == "torch" else -10), fontsize=7,
+                                ha="left" if right else "right")
     ax.axhline(GOAL_RATIO, color="C0", ls="--", lw=1, label=f"goal {GOAL_RATIO}x")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_ticks(ax)
     ax.set_xlabel("forward NFE, all blocks together (log)")
     ax.set_ylabel("cost / U-Net's (log)")
-    ax.set_title(f"NODEs-UNet, width {floor['width']}, {floor['size']} px: points = measured time ratios "
+    ax.set_title(f"Width {floor['width']}, {floor['size']} px. Points: measured time / U-Net's in the same runtime "
                  "(red dopri5, green fixed grid, square ONNX)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3, which="both")
@@ -1128,11 +1184,11 @@ def plot_cross(record: dict, ax=None):
     table = cross_frame(record)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.6, 3.4))
     values = 100 * table.to_numpy(dtype=float)
-    im = ax.imshow(values, cmap="viridis")
+    im = ax.imshow(values, cmap="viridis", vmin=np.floor(np.nanmin(values)) - 2, vmax=np.ceil(np.nanmax(values)) + 2)
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             ax.text(j, i, "fail" if np.isnan(values[i, j]) else f"{values[i, j]:.1f}", ha="center", va="center",
-                    color="w" if np.isnan(values[i, j]) or values[i, j] < np.nanmean(values) else "k", fontsize=9)
+                    color="w" if np.isnan(values[i, j]) or values[i, j] < np.nanmean(values) + 1 else "k", fontsize=9)
     ax.set_xticks(range(len(table.columns)), table.columns, fontsize=8)
     ax.set_yticks(range(len(table.index)), table.index, fontsize=8)
     ax.set_xlabel("solved at test time with")
