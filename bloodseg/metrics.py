@@ -152,7 +152,9 @@ def scores(cm) -> dict:
 
 
 def per_image_scores(preds: Iterable, targets: Iterable, num_classes: int = 3) -> list[dict]:
-    """:func:`scores` of each image on its own (paper Figures 9–10: PA and MIoU per test image).
+    """:func:`scores` of each image on its own (paper Figures 9–10: PA and MIoU per test image),
+    with the image's confusion matrix as ``cm`` (nested lists), so that pooled scores of any set of
+    images (a bootstrap resample, say) are sums of these.
 
     ``preds`` and ``targets`` are sequences of equal length (or batched tensors/arrays, iterated
     along the first axis): label maps, or logits ``C x H x W`` which are argmax-ed.
@@ -160,4 +162,8 @@ def per_image_scores(preds: Iterable, targets: Iterable, num_classes: int = 3) -
     preds, targets = list(preds), list(targets)
     if len(preds) != len(targets):
         raise DataError(f"got {len(preds)} predictions for {len(targets)} targets")
-    return [scores(confusion_matrix(p, t, num_classes)) for p, t in zip(preds, targets)]
+    out = []
+    for p, t in zip(preds, targets):
+        cm = confusion_matrix(p, t, num_classes)
+        out.append({**scores(cm), "cm": cm.tolist()})     # the counts too: pooled scores over any subset
+    return out

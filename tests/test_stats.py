@@ -89,3 +89,22 @@ def test_bootstrap_stat_of_a_spread_knows_when_models_tie():
     assert a["value"] == pytest.approx(9.0) and a["ci"][0] == pytest.approx(9.0)   # paired: exact spread
     with pytest.raises(BloodsegError, match="models x seeds x images"):
         stats.bootstrap_stat(base, np.ptp)
+
+
+def test_pooled_bootstrap_scores_the_summed_confusion_matrix():
+    from bloodseg.metrics import scores
+    rng = np.random.default_rng(0)
+    cms = rng.integers(0, 50, size=(2, 3, 20, 3, 3)).astype(float)
+    cms[1, ..., 1, 1] += 30                                  # model 1 gets more white pixels right
+    r = stats.pooled_bootstrap(cms, n_boot=2000)
+    for m in range(2):                                        # value: mean over seeds of the pooled MIoU
+        per_seed = [100 * scores(cms[m, s].sum(axis=0))["miou"] for s in range(3)]
+        assert r["value"][m] == pytest.approx(np.mean(per_seed))
+        assert r["ci"][m][0] <= r["value"][m] <= r["ci"][m][1]
+    assert r["diff"][1] > 0 and r["diff_ci"][1][0] > 0 and r["diff"][0] == 0
+    pa = stats.pooled_bootstrap(cms, n_boot=500, key="pa")
+    assert pa["value"][0] == pytest.approx(np.mean([100 * scores(cms[0, s].sum(0))["pa"] for s in range(3)]))
+    same = stats.pooled_bootstrap(np.stack([cms[0], cms[0]]), n_boot=500)
+    assert same["diff_ci"][1] == (0.0, 0.0)
+    with pytest.raises(BloodsegError, match="models x seeds x images"):
+        stats.pooled_bootstrap(cms[0])

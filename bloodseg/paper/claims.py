@@ -28,7 +28,7 @@ import numpy as np
 from . import stats
 from .reference import PAPER_PARAM_MEMORY_RATIO, PAPER_TABLE1, PAPER_TABLE2, paper_gain
 from .report import RESULTS_DIR, load_results
-from .reproduce import load_records, per_image_matrix
+from .reproduce import cm_stack, has_counts, load_records, per_image_matrix
 from .table1 import DEEPER_FASTER_RHO, FLAT_SPREAD_PP, POSITION_LEVEL, spearman
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
@@ -104,29 +104,41 @@ def _point(value: float) -> tuple:
 # ----------------------------------------------------------------------------- estimators
 # Each returns (estimate, (lo, hi), source); they raise _Missing when their evidence is absent.
 
+def _diff(recs, ref, label, key="miou"):
+    """``label`` minus ``ref`` in pp with its interval: pooled scores when the records keep per-image
+    confusion matrices (the paper's metric), else the mean of per-image scores."""
+    seeds = _common_seeds(recs, [ref, label])
+    if has_counts(recs):
+        p = stats.pooled_bootstrap(cm_stack(recs, [ref, label], seeds), key=key)
+        return p["diff"][1], p["diff_ci"][1]
+    d = stats.paired_bootstrap(_scores(recs, ref, seeds, key), _scores(recs, label, seeds, key))
+    return d["diff"], d["ci"]
+
+
 def _gain(a, b, key):
     scale, recs = evidence("table2")
-    seeds = _common_seeds(recs, [a, b])
-    d = stats.paired_bootstrap(_scores(recs, b, seeds, key), _scores(recs, a, seeds, key))
-    return d["diff"], d["ci"], source_line(scale, recs)
+    diff, ci = _diff(recs, b, a, key)
+    return diff, ci, source_line(scale, recs)
 
 
 def _positions_beating_unet():
     scale, recs = evidence("table1")
     labels = [f"ode-unet-{p}" for p in POSITIONS]
-    seeds = _common_seeds(recs, ["unet", *labels])
-    unet = _scores(recs, "unet", seeds)
-    cis = [stats.paired_bootstrap(unet, _scores(recs, lab, seeds)) for lab in labels]
-    better = sum(c["ci"][0] > 0 for c in cis)
-    worse = sum(c["ci"][1] < 0 for c in cis)
-    return float(sum(c["diff"] > 0 for c in cis)), (float(better), float(len(cis) - worse)), source_line(scale, recs)
+    _common_seeds(recs, ["unet", *labels])
+    diffs = [_diff(recs, "unet", lab) for lab in labels]
+    better = sum(ci[0] > 0 for _, ci in diffs)
+    worse = sum(ci[1] < 0 for _, ci in diffs)
+    return float(sum(d > 0 for d, _ in diffs)), (float(better), float(len(diffs) - worse)), source_line(scale, recs)
 
 
 def _position_spread():
     scale, recs = evidence("table1")
     labels = [f"ode-unet-{p}" for p in POSITIONS]
     seeds = _common_seeds(recs, labels)
-    r = stats.bootstrap_stat(np.stack([_scores(recs, lab, seeds) for lab in labels]), np.ptp)
+    if has_counts(recs):
+        r = stats.pooled_stat(cm_stack(recs, labels, seeds), np.ptp)
+    else:
+        r = stats.bootstrap_stat(np.stack([_scores(recs, lab, seeds) for lab in labels]), np.ptp)
     return r["value"], r["ci"], source_line(scale, recs)
 
 
@@ -187,10 +199,13 @@ def _adjoint_ratio():
 
 def _absolute(model, key):
     scale, recs = evidence("table2")
-    values = [100 * r["test"][key] for r in recs if r["label"] == model]
-    if not values:
+    seeds = sorted(r["seed"] for r in recs if r["label"] == model and "per_image" in r)
+    if not seeds:
         raise _Missing(f"table2 records of {model}")
-    ci = stats.mean_ci(values)
+    if has_counts(recs):
+        p = stats.pooled_bootstrap(cm_stack(recs, [model], seeds), key=key)
+        return p["value"][0], p["ci"][0], source_line(scale, recs)
+    ci = stats.mean_ci([100 * r["test"][key] for r in recs if r["label"] == model])
     return ci["mean"], ci["ci"], source_line(scale, recs)
 
 

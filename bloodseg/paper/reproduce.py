@@ -194,7 +194,7 @@ def _measure_unit(experiment: str, spec: dict, recipe: Recipe, seed: int, data: 
     out = dict(history=history, best_epoch=min(history, key=lambda r: r["val_loss"])["epoch"],
                train_s=sum(r["time_s"] for r in history), params=count_parameters(best),
                test={k: s[k] for k in ("pa", "cpa", "recall", "iou", "miou")},
-               per_image=[dict(pa=p["pa"], miou=p["miou"], iou=p["iou"]) for p in s["per_image"]])
+               per_image=[dict(pa=p["pa"], miou=p["miou"], iou=p["iou"], cm=p["cm"]) for p in s["per_image"]])
     if experiment == "tolerance":
         from .tolerance import tolerance_curve
         out["tolerance_curve"] = tolerance_curve(best, data["test"], recipe.measure.tolerances,
@@ -332,28 +332,87 @@ def per_image_matrix(records: list[dict], label: str, seeds: list[int], score: s
     return np.array([[p[score] for p in by_seed[k]["per_image"]] for k in seeds], dtype=np.float64)
 
 
-def summarize(records: list[dict], reference: str = "unet", n_boot: int = stats.N_BOOT, seed: int = 0) -> list[dict]:
-    """Per model: test MIoU over seeds (mean, interval, spread) and, on the seeds that both it and
-    ``reference`` have, the paired difference of per-image MIoU to ``reference`` with its verdict
-    for "beats the reference" (percentage points; the reference's own row has no difference)."""
+def has_counts(records: list[dict]) -> bool:
+    """Do all scored records keep per-image confusion matrices (pooled scores can be resampled)?"""
     scored = [r for r in records if "per_image" in r]
+    return bool(scored) and all("cm" in p for r in scored for p in r["per_image"])
+
+
+def cm_stack(records: list[dict], labels: list[str], seeds: list[int]) -> np.ndarray:
+    """``models x seeds x images x C x C`` per-image confusion matrices of ``labels`` on ``seeds``."""
+    by = {(r["label"], r["seed"]): r for r in records if "per_image" in r}
+    return np.array([[[p["cm"] for p in by[(lab, k)]["per_image"]] for k in seeds] for lab in labels],
+                    dtype=np.float64)
+
+
+def summarize(records: list[dict], reference: str = "unet", n_boot: int = stats.N_BOOT, seed: int = 0,
+              key: str = "miou") -> list[dict]:
+    """Per model: test ``key`` (MIoU or PA, %) over seeds (mean, interval, spread) and, on the seeds
+    that both it and ``reference`` have, the paired difference to ``reference`` with its verdict for
+    "beats the reference" (percentage points; the reference's own row has no difference).
+
+    The score is the paper's: pooled over the test images (one confusion matrix per run), when the
+    records keep per-image confusion matrices (``metric`` "pooled"); older records fall back to the
+    mean of per-image scores ("per-image mean")."""
+    scored = [r for r in records if "per_image" in r]
+    pooled = has_counts(scored)
     labels = sorted(dict.fromkeys(r["label"] for r in scored), key=lambda x: (x != reference, x))
     rows = []
     for label in labels:
         mine = sorted((r for r in scored if r["label"] == label), key=lambda r: r["seed"])
-        miou = [100 * r["test"]["miou"] for r in mine]
-        ci = stats.mean_ci(miou, n_boot, seed)
+        values = [100 * r["test"][key] for r in mine]
+        if pooled:
+            own = stats.pooled_bootstrap(cm_stack(scored, [label], [r["seed"] for r in mine]), n_boot, seed, key=key)
+            ci = dict(mean=own["value"][0], ci=own["ci"][0])
+        else:
+            ci = stats.mean_ci(values, n_boot, seed)
         row = dict(model=label, n_seeds=len(mine), miou=ci["mean"], miou_ci=ci["ci"],
-                   seed_range=stats.seed_spread(miou)["range"],
+                   seed_range=stats.seed_spread(values)["range"], metric="pooled" if pooled else "per-image mean",
                    converged=sum(bool(convergence(r.get("history", []))["converged"]) for r in mine))
         common = sorted({r["seed"] for r in mine} & {r["seed"] for r in scored if r["label"] == reference})
         if label != reference and common:
-            a = 100 * per_image_matrix(scored, reference, common)
-            b = 100 * per_image_matrix(scored, label, common)
-            d = stats.paired_bootstrap(a, b, n_boot, seed)
+            if pooled:
+                p = stats.pooled_bootstrap(cm_stack(scored, [reference, label], common), n_boot, seed, key=key)
+                d = dict(diff=p["diff"][1], ci=p["diff_ci"][1])
+            else:
+                d = stats.paired_bootstrap(100 * per_image_matrix(scored, reference, common, key),
+                                           100 * per_image_matrix(scored, label, common, key), n_boot, seed)
             row.update(diff=d["diff"], diff_ci=d["ci"], verdict=stats.verdict(d["ci"]))
         rows.append(row)
     return rows
+
+
+def rescore(experiment: str, scale: str, out="book/results", work=None, command: str | None = None,
+            log=print) -> list[Path]:
+    """Add per-image confusion matrices to records made before they were kept: each unit's trained
+    ``best.pt`` is evaluated again on the same test set; its per-image MIoU must equal the recorded
+    one (same weights, same data), else the record is left alone. The record gains ``rescored``
+    (commit, command, date); its original provenance stays."""
+    work = Path(work) if work is not None else Path("runs") / "reproduce"
+    command = command or shlex.join(sys.argv)
+    done, data = [], None
+    for path in sorted((Path(out) / experiment / scale).glob("*.json")):
+        rec = _read(path)
+        if not isinstance(rec, dict) or "per_image" not in rec or all("cm" in p for p in rec["per_image"]):
+            continue
+        ckpt = work / "train" / scale / f"{rec['label']}-seed{rec['seed']}" / "best.pt"
+        if not ckpt.is_file():
+            log(f"{path}: no trained unit at {ckpt}; not rescored")
+            continue
+        if data is None:
+            data = prepare_data(Recipe.from_dict(rec["recipe"]))
+        s = evaluate(load_model(ckpt), data["test"], n_timed=0, per_image=True)
+        again = [p["miou"] for p in s["per_image"]]
+        if not np.allclose(again, [p["miou"] for p in rec["per_image"]], rtol=0, atol=1e-9, equal_nan=True):
+            log(f"{path}: the re-evaluation differs from the record; not rescored")
+            continue
+        for p, q in zip(rec["per_image"], s["per_image"]):
+            p["cm"] = q["cm"]
+        rec["rescored"] = dict(git_commit=git_commit(), command=command,
+                               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        write_bytes(path, (json.dumps(rec, indent=1, default=float) + "\n").encode())
+        done.append(path)
+    return done
 
 
 def format_summary(rows: list[dict], reference: str = "unet") -> str:

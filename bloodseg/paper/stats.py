@@ -10,6 +10,9 @@ the 2.5th to 97.5th percentile of the resampled means (a percentile interval).
 * :func:`mean_ci` — the same for one model's scores (1-D: one value per seed);
 * :func:`bootstrap_stat` — any statistic of several models' means (a spread, a ratio, a rank
   correlation) under the same paired resampling, and its interval;
+* :func:`pooled_bootstrap` — the same paired resampling for scores pooled over images (the paper's
+  PA and MIoU come from one confusion matrix summed over the test set, not from a mean of per-image
+  scores), from per-image confusion matrices;
 * :func:`seed_spread` — how far a number moves over seeds alone (range and sd);
 * :func:`verdict` — "holds", "does not hold" or "inconclusive" (the interval contains the threshold).
 """
@@ -76,6 +79,52 @@ def bootstrap_stat(stack, stat, n_boot: int = N_BOOT, seed: int = 0, level: floa
     means = np.einsum("bs,msi,bi->bm", ws, m, wi) / (s * i)
     values = np.array([stat(row) for row in means])
     return dict(value=float(stat(m.mean(axis=(1, 2)))), ci=_interval(values, level))
+
+
+def pooled_scores(cm: np.ndarray) -> dict:
+    """PA and MIoU of confusion matrices ``(..., C, C)`` (rows: truth); a class absent from truth and
+    prediction is left out of the mean, as in :func:`bloodseg.metrics.scores`."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    union = cm.sum(-1) + cm.sum(-2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+        pa = tp.sum(-1) / cm.sum((-2, -1))
+    return dict(pa=pa, miou=np.nanmean(iou, axis=-1))
+
+
+def pooled_bootstrap(cms, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL, key: str = "miou") -> dict:
+    """Pooled ``key`` ("miou" or "pa", in %) of each model, and of each model minus the first, with intervals.
+
+    ``cms``: ``models x seeds x images x C x C`` per-image confusion matrices (every model on the same
+    seeds and images). A model's pooled score on one seed sums that seed's matrices over the images;
+    over seeds it is the mean of the per-seed scores (one training run = one test-set score, as a
+    paper reports it). Each resample draws seeds and images with replacement, the same draws for
+    every model. Returns ``dict(value, ci, diff, diff_ci)`` (lists over models; ``diff[0]`` is 0)."""
+    m = np.asarray(cms, dtype=np.float64)
+    if m.ndim != 5 or m.shape[-1] != m.shape[-2] or m.size == 0:
+        raise BloodsegError(f"pooled_bootstrap needs models x seeds x images x C x C counts; got shape {m.shape}")
+    if key not in ("miou", "pa"):
+        raise BloodsegError(f"key must be 'miou' or 'pa'; got {key!r}")
+    _, s, i = m.shape[:3]
+    rng = np.random.default_rng(seed)
+    ws = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot).astype(np.float64)
+    wi = rng.multinomial(i, np.full(i, 1.0 / i), size=n_boot).astype(np.float64)
+    per_seed = 100 * pooled_scores(np.einsum("msikl,bi->bmskl", m, wi))[key]          # boot x models x seeds
+    boot = np.einsum("bms,bs->bm", np.nan_to_num(per_seed), ws) / s
+    value = (100 * pooled_scores(m.sum(axis=2))[key]).mean(axis=1)
+    diff = boot - boot[:, :1]
+    return dict(value=value.tolist(), ci=[_interval(boot[:, k], level) for k in range(m.shape[0])],
+                diff=(value - value[0]).tolist(), diff_ci=[_interval(diff[:, k], level) for k in range(m.shape[0])],
+                boot=boot)
+
+
+def pooled_stat(cms, stat, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL, key: str = "miou") -> dict:
+    """``stat`` of the models' pooled scores (e.g. ``np.ptp``: their spread) and its interval, under
+    the paired resampling of :func:`pooled_bootstrap`: ``dict(value, ci)``."""
+    r = pooled_bootstrap(cms, n_boot, seed, level, key)
+    values = np.array([stat(row) for row in r["boot"]])
+    return dict(value=float(stat(np.array(r["value"]))), ci=_interval(values, level))
 
 
 def _interval(means: np.ndarray, level: float) -> tuple[float, float]:
