@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -324,6 +325,19 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+#: ``bloodseg record WHAT``: the chapters' records beyond ``reproduce``, and the paper module that writes each.
+RECORDS = {"bccd-training": "bccd", "bccd-shipped": "bccd", "ddp-throughput": "ddp_scaling", "stain": "robustness",
+           "cheap-bench": "cheap", "cheap-blocks": "cheap", "cheap-solvers": "cheap"}
+
+
+def cmd_record(args) -> int:
+    import importlib
+    torch.set_num_threads(1)
+    command = "OMP_NUM_THREADS=1 bloodseg " + shlex.join(sys.argv[1:])
+    importlib.import_module(f".paper.{RECORDS[args.what]}", __package__).run_record(args, command)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .paper.bench import format_bench, run_bench
     result = run_bench(models=args.models, width=args.width, size=args.size, n_images=args.n_images,
@@ -547,6 +561,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-adjoint", action="store_true", help="skip the adjoint training step")
     s.add_argument("--json", help="also write the full results to this file")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("record", help="write one of the chapters' JSON records (with provenance); slow")
+    s.add_argument("what", choices=sorted(RECORDS))
+    s.add_argument("--out", help="the JSON record (default: its place under book/results/)")
+    s.add_argument("--work", help="prepared data, runs and scratch files (default: per record, under runs/)")
+    s.add_argument("--bccd-src", help="raw BCCD folder (bccd-*, stain; default $BLOODSEG_BCCD)")
+    s.add_argument("--profile", default="quick", help="bccd-training: the chapter's plan (quick or full)")
+    s.add_argument("--repeats", type=int, default=3, help="ddp-throughput: interleaved rounds")
+    s.add_argument("--limit", type=int, help="stain: the first N test photographs only (a quick check)")
+    s.add_argument("--study-root", help="cheap-*: the study's work tree (default $BLOODSEG_STUDY_ROOT, else .)")
+    s.add_argument("--scale", default="study", help="cheap-*: the reproduce scale whose trained units are used")
+    s.add_argument("--seeds", default="0", help="cheap-*: comma-separated seeds")
+    s.add_argument("--rounds", type=int, help="cheap-bench/-solvers: timing rounds (default 7 / 5)")
+    s.add_argument("--images", type=int, help="cheap-bench/-blocks: images (default 20 / 4)")
+    s.add_argument("--epochs", type=int, help="cheap-solvers: shorten the recipe (the record says so)")
+    s.add_argument("--notes", default="", help="cheap-solvers: a note stored in the record")
+    s.set_defaults(func=cmd_record)
 
     s = sub.add_parser("reproduce", help="train every model of a paper experiment on several seeds; one "
                                          "JSON record per (model, seed) with provenance, resumable")

@@ -239,8 +239,9 @@ def test_units_are_read_only_when_their_record_exists(tmp_path):
 
 
 def test_command_line_lists_the_three_records(capsys):
+    from bloodseg import cli
     with pytest.raises(SystemExit) as exc:
-        cheap.main(["--help"])
+        cli.main(["record", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "record-bench" in out and "record-blocks" in out and "record-solvers" in out
+    assert "cheap-bench" in out and "cheap-blocks" in out and "cheap-solvers" in out

@@ -204,3 +204,17 @@ def test_full_scale_time_boxes_every_unit_to_fit_the_limit():
     rp.reproduce("adjoint-memory", "full", 1, max_minutes=1e-6, out="/nonexistent", log=seen.append,
                  progress=False)
     assert any("every unit trains for at most" in str(m) for m in seen)
+
+
+def test_cli_record_dispatches_to_the_paper_module(monkeypatch):
+    """`bloodseg record WHAT` is the one command line of every chapter record (no argparse in paper/)."""
+    import importlib
+    from bloodseg import cli
+    seen = {}
+    for what, module in cli.RECORDS.items():
+        mod = importlib.import_module(f"bloodseg.paper.{module}")
+        monkeypatch.setattr(mod, "run_record", lambda args, command, m=module: seen.update({args.what: (m, command)}))
+    for what in cli.RECORDS:
+        assert cli.main(["record", what, "--seeds", "0,1"]) == 0
+    assert {w: m for w, (m, _) in seen.items()} == cli.RECORDS
+    assert all(c.startswith("OMP_NUM_THREADS=1 bloodseg ") for _, c in seen.values())

@@ -1082,29 +1082,18 @@ def plot_stain_shifts(record: dict, goal_pp: float = 2.0):
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv=None) -> None:
-    """``python -m bloodseg.paper.bccd record-training|record-shipped [--bccd-src DIR] [--work DIR] [--out PATH]``."""
-    import argparse
-    import shlex
-    import sys
-    p = argparse.ArgumentParser(prog="python -m bloodseg.paper.bccd",
-                                description="Write the records the chapter 'Real smears' reads.")
-    sub = p.add_subparsers(dest="what", required=True)
-    for name, helptext in (("record-training", "train and score the chapter's networks (record_training)"),
-                           ("record-shipped", "score the shipped checkpoint, search its cleanup (record_shipped)")):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("--bccd-src", help="raw BCCD folder (default: $BLOODSEG_BCCD, else the vendored sample)")
-        s.add_argument("--work", default="runs/08_real_smears/record", help="prepared data and trained runs")
-        s.add_argument("--out", help="the JSON record (default: under book/results/08_real_smears/)")
-        if name == "record-training":
-            s.add_argument("--profile", default="quick", choices=sorted(REAL_PLANS))
-    args = p.parse_args(argv)
-    command = "python -m bloodseg.paper.bccd " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if args.what == "record-training":
+def run_record(args, command: str) -> None:
+    """``bloodseg record bccd-training|bccd-shipped [--bccd-src DIR] [--work DIR] [--out PATH]``
+    (the command line lives in :mod:`bloodseg.cli`)."""
+    args.work = args.work or "runs/08_real_smears/record"
+    if args.what == "bccd-training":
         record_training(args.out, args.bccd_src, args.work, args.profile, command=command)
     else:
         record_shipped(args.out, args.bccd_src, args.work, command=command)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":      # the records' commands `python -m bloodseg.paper.bccd record-training|record-shipped` run `bloodseg record ...`
+    import runpy
+    import sys
+    sys.argv = ["bloodseg", "record", "bccd-" + sys.argv[1].removeprefix("record-"), *sys.argv[2:]]
+    runpy.run_module("bloodseg.cli", run_name="__main__")

@@ -1219,46 +1219,26 @@ def plot_regularisation(record: dict):
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv=None) -> None:
-    """``python -m bloodseg.paper.cheap record-bench|record-blocks|record-solvers [options]``."""
-    import argparse
+def run_record(args, command: str) -> None:
+    """``bloodseg record cheap-bench|cheap-blocks|cheap-solvers [options]``."""
     import functools
-    p = argparse.ArgumentParser(prog="python -m bloodseg.paper.cheap",
-                                description="Write the records of the chapter 'Making ODE-blocks cheap'.")
-    sub = p.add_subparsers(dest="what", required=True)
-    for name, helptext in (("record-bench", "the side-by-side bench (bench_options)"),
-                           ("record-blocks", "what the trained ODE-blocks compute (blocks_learned)"),
-                           ("record-solvers", "the solver experiment (solver_experiment)")):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("--study-root", help="the study's work tree (default $BLOODSEG_STUDY_ROOT, else /tmp/study-wt)")
-        s.add_argument("--scale", default="study")
-        s.add_argument("--out", help="the JSON record (default: book/results/speed/...)")
-        s.add_argument("--seeds", default="0", help="comma-separated seeds")
-        if name == "record-bench":
-            s.add_argument("--rounds", type=int, default=7)
-            s.add_argument("--images", type=int, default=20)
-        if name == "record-blocks":
-            s.add_argument("--images", type=int, default=4)
-        if name == "record-solvers":
-            s.add_argument("--epochs", type=int, help="shorten the recipe (the record says so)")
-            s.add_argument("--rounds", type=int, default=5)
-            s.add_argument("--notes", default="")
-    args = p.parse_args(argv)
     torch.set_num_threads(1)
-    command = "OMP_NUM_THREADS=1 python -m bloodseg.paper.cheap " + shlex.join(sys.argv[1:] if argv is None else argv)
     seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     log = functools.partial(print, flush=True)
     results = _results_dir()
-    if args.what == "record-bench":
-        bench_options(scale=args.scale, seed=seeds[0], n_images=args.images, rounds=args.rounds, root=args.study_root,
+    if args.what == "cheap-bench":
+        bench_options(scale=args.scale, seed=seeds[0], n_images=args.images or 20, rounds=args.rounds or 7, root=args.study_root,
                       out=args.out or results / RECORD_BENCH, command=command, log=log)
-    elif args.what == "record-blocks":
-        blocks_learned(scale=args.scale, seeds=seeds, n_images=args.images, root=args.study_root,
+    elif args.what == "cheap-blocks":
+        blocks_learned(scale=args.scale, seeds=seeds, n_images=args.images or 4, root=args.study_root,
                        out=args.out or results / RECORD_BLOCKS, command=command, log=log)
     else:
-        solver_experiment(scale=args.scale, seeds=seeds, epochs=args.epochs, rounds=args.rounds, root=args.study_root,
+        solver_experiment(scale=args.scale, seeds=seeds, epochs=args.epochs, rounds=args.rounds or 5, root=args.study_root,
                           notes=args.notes, out=args.out or results / RECORD_SOLVERS, command=command, log=log)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":      # the records' commands `python -m bloodseg.paper.cheap record-bench|record-blocks|record-solvers` run `bloodseg record ...`
+    import runpy
+    import sys
+    sys.argv = ["bloodseg", "record", "cheap-" + sys.argv[1].removeprefix("record-"), *sys.argv[2:]]
+    runpy.run_module("bloodseg.cli", run_name="__main__")

@@ -691,22 +691,16 @@ def provenance_line(record: dict) -> str:
             f"`{p.get('command', '?')}`")
 
 
-def main(argv=None) -> None:
-    """``python -m bloodseg.paper.ddp_scaling record-throughput [--repeats N] [--out PATH]``."""
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m bloodseg.paper.ddp_scaling",
-                                description="Write the records the chapter 'Multi-GPU training' reads.")
-    sub = p.add_subparsers(dest="what", required=True)
-    r = sub.add_parser("record-throughput", help="CPU images/s for CPU_SETTINGS (record_throughput)")
-    r.add_argument("--repeats", type=int, default=3)
-    r.add_argument("--out", help="default: book/results/" + THROUGHPUT_RECORD)
-    r.add_argument("--work", default="runs/throughput-record", help="where the per-launch JSON files go")
-    args = p.parse_args(argv)
-    command = "python -m bloodseg.paper.ddp_scaling " + shlex.join(sys.argv[1:] if argv is None else argv)
-    record = record_throughput(args.out, repeats=args.repeats, out_dir=args.work, command=command)
+def run_record(args, command: str) -> None:
+    """``bloodseg record ddp-throughput [--repeats N] [--out PATH] [--work DIR]``."""
+    record = record_throughput(args.out, repeats=args.repeats, out_dir=args.work or "runs/throughput-record",
+                               command=command)
     print(json.dumps([{k: r[k] for k in ("processes", "threads_per_process", "images_per_s", "speedup")}
                       for r in record["data"]["rows"]], indent=1))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":      # the records' commands `python -m bloodseg.paper.ddp_scaling record-throughput` run `bloodseg record ...`
+    import runpy
+    import sys
+    sys.argv = ["bloodseg", "record", "ddp-throughput", *sys.argv[2:]]
+    runpy.run_module("bloodseg.cli", run_name="__main__")

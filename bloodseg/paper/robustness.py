@@ -26,7 +26,6 @@ writes ``book/results/robustness/stain.json`` on the 72 BCCD test photographs.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -139,18 +138,15 @@ def _git(*args) -> str:
     return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
 
 
-def main(argv=None) -> dict:
-    """Score the shipped checkpoint on the BCCD test photographs; write the JSON record."""
+def run_record(args, command: str) -> dict:
+    """``bloodseg record stain``: score the shipped checkpoint on the BCCD test photographs under
+    the shifts; write the JSON record."""
     from ..bccd import bccd_source, prepare_cached
     from ..io import load_folder
     from ..segmenter import Segmenter, shipped_checkpoint
 
-    p = argparse.ArgumentParser(prog="python -m bloodseg.paper.robustness", description=__doc__.split("\n")[0])
-    p.add_argument("--bccd-src", help="BCCD folder (default: $BLOODSEG_BCCD)")
-    p.add_argument("--work", default="/tmp/bloodseg-robustness", help="where the prepared BCCD folders go")
-    p.add_argument("--json", default="book/results/robustness/stain.json")
-    p.add_argument("--limit", type=int, help="first N test photographs only (a quick check)")
-    args = p.parse_args(argv)
+    args.work = args.work or "runs/robustness"
+    args.json = args.out or "book/results/robustness/stain.json"
     t_all = time.perf_counter()
     commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "bloodseg"))
     src, kind = bccd_source(args.bccd_src)
@@ -179,7 +175,7 @@ def main(argv=None) -> dict:
         "summary": summary, "rows": rows,
         "provenance": {
             "git_commit": commit, "git_dirty": dirty,
-            "command": "OMP_NUM_THREADS=1 python -m bloodseg.paper.robustness " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": command,
             "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
                       f"{torch.get_num_threads()}, shared with other jobs; load average {os.getloadavg()[0]:.1f} at the end)",
             "torch": str(torch.__version__), "python": platform.python_version(),
@@ -192,6 +188,8 @@ def main(argv=None) -> dict:
     return record
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    main()
+if __name__ == "__main__":      # the records' commands `python -m bloodseg.paper.robustness` run `bloodseg record ...`
+    import runpy
+    import sys
+    sys.argv = ["bloodseg", "record", "stain", *sys.argv[1:]]
+    runpy.run_module("bloodseg.cli", run_name="__main__")
