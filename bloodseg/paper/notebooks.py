@@ -56,13 +56,21 @@ def _as_jpeg(png_b64: str, quality: int, max_width: int) -> bytes:
 def shrink_images(path, min_bytes: int = 10_000, quality: int = JPEG_QUALITY,
                   max_width: int = MAX_WIDTH) -> tuple[int, int]:
     """Re-encode every PNG output over ``min_bytes`` of notebook ``path`` as JPEG (at most
-    ``max_width`` px wide: the book's text column is narrower) when that is smaller; write the notebook back atomically. Returns ``(bytes before, bytes after)``."""
+    ``max_width`` px wide: the book's text column is narrower) when that is smaller, and every JPEG
+    output over ``min_bytes`` at ``quality`` and ``max_width`` when that is smaller; write the
+    notebook back atomically. Returns ``(bytes before, bytes after)``."""
     path = Path(path)
     before = path.stat().st_size
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         for output in cell.get("outputs", []):
             data = output.get("data", {})
+            old = data.get("image/jpeg")
+            if old and len(old) >= min_bytes:
+                old = "".join(old) if isinstance(old, list) else old
+                new = base64.b64encode(_as_jpeg(old, quality, max_width)).decode("ascii")
+                if len(new) < len(old):
+                    data["image/jpeg"] = new
             png = data.get("image/png")
             if not png or len(png) < min_bytes:
                 continue
