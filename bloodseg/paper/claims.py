@@ -420,7 +420,8 @@ def ledger_html(rows: list[dict], table: str | None = None) -> str:
                  f"<b style='color:{COLOURS[r['verdict']]}'>{r['verdict']}</b>",
                  f'<a href="{r["where"]}.html">{r["where"]}</a>', html.escape(r["source"]), html.escape(r["note"])]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f"<div style='overflow-x:auto; font-size:0.82em'><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def plot_ledger(rows: list[dict]):
