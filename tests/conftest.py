@@ -15,6 +15,16 @@ from bloodseg.io import Sample
 from bloodseg.synthetic import make_smear
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op torch thread is faster, and immune to a busy machine. A module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def full_smears():
     """Three full-size (519x775) synthetic smears, seeds 0-2, as (image BGR, mask) pairs."""

@@ -17,12 +17,7 @@ from bloodseg.ode import ODEBlock, ode_blocks
 from bloodseg.paper import cheap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Zero(nn.Module):

@@ -19,12 +19,7 @@ BOOK = Path(__file__).resolve().parents[1] / "book"
 FOUNDATIONS = ["01_odes_and_euler", "02_ode_blocks", "03_data_and_preprocessing"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_adjoint_written_out_gives_the_gradients_of_direct_backprop():

@@ -146,11 +146,18 @@ def test_convergence_reads_the_validation_loss():
     assert rp.convergence(flat[:2])["converged"] is None
 
 
-def test_experiments_share_trained_units(tmp_path):
-    """Table 1's U-Net is table 2's: the second experiment trains nothing new for it."""
-    kw = dict(out=tmp_path / "res", work=tmp_path / "work", progress=False, log=lambda *a: None,
-              changes={"model.width": 4})
+@pytest.fixture(scope="module")
+def table2_trained(tmp_path_factory):
+    """Table 2 trained once (smoke, width 4, seed 0): the keyword arguments that reach its records and units."""
+    root = tmp_path_factory.mktemp("table2")
+    kw = dict(out=root / "res", work=root / "work", progress=False, log=lambda *a: None, changes={"model.width": 4})
     rp.run_experiment("table2", "smoke", 1, **kw)
+    return root, kw
+
+
+def test_experiments_share_trained_units(table2_trained):
+    """Table 1's U-Net is table 2's: the second experiment trains nothing new for it."""
+    tmp_path, kw = table2_trained
     unet = tmp_path / "work" / "train" / "smoke" / "unet-seed0" / "best.pt"
     stamp = unet.stat().st_mtime_ns
     rp.run_experiment("tolerance", "smoke", 1, **kw)
@@ -160,10 +167,8 @@ def test_experiments_share_trained_units(tmp_path):
     assert tol["test"] == t2["test"] and tol["history"] == t2["history"] and "tolerance_curve" in tol
 
 
-def test_timing_unit_times_every_trained_model_side_by_side(tmp_path):
-    kw = dict(out=tmp_path / "res", work=tmp_path / "work", progress=False, log=lambda *a: None,
-              changes={"model.width": 4})
-    rp.run_experiment("table2", "smoke", 1, **kw)
+def test_timing_unit_times_every_trained_model_side_by_side(table2_trained):
+    tmp_path, kw = table2_trained
     trained = tmp_path / "work" / "train" / "smoke" / "nodes-unet-seed0" / "best.pt"
     stamp = trained.stat().st_mtime_ns
     rec = rp.run_experiment("timing", "smoke", 1, **kw)["records"][0]

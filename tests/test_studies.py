@@ -17,13 +17,7 @@ from bloodseg.ode import ODEBlock  # noqa: E402
 from bloodseg.synthetic import make_smear  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_euler_error_on_the_papers_example_equals_the_step():
