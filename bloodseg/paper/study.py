@@ -25,7 +25,6 @@ from .reference import PAPER_TABLE1, PAPER_TABLE2
 from .report import RESULTS_DIR
 from .reproduce import convergence, load_records, summarize
 
-PAPER = {**PAPER_TABLE1, **PAPER_TABLE2}
 ORDER = ["unet", "resunet", *[f"ode-unet-{p}" for p in range(1, 10)], "nodes-unet"]
 
 
@@ -56,12 +55,11 @@ def table_frame(experiment: str, scale: str) -> pd.DataFrame:
     """Per model: seeds, settled units, test MIoU (mean and 95% CI over seeds and images), the paired
     MIoU difference to the U-Net with its CI and verdict, and the paper's MIoU and difference."""
     rows = summarize(records(experiment, scale))
-    paper_unet = (PAPER_TABLE1 if experiment == "table1" else PAPER_TABLE2)["unet"]["miou"]
+    paper_table = PAPER_TABLE1 if experiment == "table1" else PAPER_TABLE2    # the paper's two U-Net rows differ
+    paper_unet = paper_table["unet"]["miou"]
     out = []
     for r in sorted(rows, key=lambda r: _key(r["model"])):
-        p = PAPER.get(r["model"], {}).get("miou") if experiment != "table1" or r["model"] != "resunet" else None
-        if experiment == "table2" and r["model"] == "unet":
-            p = PAPER_TABLE2["unet"]["miou"]
+        p = paper_table.get(r["model"], {}).get("miou")
         out.append({"model": r["model"], "seeds": r["n_seeds"], "settled": r.get("converged", 0),
                     "MIoU %": r["miou"], "CI low": r["miou_ci"][0], "CI high": r["miou_ci"][1],
                     "seed range pp": r["seed_range"],
