@@ -160,6 +160,10 @@ def cmd_train_bccd(args) -> int:
         if not value > 0:
             raise BloodsegError(f"--{arg.replace('_', '-')} must be positive; got {value}")
         changes[field] = value
+    if args.stain is not None:
+        if not 0 <= args.stain <= 1:
+            raise BloodsegError(f"--stain must be a strength from 0 (off) to 1; got {args.stain}")
+        changes["stain"] = args.stain
     if args.val_images is not None:
         if args.val_images < 0:
             raise BloodsegError(f"--val-images must be 0 (all) or positive; got {args.val_images}")
@@ -465,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crops", type=int, help="patches per training photograph (default: 4)")
     s.add_argument("--augment", type=int, help="flip/rotate/colour copies per patch (default: 1)")
     s.add_argument("--val-images", type=int, help="validation photographs; 0 = all (default: 40)")
+    s.add_argument("--stain", type=float, help="stain/camera shifts of the training patches, strength 0-1 "
+                                               "(bloodseg.stain.random_stain; default: 0, none)")
     s.add_argument("--epochs", type=int, help="epochs on BCCD (default: 5)")
     s.add_argument("--batch-size", type=int, help="(default: 8)")
     s.add_argument("--lr", type=float, help="learning rate of the synthetic pretraining (default: 2e-3)")

@@ -50,6 +50,24 @@ def test_splits_resize_training_images_and_keep_test_images_whole(prepared):
     assert small.image.shape == (240, 320, 3) and set(np.unique(small.mask)) <= {0, 1, 2}
 
 
+def test_stain_shifts_the_training_patches_only(prepared):
+    out, _ = prepared
+    plain = rd.bccd_splits(out, TINY)
+    shifted = rd.bccd_splits(out, dataclasses.replace(TINY, stain=1.0))
+    for a, b in zip(plain["train"], shifted["train"]):
+        assert np.array_equal(a.mask, b.mask)                        # same patches, same flips
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(plain["train"], shifted["train"]))
+    for part in ("val", "test"):                                    # never the photographs that judge it
+        assert all(np.array_equal(a.image, b.image) for a, b in zip(plain[part], shifted[part]))
+
+
+def test_cli_train_bccd_refuses_a_stain_strength_outside_0_to_1(bccd_sample, tmp_path, capsys):
+    from bloodseg import cli
+    assert cli.main(["train-bccd", "--src", str(bccd_sample), "--out", str(tmp_path / "s"), "--stain", "1.5"]) == 2
+    assert "--stain must be a strength from 0 (off) to 1; got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_gold_and_silver_scores(prepared):
     out, _ = prepared
     test = rd.bccd_splits(out, TINY)["test"]

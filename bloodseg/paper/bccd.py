@@ -101,6 +101,7 @@ class RealPlan:
     count_smears: int        # held-out synthetic smears for the counting check
     pretrain_size: tuple = (240, 320)   # (H, W) of a pretraining smear: a resized BCCD photo's size
     count_size: tuple = (480, 640)      # (H, W) of a synthetic smear of the counting check
+    stain: float = 0.0       # 0-1: stain/camera shifts of the training patches (bloodseg.stain.random_stain)
 
 
 REAL_PLANS = {
@@ -146,7 +147,7 @@ def bccd_splits(prepared, plan: RealPlan, seed: int = 0) -> dict[str, list[Sampl
     """``{"train": patches, "val": patches, "test": whole images}`` from a prepared BCCD folder.
 
     Train: ``plan.crops_per_image`` patches per training image (resized by ``plan.scale``),
-    augmented ``plan.augment`` times. Val: one patch from each of the first ``plan.val_images``
+    augmented ``plan.augment`` times (and shifted in stain/camera by ``plan.stain``). Val: one patch from each of the first ``plan.val_images``
     validation images (resized). Test: the first ``plan.eval_images`` test images, whole and at
     full size (sorted by name, so every profile scores a prefix of the same list).
     """
@@ -154,7 +155,8 @@ def bccd_splits(prepared, plan: RealPlan, seed: int = 0) -> dict[str, list[Sampl
     train = [resize_sample(s, plan.scale) for s in load_folder(prepared / "train")]
     val = [resize_sample(s, plan.scale) for s in load_folder(prepared / "val")[: plan.val_images]]
     test = load_folder(prepared / "test")[: plan.eval_images]
-    return {"train": augment(extract_patches(train, plan.patch, plan.crops_per_image, seed), plan.augment, seed),
+    return {"train": augment(extract_patches(train, plan.patch, plan.crops_per_image, seed), plan.augment, seed,
+                             stain=plan.stain),
             "val": extract_patches(val, plan.patch, 1, seed + 1),
             "test": test}
 
