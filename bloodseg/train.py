@@ -1,7 +1,8 @@
 """Training and evaluation: ``fit``, ``validate``, ``evaluate``.
 
 Read top to bottom (the knobs are a :class:`~bloodseg.recipe.TrainRecipe`; checkpoints are
-:mod:`bloodseg.checkpoint`; process groups :mod:`bloodseg.distributed`):
+:mod:`bloodseg.checkpoint`; process groups :mod:`bloodseg.distributed`; the run folder's lock and
+resume state :mod:`bloodseg.rundir`):
 
 * :func:`fit` — Adam/AdamW + cross-entropy, keeps the checkpoint with the lowest validation
   loss (the paper's Keras callback), writes ``last.pt`` for resuming, runs unchanged under
@@ -18,7 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checkpoint import load_checkpoint, save_checkpoint, unwrap
+from .checkpoint import save_checkpoint, unwrap
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -44,6 +45,7 @@ from .measure import sync
 from .metrics import ConfusionMatrix, per_image_scores, scores
 from .ode import nfe_report, ode_blocks, regularisation_loss
 from .recipe import Recipe, TrainRecipe
+from .rundir import RunState, last_good, resume_state, rng_state, run_lock, stop_on_nan
 
 
 def epoch_lr(cfg: TrainRecipe, base_lr: float, epoch: int) -> float:
@@ -55,28 +57,7 @@ def epoch_lr(cfg: TrainRecipe, base_lr: float, epoch: int) -> float:
     return base_lr
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-
 # --------------------------------------------------------------------------- fit
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 def epoch_order(n: int, seed: int, epoch: int, info: DistInfo) -> list[int]:
     """This process's sample order for one epoch, the same on every machine for a given seed.
@@ -137,52 +118,6 @@ def validate(model, dataset, device, batch_size=8, info: DistInfo = DistInfo(),
     out = scores(matrix)
     out["loss"] = float(loss_sum[0] / loss_sum[1].clamp(min=1))
     return out
-
-
-def _writable_out_dir(out_dir: Path, info: DistInfo) -> Path:
-    return _writable_dir(out_dir) if info.is_main else out_dir
-
-
-@dataclasses.dataclass
-class _State:
-    """Where a run stands: what :func:`fit` resumes from and writes into ``last.pt``."""
-    epoch: int = 0
-    step: int = 0
-    history: list = dataclasses.field(default_factory=list)
-    best: float = math.inf
-    partial: list | None = None     # running sums of an interrupted epoch (rank 0 only)
-
-
-def _resume(last_path: Path, net, optimizer, info: DistInfo) -> _State:
-    """The state stored in ``last_path`` (weights, optimizer and RNG restored in place)."""
-    ckpt = load_checkpoint(last_path)
-    fresh = "Use another --out folder, or start over with --restart (resume=False)."
-    if ckpt["model_name"] != net.name:
-        raise CheckpointError(f"{last_path} belongs to a '{ckpt['model_name']}' run, not "
-                              f"'{net.name}'. {fresh}")
-    missing = [k for k in ("optimizer_state", "epoch", "step", "history", "best_val_loss", "rng")
-               if ckpt.get(k) is None]
-    if missing:
-        raise CheckpointError(f"{last_path} cannot resume a run: it lacks {', '.join(missing)} "
-                              f"(it was not written by fit). {fresh}")
-    try:
-        net.load_state_dict(ckpt["model_state"])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-    except (RuntimeError, ValueError, KeyError):
-        raise CheckpointError(
-            f"{last_path} holds a '{ckpt['model_name']}' model with options "
-            f"{ckpt['model_options']}; its weights do not fit this model with options "
-            f"{dict(net.options)}. {fresh}") from None
-    if ckpt["step"] and ckpt.get("world_size", 1) != info.world_size:
-        raise CheckpointError(
-            f"{last_path} was written in the middle of epoch {ckpt['epoch'] + 1} by a run with "
-            f"{ckpt.get('world_size', 1)} process(es); this run has {info.world_size}. The rest "
-            "of that epoch is sharded for the old number: resume with the same number of "
-            f"processes (at least until the epoch ends). {fresh}")
-    _set_rng_state(ckpt["rng"])
-    # running sums of an interrupted epoch, already summed over processes: rank 0 carries them
-    return _State(ckpt["epoch"], ckpt["step"], list(ckpt["history"]), ckpt["best_val_loss"],
-                  ckpt.get("partial") if info.is_main else None)
 
 
 def _data_parallel(net, device, cfg: TrainRecipe, info: DistInfo):
@@ -256,10 +191,10 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
     device = torch.device(device) if device is not None else None
     info = setup_distributed(backend="gloo" if device is not None and device.type == "cpu" else None)
     device = device if device is not None else default_device(info)
-    out_dir = _writable_out_dir(Path(out_dir), info)
+    out_dir = _writable_dir(Path(out_dir)) if info.is_main else Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
 
-    with _run_lock(out_dir, info):   # one training run per folder (rank 0 holds it)
+    with run_lock(out_dir, info):   # one training run per folder (rank 0 holds it)
         net = unwrap(model).to(device)
         classes = int(net.options.get("classes", 3))
         blocks = ode_blocks(net)
@@ -269,7 +204,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
         lr = cfg.lr * (info.world_size if cfg.scale_lr else 1)
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         optimizer = opt_cls(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-        state = _resume(last_path, net, optimizer, info) if resume and last_path.exists() else _State()
+        state = resume_state(last_path, net, optimizer, info) if resume and last_path.exists() else RunState()
         model, sync_bn = _data_parallel(net, device, cfg, info)
         show = (cfg.progress if cfg.progress is not None else _default_progress()) and info.is_main
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
@@ -280,10 +215,10 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
             if info.is_main:
                 try:
                     save_checkpoint(path, net, optimizer, epoch=epoch, step=step, history=state.history,
-                                    best_val_loss=state.best, rng=_rng_state(), partial=partial,
+                                    best_val_loss=state.best, rng=rng_state(), partial=partial,
                                     config=dataclasses.asdict(cfg), recipe=stored, world_size=info.world_size)
                 except CheckpointError as exc:   # a full disk: say where the run can resume from
-                    raise CheckpointError(f"{exc} {_last_good(last_path)}") from None
+                    raise CheckpointError(f"{exc} {last_good(last_path)}") from None
 
         for block in blocks:   # the recipe decides; switched off again below
             block.regularise = cfg.ode_reg
@@ -312,7 +247,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
                 penalty = regularisation_loss(blocks) if cfg.ode_reg else None
                 total = loss if penalty is None else loss + penalty
                 if not torch.isfinite(total):
-                    _stop_on_nan(total, epoch, step, lr, out_dir, last_path, best_path)
+                    stop_on_nan(total, epoch, step, lr, out_dir, last_path, best_path)
                 total.backward()
                 optimizer.step()
                 step += 1
@@ -352,7 +287,7 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
                     (out_dir / "history.json").write_text(json.dumps(state.history, indent=1))
                 except OSError as exc:
                     raise TrainingError(f"cannot write {out_dir / 'history.json'} ({exc.strerror or exc}). "
-                                        f"{_last_good(last_path)}") from None
+                                        f"{last_good(last_path)}") from None
                 if on_epoch is not None:
                     on_epoch(record)
         for block in blocks:
@@ -364,82 +299,6 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
         return state.history
 
 
-def _last_good(last_path: Path) -> str:
-    if last_path.exists():
-        return (f"The last good checkpoint is {last_path.absolute()}: free disk space and run again "
-                "with the same output folder to resume from it.")
-    return f"No checkpoint of this run was written yet (none in {last_path.parent.absolute()})."
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # alive, another user's
-        return True
-    try:                         # a killed run its parent has not reaped yet is a zombie: gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-@contextlib.contextmanager
-def _run_lock(out_dir: Path, info: DistInfo):
-    """Rank 0 holds ``out_dir/.lock`` (its pid) while it trains: a second :func:`fit` into the same
-    folder is refused instead of overwriting ``last.pt`` under the first. A lock whose pid is not
-    alive (a killed run), or is this process's own (a restarted container), is stale and taken over."""
-    if not info.is_main:
-        yield
-        return
-    lock = out_dir / ".lock"
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                text = lock.read_text().strip()
-                age = time.time() - lock.stat().st_mtime
-            except FileNotFoundError:      # released meanwhile: try again
-                continue
-            except OSError:
-                text, age = "", 0.0
-            pid = int(text) if text.isdigit() else None
-            if (pid is not None and pid != os.getpid() and _pid_alive(pid)) or (pid is None and age < 30):
-                who = f"pid {pid}" if pid is not None else "a process that is starting"
-                raise TrainingError(f"another training run ({who}) is writing to {out_dir.absolute()} "
-                                    f"(lock file {lock.absolute()}). Wait for it to finish or choose another "
-                                    f"output folder; if no such run exists, delete {lock.absolute()}.") from None
-            lock.unlink(missing_ok=True)   # stale: its process is gone
-            continue
-        except OSError as exc:
-            raise TrainingError(f"cannot create the lock file {lock.absolute()} ({exc.strerror or exc}); "
-                                "choose an output folder you can write to") from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()}\n")
-        break
-    else:
-        raise TrainingError(f"could not take the lock {lock.absolute()}; another run keeps taking it. "
-                            "Choose another output folder.")
-    try:
-        yield
-    finally:
-        try:
-            if lock.read_text().strip() == str(os.getpid()):
-                lock.unlink()
-        except OSError:
-            pass
-
-
-def _stop_on_nan(loss, epoch: int, step: int, lr: float, out_dir: Path, last_path: Path, best_path: Path):
-    kept = (f"The last good checkpoint is kept in {last_path} (best: {best_path})"
-            if last_path.exists() else f"No checkpoint was written before it (none in {out_dir})")
-    raise TrainingError(
-        f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-        f"training stopped. {kept}. Lower the learning rate (now {lr:g}), add weight "
-        "decay, or tighten the ODE tolerance, then resume.")
-
-
 def _default_progress() -> bool:
     try:  # in a notebook kernel tqdm.auto draws a widget
         from IPython import get_ipython
@@ -447,7 +306,6 @@ def _default_progress() -> bool:
             return True
     except ImportError:
         pass
-    import sys
     return sys.stderr.isatty()
 
 
