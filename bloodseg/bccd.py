@@ -25,7 +25,7 @@ from .classes import RED_CELL, WHITE_CELL
 from .errors import DataError
 from .io import _read_bytes, read_image, write_image
 from .postprocess import fill_small_holes, remove_small
-from .synthetic import stain_masks
+from .colour import stain_masks
 
 
 def bccd_sample_dir() -> Path:
@@ -83,7 +83,7 @@ def silver_red_cells(image_bgr: np.ndarray, white: np.ndarray) -> np.ndarray:
     BGR ``uint8 HxWx3`` in, boolean ``HxW`` out. Areas scale with the image relative to BCCD's
     640x480. (1) A 5x5 median filter calms JPEG noise. (2) On the CLAHE'd image, red cells are
     pixels whose Lab a* (pinkness) exceeds the image's own Otsu threshold and which are not
-    purple (nuclei, platelets), see :func:`bloodseg.synthetic.stain_masks`. (3) A 5x5 closing
+    purple (nuclei, platelets), see :func:`bloodseg.colour.stain_masks`. (3) A 5x5 closing
     then opening smooths the outline and removes specks and thin bridges. (4) Holes up to
     2500 px are filled: the pale central pallor of a red cell (larger holes are plasma enclosed
     by touching cells and stay background). (5) Components below 400 px are dropped.

@@ -6,7 +6,7 @@ IoU drops when the photograph is shown to it at the wrong scale. Red cells are t
 smear has: they are many, and nearly all the same size in one person's blood.
 
 :func:`red_cell_diameter` measures the typical red-cell diameter of one photograph without a
-network: a granulometry of its red-cell colour mask (:func:`bloodseg.synthetic.stain_masks`, holes
+network: a granulometry of its red-cell colour mask (:func:`bloodseg.colour.stain_masks`, holes
 filled). Openings by discs of growing radius (on a geometric grid, so the answer has the same
 relative precision at every magnification) remove the red area cell by cell: a cell goes when the
 disc no longer fits in it. The radius at which half the red area is gone is the area-weighted
@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from .errors import BloodsegError
 from .preprocess import _check_bgr
-from .synthetic import stain_masks
+from .colour import stain_masks
 
 __all__ = ["red_cell_diameter", "auto_scale", "SHIPPED_RED_DIAMETER", "RATIO"]
 

@@ -21,24 +21,23 @@ optical densities, Beer-Lambert):
   jitter (hue, saturation, brightness) and a JPEG round trip.
 
 Images are OpenCV BGR ``uint8 HxWx3``; masks are ``uint8 HxW`` with 0 background,
-1 white cell, 2 red cell. :func:`colour_threshold_baseline` is the non-learned floor
-a trained network has to beat.
+1 white cell, 2 red cell. The non-learned floor a trained network has to beat,
+:func:`~bloodseg.colour.colour_threshold_baseline`, lives in :mod:`bloodseg.colour` (and is
+importable from here too, where the chapters have always taken it).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .classes import BACKGROUND, RED_CELL, WHITE_CELL
-from .postprocess import fill_small_holes, remove_small
+from .colour import colour_threshold_baseline, stain_masks  # noqa: F401 (also importable from here)
 from .errors import DataError
 from .io import write_image
-from .preprocess import clahe_on_luma
-
+from .shapes import Blob, full_area, on_image, region, smooth_noise, wobble
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,76 +91,6 @@ def _uniform(rng, pair):
     return float(rng.uniform(pair[0], pair[1]))
 
 
-def _smooth_noise(rng, h, w, sigma):
-    """Unit-variance gaussian noise blurred to a correlation length of ``sigma`` px (textures)."""
-    field = cv2.GaussianBlur(rng.standard_normal((h, w), dtype=np.float32), (0, 0), sigma)
-    return field / (field.std() + 1e-6)
-
-
-@dataclasses.dataclass
-class _Blob:
-    """An ellipse whose radius wobbles with the angle: r(θ) = 1 + Σ a_k cos(kθ + φ_k)."""
-    cx: float
-    cy: float
-    a: float                       # semi-major axis, px
-    b: float                       # semi-minor axis, px
-    angle: float                   # rad
-    harmonics: tuple = ()          # ((k, amplitude, phase), ...)
-
-    def extent(self) -> float:
-        return self.a * (1 + sum(abs(amp) for _, amp, _ in self.harmonics)) + 2.0
-
-    def coverage(self, ys, xs):
-        """Antialiased coverage in [0, 1] and the normalised radius (0 centre, 1 edge) on a grid.
-
-        The signed distance to the edge is approximated radially; coverage = 0.5 - distance,
-        clipped, so ``coverage >= 0.5`` is exactly "inside the shape" and labels follow geometry.
-        """
-        dx, dy = xs - self.cx, ys - self.cy
-        c, s = math.cos(self.angle), math.sin(self.angle)
-        u = (dx * c + dy * s) / self.a
-        v = (dy * c - dx * s) / self.b
-        rho = np.sqrt(u * u + v * v) + 1e-6
-        edge = 1.0
-        if self.harmonics:
-            theta = np.arctan2(v, u)
-            edge = 1.0 + sum(amp * np.cos(k * theta + ph) for k, amp, ph in self.harmonics)
-        rn = rho / edge
-        local_radius = np.sqrt((self.a * u) ** 2 + (self.b * v) ** 2) / rho * edge  # px along the ray
-        cov = np.clip(0.5 - (rn - 1.0) * local_radius, 0.0, 1.0)
-        return cov, rn
-
-
-def _region(blob: _Blob, h, w):
-    """Bounding box of a blob clipped to the image, as slices plus coordinate grids (or None)."""
-    e = blob.extent()
-    y0, y1 = max(int(blob.cy - e), 0), min(int(blob.cy + e) + 2, h)
-    x0, x1 = max(int(blob.cx - e), 0), min(int(blob.cx + e) + 2, w)
-    if y0 >= y1 or x0 >= x1:
-        return None
-    ys = np.arange(y0, y1, dtype=np.float32)[:, None]
-    xs = np.arange(x0, x1, dtype=np.float32)[None, :]
-    return (slice(y0, y1), slice(x0, x1)), ys, xs
-
-
-def _on_image(cells, h, w):
-    """Yield ``(cell, slices, ys, xs, coverage, radius)`` for every cell that overlaps the image.
-
-    ``cells`` are tuples whose first entry is the blob (a red cell's ``(blob, pallor, strength)``, a
-    white cell's ``(cell, lobes, cytoplasm)``); the rest are :func:`_region` and ``blob.coverage``.
-    """
-    for cell in cells:
-        reg = _region(cell[0], h, w)
-        if reg is not None:
-            sl, ys, xs = reg
-            yield (cell, sl, ys, xs, *cell[0].coverage(ys, xs))
-
-
-def _wobble(rng, amplitude, ks=(2, 3, 4, 5)):
-    return tuple((k, float(rng.uniform(0, amplitude) / k ** 0.5), float(rng.uniform(0, 2 * np.pi)))
-                 for k in ks)
-
-
 def _place_red_cells(rng, h, w, cfg, white):
     """Random sequential placement: a new cell keeps a drawn minimum distance to the others.
 
@@ -187,8 +116,8 @@ def _place_red_cells(rng, h, w, cfg, white):
             continue
         b = r * _uniform(rng, cfg.rbc_ellipticity)
         # most cells are smooth discs; one in eight is visibly deformed
-        wobble = _wobble(rng, 0.10 if rng.random() < 0.125 else 0.025, ks=(2, 3))
-        cells.append((_Blob(cx, cy, r, b, float(rng.uniform(0, np.pi)), wobble),
+        harmonics = wobble(rng, 0.10 if rng.random() < 0.125 else 0.025, ks=(2, 3))
+        cells.append((Blob(cx, cy, r, b, float(rng.uniform(0, np.pi)), harmonics),
                       _uniform(rng, cfg.rbc_pallor), float(rng.uniform(0.65, 1.2))))
         placed[n] = (cx, cy, r)
         n += 1
@@ -201,7 +130,7 @@ def _white_cell(rng, h, w, cfg):
     kind = rng.choice(["neutrophil", "lymphocyte", "monocyte"], p=[0.55, 0.3, 0.15])
     R = _uniform(rng, cfg.wbc_radius) * (rng.uniform(0.62, 0.8) if kind == "lymphocyte" else 1.0)
     cx, cy = rng.uniform(0.05 * w, 0.95 * w), rng.uniform(0.05 * h, 0.95 * h)
-    cell = _Blob(cx, cy, R, R * rng.uniform(0.88, 1.0), float(rng.uniform(0, np.pi)), _wobble(rng, 0.05))
+    cell = Blob(cx, cy, R, R * rng.uniform(0.88, 1.0), float(rng.uniform(0, np.pi)), wobble(rng, 0.05))
     lobes = []
     if kind == "neutrophil":          # 2-5 lobes along an arc
         n = int(rng.integers(2, 6))
@@ -210,20 +139,20 @@ def _white_cell(rng, h, w, cfg):
             t = phi + (i - (n - 1) / 2) * step
             d = R * rng.uniform(0.3, 0.45)
             la = R * rng.uniform(0.26, 0.36)
-            lobes.append(_Blob(cx + d * np.cos(t), cy + d * np.sin(t), la, la * rng.uniform(0.65, 0.95),
-                               float(t + np.pi / 2 + rng.normal(0, 0.3)), _wobble(rng, 0.08)))
+            lobes.append(Blob(cx + d * np.cos(t), cy + d * np.sin(t), la, la * rng.uniform(0.65, 0.95),
+                               float(t + np.pi / 2 + rng.normal(0, 0.3)), wobble(rng, 0.08)))
     elif kind == "lymphocyte":        # one big round nucleus, a thin cytoplasm rim
         off, t = R * rng.uniform(0, 0.12), rng.uniform(0, 2 * np.pi)
         ln = R * rng.uniform(0.68, 0.82)
-        lobes.append(_Blob(cx + off * np.cos(t), cy + off * np.sin(t), ln, ln * rng.uniform(0.85, 1.0),
-                           float(rng.uniform(0, np.pi)), _wobble(rng, 0.06)))
+        lobes.append(Blob(cx + off * np.cos(t), cy + off * np.sin(t), ln, ln * rng.uniform(0.85, 1.0),
+                           float(rng.uniform(0, np.pi)), wobble(rng, 0.06)))
     else:                             # monocyte: a kidney shape from two large overlapping lobes
         t = rng.uniform(0, 2 * np.pi)
         for sign in (-1, 1):
             tt = t + sign * 0.7
             la = R * rng.uniform(0.38, 0.48)
-            lobes.append(_Blob(cx + 0.3 * R * np.cos(tt), cy + 0.3 * R * np.sin(tt), la, la * 0.8,
-                               float(tt + np.pi / 2), _wobble(rng, 0.06)))
+            lobes.append(Blob(cx + 0.3 * R * np.cos(tt), cy + 0.3 * R * np.sin(tt), la, la * 0.8,
+                               float(tt + np.pi / 2), wobble(rng, 0.06)))
     cyto = _CYTO_BLUE_OD if kind == "lymphocyte" else _CYTO_OD
     return cell, lobes, cyto
 
@@ -248,42 +177,35 @@ def _illumination(rng, h, w, jitter):
     return field[..., None] * level.astype(np.float32)
 
 
-def _full_area(blob: _Blob) -> int:
-    """Pixels of a blob's whole shape (coverage >= 0.5), including any part outside the image."""
-    e = blob.extent()
-    ys = np.arange(int(blob.cy - e), int(blob.cy + e) + 2, dtype=np.float32)[:, None]
-    xs = np.arange(int(blob.cx - e), int(blob.cx + e) + 2, dtype=np.float32)[None, :]
-    return int((blob.coverage(ys, xs)[0] >= 0.5).sum())
+def _visible_cells(mask: np.ndarray, red: list, white: list):
+    """``(class name, slices, the cell's pixels labelled with its class, counted?)`` for every cell
+    with a pixel in the image, in painting order. A cell counts when at least half of its whole
+    shape is labelled with its class (see :func:`make_smear`, ``return_counts``)."""
+    h, w = mask.shape
+    for key, cls, group in (("red", RED_CELL, red), ("white", WHITE_CELL, white)):
+        for (blob, *_), sl, _, _, cov, _ in on_image(group, h, w):
+            own = cov >= 0.5
+            if own.any():
+                visible = own & (mask[sl] == cls)
+                yield key, sl, visible, int(visible.sum()) >= 0.5 * full_area(blob)
 
 
 def _visible_counts(mask: np.ndarray, red: list, white: list) -> dict:
     """Exact cell counts of a painted smear (see :func:`make_smear`, ``return_counts``)."""
-    h, w = mask.shape
     counts = {"n_white": 0, "n_red": 0, "n_white_drawn": 0, "n_red_drawn": 0}
-    for key, cls, cells in (("white", WHITE_CELL, white), ("red", RED_CELL, red)):
-        for (blob, *_), sl, _, _, cov, _ in _on_image(cells, h, w):
-            own = cov >= 0.5
-            if not own.any():
-                continue
-            counts[f"n_{key}_drawn"] += 1
-            visible = int((own & (mask[sl] == cls)).sum())
-            counts[f"n_{key}"] += int(visible >= 0.5 * _full_area(blob))
+    for key, _, _, counted in _visible_cells(mask, red, white):
+        counts[f"n_{key}_drawn"] += 1
+        counts[f"n_{key}"] += int(counted)
     return counts
 
 
 def _instance_map(mask: np.ndarray, red: list, white: list) -> dict:
     """Exact cell instances of a painted smear (see :func:`make_smear`, ``return_instances``)."""
-    h, w = mask.shape
-    labels = np.zeros((h, w), np.int32)
+    labels = np.zeros(mask.shape, np.int32)
     cells = []
-    for key, cls, group in (("red", RED_CELL, red), ("white", WHITE_CELL, white)):   # painting order
-        for (blob, *_), sl, _, _, cov, _ in _on_image(group, h, w):
-            own = cov >= 0.5
-            if not own.any():
-                continue
-            visible = int((own & (mask[sl] == cls)).sum())
-            cells.append({"id": len(cells) + 1, "class": key, "counted": visible >= 0.5 * _full_area(blob)})
-            labels[sl][own & (mask[sl] == cls)] = len(cells)     # the topmost cell of its class keeps a pixel
+    for key, sl, visible, counted in _visible_cells(mask, red, white):
+        cells.append({"id": len(cells) + 1, "class": key, "counted": counted})
+        labels[sl][visible] = len(cells)     # the topmost cell of its class keeps a pixel
     return {"labels": labels, "cells": cells}
 
 
@@ -316,8 +238,8 @@ def make_smear(seed: int, size=(519, 775), return_counts: bool = False, return_i
     h, w = _check_size(size)
     rng = np.random.default_rng(int(seed))
     stain = _stain(rng, cfg.stain_jitter)
-    fine = _smooth_noise(rng, h, w, 1.0)    # granules, chromatin grain
-    mid = _smooth_noise(rng, h, w, 3.0)     # uneven cell surface, nuclear texture
+    fine = smooth_noise(rng, h, w, 1.0)    # granules, chromatin grain
+    mid = smooth_noise(rng, h, w, 3.0)     # uneven cell surface, nuclear texture
 
     od = np.empty((h, w, 3), np.float32)
     od[:] = stain["plasma"]
@@ -328,14 +250,14 @@ def make_smear(seed: int, size=(519, 775), return_counts: bool = False, return_i
     red = _place_red_cells(rng, h, w, cfg, [cell for cell, _, _ in white])
 
     # Red cells add their density (overlaps darken); the rim is thicker than the centre.
-    for (_, pallor, strength), sl, _, _, cov, rn in _on_image(red, h, w):
+    for (_, pallor, strength), sl, _, _, cov, rn in on_image(red, h, w):
         thickness = pallor + (1.0 - pallor) * np.exp(-((rn - 0.8) / 0.3) ** 2)
         thickness *= 1 + 0.08 * mid[sl]
         od[sl] += (cov * thickness * strength)[..., None] * stain["rbc"]
         mask[sl][cov >= 0.5] = RED_CELL
 
     # White cells cover what lies below them: cytoplasm first, then the nucleus.
-    for (_, lobes, cyto), sl, ys, xs, cov, _ in _on_image(white, h, w):
+    for (_, lobes, cyto), sl, ys, xs, cov, _ in on_image(white, h, w):
         nuc = np.zeros_like(cov)
         for lobe in lobes:
             nuc = np.maximum(nuc, lobe.coverage(ys, xs)[0])
@@ -361,8 +283,8 @@ def make_smear(seed: int, size=(519, 775), return_counts: bool = False, return_i
         for k in range(1 + (int(rng.integers(1, 4)) if rng.random() < 0.25 else 0)):   # some clump
             r = _uniform(rng, cfg.platelet_radius)
             px, py = cx + (rng.normal(0, 5) if k else 0), cy + (rng.normal(0, 5) if k else 0)
-            blob = _Blob(px, py, r, r * rng.uniform(0.6, 1.0), float(rng.uniform(0, np.pi)), _wobble(rng, 0.3))
-            reg = _region(blob, h, w)
+            blob = Blob(px, py, r, r * rng.uniform(0.6, 1.0), float(rng.uniform(0, np.pi)), wobble(rng, 0.3))
+            reg = region(blob, h, w)
             if reg is None:
                 continue
             sl, ys, xs = reg
@@ -399,52 +321,6 @@ def make_smear(seed: int, size=(519, 775), return_counts: bool = False, return_i
     if return_instances:
         out += (_instance_map(mask, red, white),)
     return out
-
-
-# ----------------------------------------------------------------------------- colour baseline
-
-
-
-def stain_masks(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Colour rules shared by the baseline and BCCD's silver labels: ``(purple, pink)`` boolean masks.
-
-    BGR ``uint8 HxWx3`` in. Works on the CLAHE'd image in OpenCV's 8-bit Lab (128 = neutral):
-    purple (nuclei, platelets) = b* more than 12 below the image's median b*, i.e. clearly bluer
-    than the plasma and red cells that fill most of a smear; pink (red cells) = a* above an Otsu
-    threshold computed on the other pixels, so the cut adapts to each image's stain.
-    """
-    lab = cv2.cvtColor(clahe_on_luma(image_bgr), cv2.COLOR_BGR2Lab)
-    a, b = lab[..., 1], lab[..., 2]
-    purple = b.astype(np.int16) < int(np.median(b)) - 12
-    rest = a[~purple]
-    if rest.size == 0:
-        return purple, np.zeros_like(purple)
-    cut, _ = cv2.threshold(np.ascontiguousarray(rest).reshape(1, -1), 0, 255,
-                           cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return purple, (a > cut) & ~purple
-
-
-def colour_threshold_baseline(image_bgr: np.ndarray) -> np.ndarray:
-    """A non-learned segmenter: purple → white cell, pink → red cell, else background.
-
-    BGR ``uint8 HxWx3`` in, ``uint8 HxW`` mask in {0, 1, 2} out. Uses :func:`stain_masks` on the
-    CLAHE'd image, fills small holes (pale red-cell centres), drops specks, and grows the purple
-    regions a little to take in some of the pale cytoplasm around a nucleus. It cannot tell a
-    platelet from a nucleus, nor pale cytoplasm from plasma: that is the floor a network must beat.
-    """
-    h, w = image_bgr.shape[:2]
-    scale = h * w / (519 * 775)
-    purple, pink = stain_masks(image_bgr)
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
-    pink = cv2.morphologyEx(pink.astype(np.uint8), cv2.MORPH_OPEN, disc).astype(bool)
-    pink = remove_small(fill_small_holes(pink, int(800 * scale) + 1), int(80 * scale) + 1)
-    purple = cv2.morphologyEx(purple.astype(np.uint8), cv2.MORPH_OPEN,
-                              cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
-    purple = cv2.dilate(purple, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))).astype(bool)
-    mask = np.zeros((h, w), np.uint8)
-    mask[pink] = RED_CELL
-    mask[purple] = WHITE_CELL
-    return mask
 
 
 # ----------------------------------------------------------------------------- files
