@@ -1,7 +1,7 @@
 """ODE-blocks: a layer whose output is the solution of dh/dt = f(h, t, θ) (paper §3.1, eq. 3–5).
 
 An :class:`ODEBlock` takes a feature map ``x`` as the initial value ``h(0) = x`` and returns
-``h(t1)`` (``t1 = 1``), computed by a torchdiffeq solver. With an adaptive solver (``dopri5``, the
+``h(t1)`` (``t1 = 1``), computed by a torchdiffeq solver (or another backend, below). With an adaptive solver (``dopri5``, the
 default) the error tolerance decides how many times f is evaluated (the NFE): a tighter tolerance
 means more evaluations, which the paper reads as a deeper network with the same parameters.
 
@@ -17,29 +17,17 @@ Pieces, in reading order:
   ``nfe_backward``), and never hangs: a step cap goes to torchdiffeq *and* is enforced by bloodseg
   itself, in the forward solve and in the adjoint's backward solve, and every failure ("max steps",
   "underflow in dt", non-finite state) becomes a :class:`~bloodseg.errors.SolverError` that names
-  the block, its solver and tolerances, and what to do.
+  the block, its solver and tolerances, and what to do. How the solve runs (the counting dynamics,
+  torchdiffeq's checks, the ``backend``: torchdiffeq, torchode or an unrolled loop) is in
+  :mod:`bloodseg.odesolve`.
 * :class:`ResidualBlock` – ``h + f(0, h)``: the ResNet view of the same f. It equals one Euler step
   of size 1 (``ODEBlock(method="euler", step_size=1.0)``) with the same weights, which is the
   paper's argument (§4.2) that a residual network is a discretised ODE.
-* :func:`set_tolerance`, :func:`ode_blocks`, :func:`nfe_report` – one call for every ODE-block of
-  a model (the test-time tolerance of §4.2, the NFE log of the book).
-* Regularised training (Finlay et al. 2020, "How to train your neural ODE"): with
-  ``block.regularise = dict(kinetic=a, jacobian=b)`` a block in training mode integrates, alongside
-  h, the kinetic energy ∫ mean ||f||² dt and a Hutchinson estimate ∫ mean ||ε^T ∂f/∂h||² dt of the
-  Jacobian's Frobenius norm (means over the elements of one sample, then over the batch), and
-  stores ``a·E_kin + b·E_jac`` as ``block.reg_loss``; :func:`regularisation_loss` collects them for
-  the training loss. Dynamics that are cheap to integrate need fewer solver steps. Unset (the
-  default) the solve is exactly the plain one.
-
-What torchdiffeq 0.2.5 does (read in its source, ``_impl/rk_common.py``): adaptive Runge–Kutta
-solvers take ``options=dict(max_num_steps=N)`` and fail with ``AssertionError('max_num_steps
-exceeded ...')``; a step size that vanishes fails with ``AssertionError('underflow in dt ...')``; a
-non-finite state fails with ``AssertionError('non-finite values in state `y` ...')``. Fixed-grid
-solvers take ``options=dict(step_size=...)`` and have no step cap. Every solver calls
-``func.callback_step(t0, y0, dt)`` before each attempted step (and ``func.callback_step_adjoint``
-in the adjoint's backward solve), *before* its own assertions: bloodseg does its checks there, so
-that they also hold inside ``loss.backward()``, where a plain ``try``/``except`` around the solve
-cannot reach.
+* :func:`set_tolerance`, :func:`set_backend`, :func:`ode_blocks`, :func:`nfe_report` – one call for
+  every ODE-block of a model (the test-time tolerance of §4.2, the NFE log of the book).
+* Regularised training (Finlay et al. 2020, RNODE): ``block.regularise = dict(kinetic=a,
+  jacobian=b)``; the penalties are in :mod:`bloodseg.regularise` (:func:`check_regularise` and
+  :func:`regularisation_loss` are re-exported here).
 """
 from __future__ import annotations
 
@@ -48,9 +36,10 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torchdiffeq import odeint, odeint_adjoint
 
 from .errors import BloodsegError, SolverError
+from .odesolve import BACKENDS, Dynamics as _Dynamics, check_backend, solve
+from .regularise import REGULARISERS, check_regularise, regularisation_loss
 
 __all__ = [
     "ADAPTIVE_METHODS",
@@ -59,7 +48,9 @@ __all__ = [
     "ODEFunc",
     "ODEBlock",
     "ResidualBlock",
+    "BACKENDS",
     "set_tolerance",
+    "set_backend",
     "ode_blocks",
     "nfe_report",
     "REGULARISERS",
@@ -75,27 +66,6 @@ FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 # ``callback_step`` the same way, so bloodseg could not bound them.
 
 _ACTIVATIONS = {"softplus": nn.Softplus, "tanh": nn.Tanh}
-
-#: The penalties of regularised training (RNODE): ∫ mean ||f||² dt and ∫ mean ||∂f/∂h||_F² dt.
-REGULARISERS = ("kinetic", "jacobian")
-
-
-def check_regularise(value) -> dict:
-    """``value`` (``{"kinetic": a, "jacobian": b}``, either key optional; ``None`` or ``{}``: off) as
-    a dict of float weights without the zero ones; a bad key or weight is a BloodsegError."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BloodsegError(f"ODE regularisation must be a dict such as {{'kinetic': 0.01, 'jacobian': 0.01}}, "
-                            f"not {value!r}")
-    unknown = sorted(set(map(str, value)) - set(REGULARISERS))
-    if unknown:
-        raise BloodsegError(f"unknown ODE regulariser(s) {', '.join(unknown)}: choose from {', '.join(REGULARISERS)}")
-    for key, weight in value.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                or weight < 0:
-            raise BloodsegError(f"the weight of the {key} regulariser must be a number >= 0, not {weight!r}")
-    return {key: float(w) for key, w in value.items() if w > 0}
 
 
 def _groups(channels: int) -> int:
@@ -119,7 +89,8 @@ def _check_tolerance(name: str, value) -> float:
 
 
 class ConcatConv2d(nn.Module):
-    """A convolution of ``[t-plane, x]``: the time enters f as one extra constant input channel."""
+    """A convolution of ``[t-plane, x]``: the time enters f as one extra constant input channel
+    (``t`` a scalar, or one time per sample as torchode passes it)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__()
@@ -127,7 +98,7 @@ class ConcatConv2d(nn.Module):
 
     def forward(self, t, x: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        plane = t.reshape(1, 1, 1, 1).expand(x.shape[0], 1, x.shape[2], x.shape[3])
+        plane = t.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, x.shape[2], x.shape[3])
         return self.conv(torch.cat([plane, x], dim=1))
 
 
@@ -166,93 +137,6 @@ class ODEFunc(nn.Module):
         return self.norm3(out)
 
 
-class _Dynamics:
-    """The callable handed to torchdiffeq for one solve: counts f-evaluations and solver steps.
-
-    A fresh one is made at each forward. It is in phase ``"forward"`` while the forward solve runs
-    and in phase ``"backward"`` afterwards: the only thing that can call it after the forward solve
-    returned is the adjoint's backward solve (it is referenced by the autograd graph only), so no
-    flag has to be set from outside. Each phase has its own step and evaluation caps.
-    """
-
-    def __init__(self, block: "ODEBlock", regularise: dict | None = None):
-        self.block = block
-        self.func = block.func
-        self.regularise = regularise   # the state is then (h, E_kin, E_jac): see ``_regularised``
-        self.eps = None                # Hutchinson's ε: one draw per solve, reused by the adjoint
-        self.phase = "forward"
-        self.calls = {"forward": 0, "backward": 0}
-        self.steps = {"forward": 0, "backward": 0}
-        # dopri5 costs 6 evaluations a step plus 2 to choose the first step: this cap only bites
-        # when something evaluates f without taking steps; the step cap below is the usual stop.
-        self.call_cap = 6 * block.max_steps + 10
-
-    def __call__(self, t, h):
-        phase = self.phase
-        n = self.calls[phase] + 1
-        self.calls[phase] = n
-        if n > self.call_cap:
-            raise self.block._solver_error(
-                f"more than {self.call_cap} evaluations of f in one solve (hard cap 6*max_steps+10)", phase)
-        if phase == "backward":
-            self.block.nfe_backward.add_(1)
-        if self.regularise:
-            return self._regularised(t, h[0])
-        return self.func(t, h)
-
-    def _regularised(self, t, h):
-        """``(f, d E_kin/dt, d E_jac/dt)``: mean ||f||² and mean ||ε^T ∂f/∂h||² per sample, whose
-        expectation over ε (Rademacher: E[εε^T] = I) is mean ||∂f/∂h||_F² (Hutchinson)."""
-        graph = torch.is_grad_enabled()    # False only in the adjoint's forward solve: values only
-        with torch.enable_grad():
-            if not (graph and h.requires_grad):   # no history wanted or none to lose
-                h = h.detach().requires_grad_()
-            f = self.func(t, h)
-            kinetic = f.pow(2).flatten(1).mean(1)
-            if "jacobian" in self.regularise:
-                if self.eps is None:
-                    self.eps = torch.randint_like(h, 2) * 2 - 1
-                (vjp,) = torch.autograd.grad(f, h, self.eps, create_graph=graph)
-                jacobian = vjp.pow(2).flatten(1).mean(1)
-            else:
-                jacobian = torch.zeros_like(kinetic)
-        if not graph:
-            f, kinetic, jacobian = f.detach(), kinetic.detach(), jacobian.detach()
-        return f, kinetic, jacobian
-
-    def callback_step(self, t0, y0, dt):
-        """Called by torchdiffeq before every attempted step (accepted or rejected)."""
-        phase = self.phase
-        n = self.steps[phase] + 1
-        self.steps[phase] = n
-        block = self.block
-        if n > block.max_steps:
-            raise block._solver_error(f"more than max_steps={block.max_steps} solver steps", phase)
-        states = y0 if isinstance(y0, (tuple, list)) else (y0,)
-        t0 = torch.as_tensor(t0)
-        dt = torch.as_tensor(dt, dtype=t0.dtype, device=t0.device)
-        dt_ok = torch.isfinite(dt) & (t0 + dt != t0)
-        finite = torch.stack([torch.isfinite(s).all() for s in states]).all().to(dt_ok.device)
-        if bool((dt_ok & finite).item()):  # one device sync per step, as torchdiffeq's own checks
-            return
-        if not bool(finite.item()):
-            where = "the block's input" if (phase == "forward" and n == 1) else f"step {n}"
-            raise block._solver_error(
-                f"non-finite values (NaN or inf) in the state at {where} (t={float(t0):.4g})", phase)
-        raise block._solver_error(
-            f"underflow in dt: the step size shrank to {float(dt):.3g} at t={float(t0):.4g} "
-            f"after {n} steps (the dynamics are too stiff for this tolerance)", phase)
-
-    # The adjoint's backward solve looks up ``callback_step_adjoint``; the phase tells them apart.
-    callback_step_adjoint = callback_step
-
-    def direct_backward_hook(self, grad):
-        """Direct backprop: autograd walks back through the graph of every forward evaluation of
-        f without calling f again; report that number as the backward NFE."""
-        self.block.nfe_backward.add_(self.calls["forward"])
-        return None
-
-
 def _autocast_on(device_type: str) -> bool:
     """Whether autocast is active for ``device_type`` (torch >= 2.4 API, older CUDA-only form)."""
     try:
@@ -278,6 +162,10 @@ class ODEBlock(nn.Module):
         hidden: inner width of the default f (see :class:`ODEFunc`).
         name: how errors and :func:`nfe_report` call this block, e.g. ``"ODE-block at position 5"``.
         func: another f(t, h) module to use instead of ``ODEFunc(channels, hidden)``.
+        backend: where the solve runs, one of :data:`BACKENDS` (see :mod:`bloodseg.odesolve`):
+            ``"torchdiffeq"`` (default: every method, the adjoint, regularisation), ``"torchode"``
+            (dopri5, a step size per sample) or ``"unrolled"`` (euler, midpoint, rk4 as a plain loop,
+            the same numbers as torchdiffeq's). Not stored in checkpoints: a run-time choice.
 
     Regularised training: ``block.regularise = dict(kinetic=a, jacobian=b)`` (see the module
     docstring and :func:`check_regularise`); in training mode with gradients on, each forward then
@@ -295,7 +183,7 @@ class ODEBlock(nn.Module):
     def __init__(self, channels: int, rtol: float = 1e-3, atol: float | None = None,
                  method: str = "dopri5", step_size: float | None = None, adjoint: bool = False,
                  max_steps: int = 1000, t1: float = 1.0, hidden: int | None = None, name: str = "",
-                 func: nn.Module | None = None):
+                 func: nn.Module | None = None, backend: str = "torchdiffeq"):
         super().__init__()
         if method not in ADAPTIVE_METHODS + FIXED_GRID_METHODS:
             raise BloodsegError(
@@ -316,6 +204,7 @@ class ODEBlock(nn.Module):
         self.adjoint = bool(adjoint)
         self.max_steps = max_steps
         self.t1 = t1
+        self.backend = check_backend(backend, method, self.adjoint)
         self.name = str(name)
         self.rtol = self.atol = 0.0
         self.set_tolerance(rtol, atol)
@@ -367,34 +256,14 @@ class ODEBlock(nn.Module):
     def _solve(self, x: torch.Tensor) -> torch.Tensor:
         regularise = self._regularise if self.training and torch.is_grad_enabled() else None
         dyn = _Dynamics(self, regularise)
-        t = torch.tensor([0.0, self.t1], dtype=x.dtype, device=x.device)
         params = tuple(p for p in self.func.parameters() if p.requires_grad)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or len(params) > 0)
-        options = self._options()
-        y0, forward_options = x, options
         self.reg_loss = None
-        if regularise:   # the energies start at 0; the step control looks at h alone, as unregularised
-            zero = x.new_zeros(x.shape[0])
-            y0 = (x, zero, zero)
-            if self.method in ADAPTIVE_METHODS:
-                forward_options = dict(options, norm=_norm_of_h)
-        try:
-            if self.adjoint and needs_grad:
-                solution = odeint_adjoint(
-                    dyn, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=forward_options,
-                    adjoint_options=dict(options), adjoint_params=params)
-            else:
-                solution = odeint(dyn, y0, t, rtol=self.rtol, atol=self.atol, method=self.method,
-                                  options=forward_options)
-        except AssertionError as err:  # torchdiffeq's own checks (the backstop)
-            raise self._solver_error(f"torchdiffeq stopped: {err}", "forward") from err
-        finally:
-            dyn.phase = "backward"
+        out = solve(self, dyn, x, needs_grad, params)
         if regularise:
-            solution, kinetic, jacobian = solution
-            energy = {"kinetic": kinetic[-1].mean(), "jacobian": jacobian[-1].mean()}
+            out, kinetic, jacobian = out
+            energy = {"kinetic": kinetic.mean(), "jacobian": jacobian.mean()}
             self.reg_loss = sum(w * energy[k] for k, w in regularise.items())
-        out = solution[-1]
         if not bool(torch.isfinite(out).all()):
             raise self._solver_error("non-finite values (NaN or inf) in the state at the end time", "forward")
         self.nfe_forward.fill_(dyn.calls["forward"])
@@ -410,17 +279,13 @@ class ODEBlock(nn.Module):
             parts.append(f"step_size={self.step_size:g}")
         if self.t1 != 1.0:
             parts.append(f"t1={self.t1:g}")
+        if self.backend != "torchdiffeq":
+            parts.append(f"backend={self.backend!r}")
         if self._regularise:
             parts.append(f"regularise={self._regularise}")
         if self.name:
             parts.insert(0, f"name={self.name!r}")
         return ", ".join(parts)
-
-
-def _norm_of_h(state) -> torch.Tensor:
-    """Step-size control of a regularised solve: the RMS norm of h alone (torchdiffeq's default
-    for one tensor), so the energies riding along do not change the steps taken on h."""
-    return state[0].pow(2).mean().sqrt()
 
 
 class ResidualBlock(nn.Module):
@@ -458,6 +323,18 @@ def set_tolerance(model: nn.Module, rtol: float, atol: float | None = None) -> i
     return len(blocks)
 
 
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Solve every ODE-block of ``model`` with ``backend`` (one of :data:`BACKENDS`); returns the
+    number of blocks. Validates first (against each block's method and adjoint), so a backend that
+    cannot solve one of the blocks changes nothing."""
+    blocks = ode_blocks(model)
+    for block in blocks:
+        check_backend(backend, block.method, block.adjoint)
+    for block in blocks:
+        block.backend = backend
+    return len(blocks)
+
+
 def nfe_report(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``{block name: (forward NFE, backward NFE)}`` for every ODE-block of ``model``.
 
@@ -470,14 +347,3 @@ def nfe_report(model: nn.Module) -> dict[str, tuple[int, int]]:
             key = module.name or path or "ODE-block"
             report[key] = (int(module.nfe_forward), int(module.nfe_backward))
     return report
-
-
-def regularisation_loss(model_or_blocks) -> torch.Tensor | None:
-    """The sum of the ``reg_loss`` of every ODE-block (a model or a list of blocks) from its last
-    forward, or ``None`` when none has one; the blocks' references are cleared (a stored graph
-    would keep its memory alive and make the model impossible to ``deepcopy``)."""
-    blocks = model_or_blocks if isinstance(model_or_blocks, (list, tuple)) else ode_blocks(model_or_blocks)
-    losses = [b.reg_loss for b in blocks if b.reg_loss is not None]
-    for b in blocks:
-        b.reg_loss = None
-    return sum(losses) if losses else None
