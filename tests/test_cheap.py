@@ -138,8 +138,9 @@ def units(tmp_path_factory):
 
 def test_bench_options_smoke(units, tmp_path):
     out = tmp_path / "bench.json"
+    # compile_backend="eager": dynamo traces (graph breaks counted) without inductor's minutes of C++
     r = cheap.bench_options(units, scale="smoke", width=4, n_images=2, rounds=2, regularise_work=None, out=out,
-                            command="test", log=lambda m: None)
+                            compile_backend="eager", command="test", log=lambda m: None)
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(r["rows"], default=float))
     for key in ("git_commit", "command", "device", "torch", "date", "wall_s"):
         assert key in r["provenance"]
@@ -173,6 +174,58 @@ def test_bench_options_smoke(units, tmp_path):
     assert "nodes-unet-h16" in rows and "ode-unet-5" in rows and "resunet" in rows
     frame = cheap.bench_frame(r)
     assert list(frame.index) == list(rows)
+    # the variants: the same weights run another way, each held against its base in the same rounds
+    pick = f"nodes-unet {cal['pick_label']}"
+    variants = {k: v for k, v in rows.items() if v.get("variant")}
+    assert set(variants) == {"nodes-unet torchode", f"{pick} unrolled", "unet channels_last", f"{pick} channels_last",
+                             "unet compiled", f"{pick} compiled"}
+    for label, row in variants.items():
+        base = rows[row["base"]]
+        assert row["params"] == base["params"] and row["mmacs"] == base["mmacs"], label
+        assert row["ratio_to_base_ci"][0] <= row["ratio_to_base"] <= row["ratio_to_base_ci"][1]
+        assert row["pays"] == cheap._pays(row["ratio_to_base_ci"])
+        assert abs(row["test_miou"] - base["test_miou"]) < 0.01, label
+    assert all(v.get("ratio_to_base") is None for k, v in rows.items() if k not in variants)
+    tode = rows["nodes-unet torchode"]
+    assert tode["backend"] == "torchode" and tode["solver"] == "trained" and tode["nfe_total"] > 3
+    assert rows["nodes-unet"]["backend"] == "torchdiffeq" and rows["unet"]["backend"] is None
+    unrolled = rows[f"{pick} unrolled"]          # torchdiffeq's fixed grid, bit for bit: the same masks
+    assert unrolled["backend"] == "unrolled" and unrolled["test_miou"] == calibrated["test_miou"]
+    assert unrolled["nfe_total"] == calibrated["nfe_total"] == rows[f"{pick} compiled"]["nfe_total"]
+    for label in ("unet compiled", f"{pick} compiled"):
+        assert rows[label]["compile_s"] > 0 and rows[label]["compile_backend"] == "eager"
+        assert rows[label]["graphs"] >= 1
+    assert rows["unet compiled"]["graph_breaks"] == 0 < rows[f"{pick} compiled"]["graph_breaks"]
+    assert r["compile_backend"] == "eager"
+    if not torch.cuda.is_available():
+        assert "no CUDA" in r["notes"]["bf16 on CUDA"]
+
+
+def test_a_variant_that_cannot_run_is_a_note_with_its_error():
+    def make(name):
+        torch.manual_seed(0)
+        return build_model(name, width=4).eval()
+
+    fresh = {"unet": lambda: make("unet"), "nodes-unet": lambda: make("nodes-unet")}
+    found, notes = cheap.variant_options(fresh, {"method": "heun3", "steps": 1}, "heun3-1", torch.rand(1, 3, 32, 32),
+                                         compile_backend="no-such-backend", log=lambda m: None)
+    assert set(found) == {"nodes-unet torchode", "unet channels_last", "nodes-unet heun3-1 channels_last"}
+    assert "no-such-backend" in notes["unet compiled"] and "no-such-backend" in notes["nodes-unet heun3-1 compiled"]
+    assert "euler, midpoint, rk4 only" in notes["nodes-unet heun3-1 unrolled"]
+    found, notes = cheap.variant_options({"unet": fresh["unet"]}, None, "trained", torch.rand(1, 3, 32, 32),
+                                         compile_backend=None, log=lambda m: None)
+    assert set(found) == {"unet channels_last"} and notes == {}
+    with torch.inference_mode():             # channels_last changes the layout, not the numbers (to rounding)
+        x = torch.rand(1, 3, 32, 32)
+        net = found["unet channels_last"]["net"]
+        convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+        assert torch.allclose(net(x), fresh["unet"]()(x), atol=1e-5)
+
+
+def test_pays_reads_the_interval_of_the_ratio_to_the_base():
+    assert cheap._pays([0.8, 0.95]) == "yes" and cheap._pays([1.02, 1.3]) == "no"
+    assert cheap._pays([0.9, 1.1]) == "no difference measured"
 
 
 def test_blocks_learned_smoke(units):

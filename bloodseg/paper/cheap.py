@@ -12,7 +12,12 @@ its provenance (commit, command, device and its load, torch, date, wall time):
   (:func:`calibration_pick`), its ONNX export (:mod:`bloodseg.export`; held against the U-Net's own
   ONNX export, so that the goal compares like with like), the narrow-f NODEs-UNet
   (``nodes-unet-h16``), and the RNODE-regularised NODEs-UNet with its unregularised twin when
-  :mod:`bloodseg.paper.regularise` has trained them. Rounds are interleaved (each round times every
+  :mod:`bloodseg.paper.regularise` has trained them; then the ways to run the same weights faster
+  (:func:`variant_options`): NODEs-UNet's dopri5 solved by torchode instead of torchdiffeq, the
+  calibrated solver as an unrolled loop instead of torchdiffeq's fixed grid
+  (:mod:`bloodseg.odesolve`), ``channels_last`` and ``torch.compile`` (inductor) of the U-Net and of
+  the calibrated NODEs-UNet, each also held against the option it varies (``ratio_to_base``, same
+  rounds) and kept only where that interval lies below 1 (``pays``). Rounds are interleaved (each round times every
   option on the 20 images, the order rotating), so that load from other processes falls on all of
   them alike; per option: the time for 20 images (median over rounds), the ratio to the U-Net's
   time *in the same round* (median over rounds, bootstrap interval over rounds), forward NFE,
@@ -59,7 +64,8 @@ from ..checkpoint import load_model
 from ..errors import BloodsegError, SolverError
 from ..io import write_bytes
 from ..models import build_model, count_parameters
-from ..ode import ADAPTIVE_METHODS, FIXED_GRID_METHODS, ODEBlock, ode_blocks
+from ..ode import ADAPTIVE_METHODS, FIXED_GRID_METHODS, ODEBlock, ode_blocks, set_backend
+from ..odesolve import UNROLLED_METHODS
 from ..segmenter import Segmenter
 from ..train import evaluate, fit
 from . import stats
@@ -68,7 +74,7 @@ from .reproduce import git_commit, prepare_data, scale_recipe
 __all__ = ["GOAL_RATIO", "FIXED_GRID", "FLOW_TIMES", "RECORD_BENCH", "RECORD_BLOCKS", "RECORD_SOLVERS",
            "study_root", "find_units", "copy_units", "load_record", "provenance_line", "count_macs",
            "calibration_pick", "test_scores", "interleaved_times", "ratio_summary", "flow_measures",
-           "block_inputs", "bench_options", "blocks_learned", "solver_experiment", "bench_frame",
+           "block_inputs", "variant_options", "bench_options", "blocks_learned", "solver_experiment", "bench_frame",
            "blocks_frame", "solvers_frame", "plot_frontier", "plot_flow", "plot_calibration",
            "plot_solvers", "plot_macs", "plot_regularisation", "floor_table", "plot_floor", "cross_frame",
            "plot_cross", "model_name", "blocks_summary_frame", "main"]
@@ -277,10 +283,10 @@ def calibration_pick(model: nn.Module, val_samples, max_drop_pp: float = 0.3, gr
                      "solver's validation MIoU (raw network masks); trained solver when none is")
 
 
-def test_scores(model: nn.Module, test_set, n_boot: int = 2000) -> dict:
+def test_scores(model: nn.Module, test_set, n_boot: int = 2000, batch_size: int = 4) -> dict:
     """MIoU and PA of one confusion matrix over every test patch (as the study's records), the
     per-image MIoU and its mean with a bootstrap interval over images."""
-    s = evaluate(model, test_set, n_timed=0, per_image=True)
+    s = evaluate(model, test_set, n_timed=0, per_image=True, batch_size=batch_size)
     per = [float(p["miou"]) for p in s["per_image"]]
     ci = stats.mean_ci(np.array(per)[None, :], n_boot=n_boot)
     return dict(miou=float(s["miou"]), pa=float(s["pa"]), per_image_miou=per, mean_image_miou=ci["mean"],
@@ -410,9 +416,102 @@ def _load(ckpt) -> nn.Module:
     return load_model(ckpt, device="cpu").eval()
 
 
+class _ChannelsLast(nn.Module):
+    """``net`` with its weights in channels_last memory format; the NCHW input a caller passes is
+    converted inside, so the conversion is part of the time."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
+def _dynamo_counts() -> dict:
+    """dynamo's running totals of captured graphs and graph breaks (internal counters: empty when
+    this torch does not keep them)."""
+    try:
+        from torch._dynamo.utils import counters
+        return dict(graphs=int(counters["stats"]["unique_graphs"]), graph_breaks=int(sum(counters["graph_break"].values())))
+    except Exception:        # noqa: BLE001
+        return {}
+
+
+def variant_options(fresh: dict, pick: dict | None, pick_label: str, example: torch.Tensor,
+                    compile_backend: str | None = "inductor", log: Callable = print) -> tuple[dict, dict]:
+    """The ways to run the same trained weights faster: ``({label: dict(net, base, meta)}, notes)``.
+
+    ``fresh``: ``{"unet": make, "nodes-unet": make}``, each ``make()`` a new copy of that trained
+    network in evaluation mode; ``pick``: NODEs-UNet's calibrated solver (``pick_label``, e.g.
+    ``euler-1``; None: no calibrated variants). Variants: ``nodes-unet torchode`` (the trained dopri5
+    solved by torchode), ``<calibrated> unrolled`` (the calibrated fixed grid as a plain loop), and for
+    the U-Net and the calibrated NODEs-UNet ``channels_last`` and ``compiled`` (``torch.compile`` with
+    ``compile_backend``; None: none). A compiled network is compiled here by one call on ``example``
+    (its ``compile_s``, kept out of the bench's times), counting the graphs dynamo captured and the
+    graph breaks between them. ``base`` is the option each varies; ``notes`` say, per variant that
+    could not run, why (the error's text)."""
+    out, notes = {}, {}
+    cal = f"nodes-unet {pick_label}" if pick is not None else None
+
+    def calibrated():
+        net = fresh["nodes-unet"]()
+        apply_solver(net, pick)
+        return net
+
+    if "nodes-unet" in fresh:
+        try:
+            import torchode  # noqa: F401  (an optional backend: say so when it is missing)
+            net = fresh["nodes-unet"]()
+            set_backend(net, "torchode")
+            out["nodes-unet torchode"] = dict(net=net, base="nodes-unet", meta=dict(
+                name="NODEs-UNet, dopri5 by torchode", backend="torchode", variant="torchode"))
+        except (ImportError, BloodsegError) as exc:
+            notes["nodes-unet torchode"] = f"{type(exc).__name__}: {exc}"
+        if pick is not None and pick["method"] in UNROLLED_METHODS:
+            net = calibrated()
+            set_backend(net, "unrolled")
+            out[f"{cal} unrolled"] = dict(net=net, base=cal, meta=dict(
+                name="NODEs-UNet, calibrated, unrolled loop", backend="unrolled", variant="unrolled"))
+        elif pick is not None:
+            notes[f"{cal} unrolled"] = f"the unrolled loop solves {', '.join(UNROLLED_METHODS)} only"
+    makers = [("unet", fresh.get("unet"), "U-Net")]
+    if cal is not None and "nodes-unet" in fresh:
+        makers.append((cal, calibrated, "NODEs-UNet, calibrated"))
+    for base, make, name in makers:
+        if make is None:
+            continue
+        out[f"{base} channels_last"] = dict(net=_ChannelsLast(make()), base=base, meta=dict(
+            name=f"{name}, channels_last", variant="channels_last"))
+        if not compile_backend:
+            continue
+        import logging
+        quiet = logging.getLogger("torch._dynamo")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)       # one graph-break warning per break: counted below instead
+        try:
+            log(f"{base}: torch.compile (backend {compile_backend}) ...")
+            before = _dynamo_counts()
+            with torch.inference_mode():
+                compiled = torch.compile(make(), backend=compile_backend)
+                t0 = time.perf_counter()
+                compiled(example)
+                compile_s = time.perf_counter() - t0
+            after = _dynamo_counts()
+            out[f"{base} compiled"] = dict(net=compiled, base=base, meta=dict(
+                name=f"{name}, torch.compile", variant="compiled", compile_backend=compile_backend,
+                compile_s=compile_s, **{k: after[k] - before[k] for k in after}))
+        except Exception as exc:       # noqa: BLE001 -- inductor's failures are many; the record keeps the text
+            notes[f"{base} compiled"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+        finally:
+            quiet.setLevel(level)
+    return out, notes
+
+
 def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0, n_images: int = 20, rounds: int = 7,
                   max_drop_pp: float = 0.3, regularise_work=REGULARISE_WORK, onnx: bool = True, root=None,
-                  width: int | None = None, out=None, command: str | None = None, log: Callable = print) -> dict:
+                  width: int | None = None, variants: bool = True, compile_backend: str | None = "inductor",
+                  out=None, command: str | None = None, log: Callable = print) -> dict:
     """The side-by-side bench of every option (see the module docstring); the record, also
     written to ``out`` (JSON) when given.
 
@@ -421,7 +520,9 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
     or a checkpoint path); default: the study's finished units of ``seed`` (:func:`find_units`),
     copied to a temporary folder. ``regularise_work``: the folder of
     :mod:`bloodseg.paper.regularise`'s units (its ``plain``/``regularised`` arms of ``seed`` are
-    added when both finished; None: never). ``width`` overrides the recipe's (tests)."""
+    added when both finished; None: never). ``variants``: add :func:`variant_options` (torchode,
+    unrolled, channels_last, and ``torch.compile`` with ``compile_backend`` unless it is None).
+    ``width`` overrides the recipe's (tests)."""
     t_start = time.perf_counter()
     recipe = scale_recipe(scale)
     if width is not None:
@@ -486,6 +587,17 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
                             solver=cal["pick_label"], spec=cal["pick"], runtime="onnxruntime", calibrated=True,
                             macs_from=f"{label} {cal['pick_label']}", params_from=f"{label} {cal['pick_label']}",
                             nfe_nominal={b.name: nominal_nfe(cal["pick"]) for b in ode_blocks(cnet)})
+        notes = {} if torch.cuda.is_available() else {
+            "bf16 on CUDA": "not measured: this bench runs on a CPU, and this machine has no CUDA device"}
+        if variants:
+            fresh = {k: (lambda c=units[k]["ckpt"]: _load(c)) for k in ("unet", "nodes-unet") if k in units}
+            cal = calibrations.get("nodes-unet", {})
+            found, more = variant_options(fresh, cal.get("pick"), cal.get("pick_label", "trained"), images[0],
+                                          compile_backend=compile_backend, log=log)
+            notes.update(more)
+            for label, v in found.items():
+                add(label, v["net"], **{**options[v["base"]]["meta"], **v["meta"], "base": v["base"],
+                                        "macs_from": v["base"], "params_from": v["base"]})
         for name, u in reg.items():
             add(f"nodes-unet {u['arm']} {u['epochs']}ep", _load(u["ckpt"]), model="nodes-unet",
                 name=f"NODEs-UNet, {u['epochs']} epochs, " + ("RNODE-regularised" if u["arm"] == "regularised" else "unregularised"),
@@ -499,13 +611,16 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
         for label, o in options.items():
             meta, net = o["meta"], o["net"]
             log(f"{label}: test scores and MACs ...")
-            scores = test_scores(net, test)
+            # a compiled network sees the shape it was compiled for (one patch): no recompilation
+            scores = test_scores(net, test, batch_size=1 if meta.get("variant") == "compiled" else 4)
             macs_net = options[meta["macs_from"]]["net"] if "macs_from" in meta else net
             macs = count_macs(macs_net, images[0])
             nfe = meta.get("nfe_nominal") or timing["nfe"][label]
             params = count_parameters(options[meta["params_from"]]["net"] if "params_from" in meta else net)
             s = summary[label]
             s_same = same[label] if meta["runtime"] == "onnxruntime" else s
+            base = ratio_summary(timing["times"], meta["base"], len(images))[label] if "base" in meta else None
+            meta.setdefault("backend", ("torchdiffeq" if nfe and meta["runtime"] == "torch" else None))
             row = dict(option=label, **{k: v for k, v in meta.items() if k not in ("macs_from", "params_from", "nfe_nominal")},
                        params=params, nfe_forward=nfe, nfe_total=float(sum(nfe.values())),
                        **{f"time_{len(images)}_s": s["time_s_median"]}, time_s_rounds=s["time_s_rounds"],
@@ -514,6 +629,9 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
                        ratio_same_runtime=s_same["ratio_median"], ratio_same_runtime_ci=s_same["ratio_ci"],
                        within_goal=("holds" if s_same["ratio_ci"][1] <= GOAL_RATIO else "does not hold"
                                     if s_same["ratio_ci"][0] > GOAL_RATIO else "inconclusive"),
+                       ratio_to_base=None if base is None else base["ratio_median"],
+                       ratio_to_base_ci=None if base is None else base["ratio_ci"],
+                       pays=None if base is None else _pays(base["ratio_ci"]),
                        mmacs=macs["total_mmacs"], backbone_mmacs=macs["backbone_mmacs"], macs_blocks=macs["blocks"],
                        test_miou=scores["miou"], test_pa=scores["pa"], mean_image_miou=scores["mean_image_miou"],
                        mean_image_miou_ci=scores["mean_image_miou_ci"], per_image_miou=scores["per_image_miou"])
@@ -535,8 +653,14 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
                  f"calibrated solver is picked on the {len(val)} validation patches only",
             goal=f"NODEs-UNet at most {GOAL_RATIO}x the U-Net's inference time (issue #16); 'within_goal' compares "
                  "the interval of ratio_same_runtime with it (holds: all of it below, does not hold: all above)",
+            variants="a variant (torchode, unrolled, channels_last, compiled) runs the weights of its 'base' option; "
+                     "ratio_to_base = its time / the base's time in the same round (median over rounds, 95% bootstrap "
+                     "interval); pays: 'yes' when all of that interval is below 1, 'no' when all of it is above 1, "
+                     "'no difference measured' otherwise; compile_s (the first call, compilation included) is not in "
+                     "the times; test MIoU of a compiled option is scored one patch at a time (the compiled shape)",
             scale=scale, seed=seed, n_images=len(images), rounds=rounds, image_size=list(images[0].shape[-2:]),
-            n_test=len(test), n_val=len(val), calibration=calibrations, rows=rows,
+            n_test=len(test), n_val=len(val), calibration=calibrations, rows=rows, notes=notes,
+            compile_backend=compile_backend if variants else None,
             units={k: dict(source=v.get("source"), record=v.get("record"), git_commit=v.get("git_commit"))
                    for k, v in {**units, **reg}.items()},
             recipe=recipe.to_dict())
@@ -547,16 +671,23 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _pays(ci) -> str:
+    return "yes" if ci[1] < 1 else "no" if ci[0] > 1 else "no difference measured"
+
+
 def bench_frame(record: dict):
     """The bench as a table (pandas), one row per option."""
     import pandas as pd
     n = record["n_images"]
-    rows = [{"option": r["option"], "runtime": r["runtime"], "solver": r["solver"] or "-",
-             "params": r["params"], "NFE": r["nfe_total"], "MMACs": r["mmacs"],
+    rows = [{"option": r["option"], "runtime": r["runtime"] if not r.get("backend") else f"{r['runtime']} ({r['backend']})",
+             "solver": r["solver"] or "-", "params": r["params"], "NFE": r["nfe_total"], "MMACs": r["mmacs"],
              f"time {n} img (s)": r[f"time_{n}_s"], "x U-Net": r["ratio_to_unet"],
              "x U-Net 95%": f"{r['ratio_ci'][0]:.2f}-{r['ratio_ci'][1]:.2f}",
              "x U-Net same runtime": r.get("ratio_same_runtime", r["ratio_to_unet"]),
-             f"<= {GOAL_RATIO}x": r["within_goal"], "test MIoU": r["test_miou"]}
+             f"<= {GOAL_RATIO}x": r["within_goal"],
+             "x base (95%)": "" if r.get("ratio_to_base") is None else
+             f"{r['ratio_to_base']:.2f} ({r['ratio_to_base_ci'][0]:.2f}-{r['ratio_to_base_ci'][1]:.2f})",
+             "pays": r.get("pays") or "", "test MIoU": r["test_miou"]}
             for r in record["rows"]]
     return pd.DataFrame(rows).set_index("option")
 
@@ -974,6 +1105,9 @@ def model_name(m: dict) -> str:
     return label
 
 
+_VARIANT_MARKERS = {"torchode": "X", "unrolled": "P", "channels_last": "v", "compiled": "^"}
+
+
 def plot_frontier(record: dict, ax=None):
     """Every option of the bench: time over the U-Net's in the same runtime (an ONNX option over the
     ONNX U-Net; median and 95% interval over rounds; log axis) against test MIoU, with issue #16's
@@ -984,7 +1118,8 @@ def plot_frontier(record: dict, ax=None):
         x, y = r.get("ratio_same_runtime", r["ratio_to_unet"]), 100 * r["test_miou"]
         lo, hi = r.get("ratio_same_runtime_ci", r["ratio_ci"])
         colour = "k" if r["nfe_total"] == 0 else "C3" if r["solver"] == "trained" else "C2"
-        marker = "s" if r["runtime"] == "onnxruntime" else "D" if r.get("ode_reg") is not None else "o"
+        marker = ("s" if r["runtime"] == "onnxruntime" else "D" if r.get("ode_reg") is not None else
+                  _VARIANT_MARKERS.get(r.get("variant"), "o"))
         ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt=marker, color=colour, ms=6, capsize=3, lw=1)
         if r["option"] != "unet onnx":     # at the U-Net's point: one label for both runtimes
             text = "U-Net (PyTorch and ONNX)" if r["option"] == "unet" else _short(r["option"])
@@ -995,7 +1130,8 @@ def plot_frontier(record: dict, ax=None):
     ax.set_xlabel("inference time / U-Net's in the same runtime and round (log scale)")
     ax.set_ylabel("test MIoU (%)")
     ax.set_title("The frontier: black = no ODE-block, red = dopri5 (trained tolerances), green = calibrated "
-                 "fixed grid;\nsquare = ONNX, diamond = 6-epoch regularisation pair", fontsize=9)
+                 "fixed grid;\nsquare = ONNX, diamond = 6-epoch regularisation pair, x = torchode, + = unrolled loop, "
+                 "v = channels_last, ^ = torch.compile", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower center")
     fig.tight_layout()
@@ -1145,7 +1281,7 @@ def plot_floor(floor: dict, bench: dict | None = None, ax=None):
             label="MACs / U-Net MACs (the arithmetic floor)")
     if bench:
         for r in bench["rows"]:
-            if r["model"] in ("nodes-unet", "nodes-unet-h16", "ode-unet-5") and r["nfe_total"] > 0:
+            if r["model"] in ("nodes-unet", "nodes-unet-h16", "ode-unet-5") and r["nfe_total"] > 0 and not r.get("variant"):
                 y = r.get("ratio_same_runtime", r["ratio_to_unet"])
                 pair = r.get("ode_reg") is not None
                 ax.plot(r["nfe_total"], y, "s" if r["runtime"] == "onnxruntime" else "D" if pair else "o",
