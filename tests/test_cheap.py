@@ -197,8 +197,18 @@ def test_bench_options_smoke(units, tmp_path):
         assert rows[label]["graphs"] >= 1
     assert rows["unet compiled"]["graph_breaks"] == 0 < rows[f"{pick} compiled"]["graph_breaks"]
     assert r["compile_backend"] == "eager"
+    # the chapter's text is made from the record
+    text = cheap.variants_findings(r)
+    assert "**torchode**" in text and "**The unrolled loop**" in text and "the same masks, bit for bit" in text
+    assert f"{100 * tode['test_miou']:.2f}%" in text and "Kept, because they pay on this bench" in text
+    assert len(cheap.variants_frame(r)) == len(variants)
+    findings = cheap.bench_findings(r)
+    assert f"{rows['nodes-unet']['ratio_to_unet']:.2f}x" in findings and "variant" not in findings
+    summary = cheap.bench_summary(r)
+    assert summary.count("\n- ") == 1 and f"{calibrated['ratio_to_unet']:.2f}x" in summary
+    assert list(cheap.study_units_frame(r).index) == ["unet", "resunet", "ode-unet-5", "nodes-unet", "nodes-unet-h16"]
     if not torch.cuda.is_available():
-        assert "no CUDA" in r["notes"]["bf16 on CUDA"]
+        assert "no CUDA" in r["variant_notes"]["bf16 on CUDA"]
 
 
 def test_a_variant_that_cannot_run_is_a_note_with_its_error():

@@ -75,6 +75,7 @@ __all__ = ["GOAL_RATIO", "FIXED_GRID", "FLOW_TIMES", "RECORD_BENCH", "RECORD_BLO
            "study_root", "find_units", "copy_units", "load_record", "provenance_line", "count_macs",
            "calibration_pick", "test_scores", "interleaved_times", "ratio_summary", "flow_measures",
            "block_inputs", "variant_options", "bench_options", "blocks_learned", "solver_experiment", "bench_frame",
+           "bench_findings", "bench_summary", "variants_frame", "variants_findings", "study_units_frame",
            "blocks_frame", "solvers_frame", "plot_frontier", "plot_flow", "plot_calibration",
            "plot_solvers", "plot_macs", "plot_regularisation", "floor_table", "plot_floor", "cross_frame",
            "plot_cross", "model_name", "blocks_summary_frame", "main"]
@@ -511,7 +512,7 @@ def variant_options(fresh: dict, pick: dict | None, pick_label: str, example: to
 def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0, n_images: int = 20, rounds: int = 7,
                   max_drop_pp: float = 0.3, regularise_work=REGULARISE_WORK, onnx: bool = True, root=None,
                   width: int | None = None, variants: bool = True, compile_backend: str | None = "inductor",
-                  out=None, command: str | None = None, log: Callable = print) -> dict:
+                  notes: str = "", out=None, command: str | None = None, log: Callable = print) -> dict:
     """The side-by-side bench of every option (see the module docstring); the record, also
     written to ``out`` (JSON) when given.
 
@@ -522,7 +523,7 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
     :mod:`bloodseg.paper.regularise`'s units (its ``plain``/``regularised`` arms of ``seed`` are
     added when both finished; None: never). ``variants``: add :func:`variant_options` (torchode,
     unrolled, channels_last, and ``torch.compile`` with ``compile_backend`` unless it is None).
-    ``width`` overrides the recipe's (tests)."""
+    ``width`` overrides the recipe's (tests); ``notes`` is stored in the record."""
     t_start = time.perf_counter()
     recipe = scale_recipe(scale)
     if width is not None:
@@ -587,14 +588,14 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
                             solver=cal["pick_label"], spec=cal["pick"], runtime="onnxruntime", calibrated=True,
                             macs_from=f"{label} {cal['pick_label']}", params_from=f"{label} {cal['pick_label']}",
                             nfe_nominal={b.name: nominal_nfe(cal["pick"]) for b in ode_blocks(cnet)})
-        notes = {} if torch.cuda.is_available() else {
+        variant_notes = {} if torch.cuda.is_available() else {
             "bf16 on CUDA": "not measured: this bench runs on a CPU, and this machine has no CUDA device"}
         if variants:
             fresh = {k: (lambda c=units[k]["ckpt"]: _load(c)) for k in ("unet", "nodes-unet") if k in units}
             cal = calibrations.get("nodes-unet", {})
             found, more = variant_options(fresh, cal.get("pick"), cal.get("pick_label", "trained"), images[0],
                                           compile_backend=compile_backend, log=log)
-            notes.update(more)
+            variant_notes.update(more)
             for label, v in found.items():
                 add(label, v["net"], **{**options[v["base"]]["meta"], **v["meta"], "base": v["base"],
                                         "macs_from": v["base"], "params_from": v["base"]})
@@ -659,7 +660,8 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
                      "'no difference measured' otherwise; compile_s (the first call, compilation included) is not in "
                      "the times; test MIoU of a compiled option is scored one patch at a time (the compiled shape)",
             scale=scale, seed=seed, n_images=len(images), rounds=rounds, image_size=list(images[0].shape[-2:]),
-            n_test=len(test), n_val=len(val), calibration=calibrations, rows=rows, notes=notes,
+            n_test=len(test), n_val=len(val), calibration=calibrations, rows=rows, variant_notes=variant_notes,
+            notes=notes,
             compile_backend=compile_backend if variants else None,
             units={k: dict(source=v.get("source"), record=v.get("record"), git_commit=v.get("git_commit"))
                    for k, v in {**units, **reg}.items()},
@@ -690,6 +692,161 @@ def bench_frame(record: dict):
              "pays": r.get("pays") or "", "test MIoU": r["test_miou"]}
             for r in record["rows"]]
     return pd.DataFrame(rows).set_index("option")
+
+
+def _x(r: dict, key: str = "ratio_to_unet", ci: str = "ratio_ci") -> str:
+    return f"{r[key]:.2f}x ({r[ci][0]:.2f}-{r[ci][1]:.2f})"
+
+
+_GOAL = {"holds": "is met (the whole interval lies below {g}x)", "does not hold": "is missed (the whole interval lies "
+         "above {g}x)", "inconclusive": "is undecided (the interval contains {g}x)"}
+_PAYS = {"yes": "it pays (the whole interval lies below 1)", "no": "it costs time (the whole interval lies above 1)",
+         "no difference measured": "no difference the rounds can resolve (the interval contains 1)"}
+
+
+def bench_findings(record: dict) -> str:
+    """What the bench says about the options (variants apart), as Markdown bullets; every number is
+    the record's."""
+    rows = {r["option"]: r for r in record["rows"]}
+    goal = lambda r: _GOAL[r["within_goal"]].format(g=GOAL_RATIO)   # noqa: E731
+    time_key = f"time_{record['n_images']}_s"
+    out = []
+    d = rows.get("nodes-unet")
+    pick = record["calibration"].get("nodes-unet", {}).get("pick_label")
+    c = rows.get(f"nodes-unet {pick}")
+    if d:
+        out.append(f"**dopri5 at the trained tolerances** ({d['nfe_total']:.0f} evaluations of $f$ per patch) makes "
+                   f"NODEs-UNet take {_x(d)} the U-Net's time, for {d['macs_ratio_to_unet']:.1f}x its MACs.")
+        n = rows.get("nodes-unet-h16")
+        if n:
+            out[-1] += (f" The narrow $f$ (`nodes-unet-h16`) cuts the MACs to {n['macs_ratio_to_unet']:.1f}x and the "
+                        f"time to {_x(n)}, at {n['nfe_total']:.0f} evaluations.")
+    if d and c:
+        out.append(f"**The calibrated solver** ({pick}, chosen on the validation patches, next section) scores "
+                   f"{100 * c['test_miou']:.2f}% test MIoU against dopri5's {100 * d['test_miou']:.2f}% and runs "
+                   f"{d[time_key] / c[time_key]:.1f} times faster: "
+                   f"{_x(c)} the U-Net's time, so the {GOAL_RATIO}x goal {goal(c)}.")
+    co, uo = rows.get(f"nodes-unet {pick} onnx"), rows.get("unet onnx")
+    if co and uo:
+        out.append(f"**Exported to ONNX** the calibrated network takes {_x(co)} the PyTorch U-Net's time, but "
+                   f"onnxruntime speeds up the U-Net too ({_x(uo)}); like with like, against the ONNX U-Net, it takes "
+                   f"{_x(co, 'ratio_same_runtime', 'ratio_same_runtime_ci')}: the goal {goal(co)}. Its MACs are "
+                   f"{co['macs_ratio_to_unet']:.2f}x the U-Net's, a floor that no runtime goes under.")
+    ode = [r for r in record["rows"] if r["nfe_total"] > 0 and not r.get("variant")]
+    for verdict, words in (("holds", "meet the goal"), ("inconclusive", "are undecided about it")):
+        those = [f"`{r['option']}` ({r.get('ratio_same_runtime', r['ratio_to_unet']):.2f}x)" for r in ode
+                 if r["within_goal"] == verdict]
+        if those:
+            out.append(f"Options with ODE-blocks that {words}: " + ", ".join(those) + ".")
+    out.append("The test MIoU differences between the networks are those of one seed; chapter 6 showed that "
+               "seed-to-seed differences in this study are as large as any difference here.")
+    return "\n".join(f"- {line}" for line in out)
+
+
+def variants_frame(record: dict):
+    """The variants of the bench (same weights, run another way), one row each, against their base."""
+    import pandas as pd
+    base = {r["option"]: r for r in record["rows"]}
+    rows = []
+    for r in record["rows"]:
+        if not r.get("variant"):
+            continue
+        b = base[r["base"]]
+        rows.append({"variant": r["option"], "of": r["base"], "x base": r["ratio_to_base"],
+                     "x base 95%": f"{r['ratio_to_base_ci'][0]:.2f}-{r['ratio_to_base_ci'][1]:.2f}", "pays": r["pays"],
+                     "x U-Net": r["ratio_to_unet"], "NFE": r["nfe_total"], "NFE of base": b["nfe_total"],
+                     "test MIoU": r["test_miou"], "MIoU - base (pp)": 100 * (r["test_miou"] - b["test_miou"]),
+                     "compile s": r.get("compile_s"), "graph breaks": r.get("graph_breaks")})
+    return pd.DataFrame(rows).set_index("variant") if rows else None
+
+
+def variants_findings(record: dict) -> str:
+    """What each variant of the bench does against its base, what is kept, and what could not be
+    measured, as Markdown bullets; every number is the record's."""
+    rows = {r["option"]: r for r in record["rows"]}
+    out = []
+    for r in record["rows"]:
+        v = r.get("variant")
+        if not v:
+            continue
+        b = rows[r["base"]]
+        paid = f"{_x(r, 'ratio_to_base', 'ratio_to_base_ci')} the time of `{r['base']}`: {_PAYS[r['pays']]}"
+        if v == "torchode":
+            out.append(f"**torchode** solves the trained dopri5 with {r['nfe_total']:.0f} evaluations of $f$ per patch "
+                       f"(torchdiffeq: {b['nfe_total']:.0f}), test MIoU {100 * r['test_miou']:.2f}% (torchdiffeq: "
+                       f"{100 * b['test_miou']:.2f}%), and takes {paid}.")
+        elif v == "unrolled":
+            same = "the same masks, bit for bit" if r["test_miou"] == b["test_miou"] else "not the same masks"
+            out.append(f"**The unrolled loop** ({r['base'].split()[-1]} as plain Python) gives {same} (test MIoU "
+                       f"{100 * r['test_miou']:.2f}%) and takes {paid}.")
+        elif v == "channels_last":
+            out.append(f"**channels_last** for `{r['base']}` takes {paid}.")
+        elif v == "compiled":
+            breaks = r.get("graph_breaks")
+            graph = "" if breaks is None else f", {r.get('graphs')} graph(s) with {breaks} graph break(s)"
+            out.append(f"**torch.compile** ({r.get('compile_backend')}) of `{r['base']}`: compiled in "
+                       f"{r['compile_s']:.0f} s (the first call, outside the times){graph}; it takes {paid}.")
+    kept = [r["option"] for r in record["rows"] if r.get("pays") == "yes"]
+    dropped = [r["option"] for r in record["rows"] if r.get("variant") and r.get("pays") != "yes"]
+    out.append("Kept, because they pay on this bench: " + (", ".join(f"`{k}`" for k in kept) or "none") + ". Not kept: "
+               + (", ".join(f"`{k}`" for k in dropped) or "none") + ".")
+    for what, note in (record.get("variant_notes") or {}).items():
+        out.append(f"**{what}**: {note if len(note) < 300 else note[:300] + ' ...'}")
+    return "\n".join(f"- {line}" for line in out)
+
+
+def bench_summary(record: dict) -> str:
+    """Two summary bullets (Markdown) from the bench: the calibrated NODEs-UNet against the goal, and
+    which variants paid; every number is the record's."""
+    rows = {r["option"]: r for r in record["rows"]}
+    time_key = f"time_{record['n_images']}_s"
+    pick = record["calibration"].get("nodes-unet", {}).get("pick_label")
+    d, c, co = rows.get("nodes-unet"), rows.get(f"nodes-unet {pick}"), rows.get(f"nodes-unet {pick} onnx")
+    out = []
+    if d and c:
+        line = (f"Calibrated ({pick}), NODEs-UNet is {d[time_key] / c[time_key]:.1f} times faster than with dopri5 "
+                f"({d['nfe_total']:.0f} evaluations of $f$) and scores {100 * c['test_miou']:.2f}% against "
+                f"{100 * d['test_miou']:.2f}%; it takes {_x(c)} the U-Net's time in PyTorch (the {GOAL_RATIO}x goal "
+                f"{_GOAL[c['within_goal']].split(' (')[0].format(g=GOAL_RATIO)})")
+        if co:
+            line += (f" and {_x(co, 'ratio_same_runtime', 'ratio_same_runtime_ci')} the ONNX U-Net's in ONNX (the goal "
+                     f"{_GOAL[co['within_goal']].split(' (')[0].format(g=GOAL_RATIO)})")
+        out.append(line + f"; its MACs floor is {c['macs_ratio_to_unet']:.2f}x.")
+        held = [f"`{r['option']}`" for r in record["rows"] if r["nfe_total"] > 0 and r["within_goal"] == "holds"]
+        if held:
+            out[-1] += " Meeting the goal: " + ", ".join(held) + "."
+    variants = [r for r in record["rows"] if r.get("variant")]
+    if variants:
+        kept = [f"`{r['option']}` ({r['ratio_to_base']:.2f}x its base)" for r in variants if r["pays"] == "yes"]
+        rest = [f"`{r['option']}` ({r['ratio_to_base']:.2f}x)" for r in variants if r["pays"] != "yes"]
+        out.append("Backends, layouts and compilers, measured on the same weights in the same rounds: "
+                   + (("kept where they pay: " + ", ".join(kept)) if kept else "none pays") + "; not kept: "
+                   + (", ".join(rest) or "none") + "."
+                   + (" bf16 on CUDA was not measured (no CUDA device)." if "bf16 on CUDA" in (record.get("variant_notes") or {})
+                      else ""))
+    return "\n".join(f"- {line}" for line in out)
+
+
+def study_units_frame(record: dict):
+    """The bench's units against the chapter-6 records of the same label and seed (test MIoU): the
+    study's checkpoints were not kept, and units re-trained with the same recipe differ."""
+    import pandas as pd
+    rows = []
+    for r in record["rows"]:
+        if r.get("variant") or r["runtime"] != "torch" or r["model"] not in ("unet", "resunet", "ode-unet-5", "nodes-unet",
+                                                                             "nodes-unet-h16") or r.get("ode_reg") is not None:
+            continue
+        if r.get("calibrated"):
+            continue
+        label = r["model"] if r["option"] != "nodes-unet-h16" else "nodes-unet-h16"
+        table = "table1" if label == "ode-unet-5" else "table2"
+        study = load_record(f"{table}/{record['scale']}/{label}-seed{record['seed']}.json")
+        unit = (record.get("units") or {}).get(label, {})
+        rows.append({"network": label, "bench test MIoU": r["test_miou"],
+                     "chapter 6 record": None if study is None else study["test"]["miou"],
+                     "difference (pp)": None if study is None else 100 * (r["test_miou"] - study["test"]["miou"]),
+                     "trained at": str(unit.get("git_commit") or "?")[:8], "unit": unit.get("source")})
+    return pd.DataFrame(rows).set_index("network") if rows else None
 
 
 # ----------------------------------------------------------------------------- 2. what the blocks learned
@@ -1121,7 +1278,7 @@ def plot_frontier(record: dict, ax=None):
         marker = ("s" if r["runtime"] == "onnxruntime" else "D" if r.get("ode_reg") is not None else
                   _VARIANT_MARKERS.get(r.get("variant"), "o"))
         ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt=marker, color=colour, ms=6, capsize=3, lw=1)
-        if r["option"] != "unet onnx":     # at the U-Net's point: one label for both runtimes
+        if r["option"] != "unet onnx" and not r.get("variant"):   # a variant: its marker, beside its base
             text = "U-Net (PyTorch and ONNX)" if r["option"] == "unet" else _short(r["option"])
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 6 - 18 * (i % 2)), fontsize=8)
     ax.axvline(GOAL_RATIO, color="C0", ls="--", lw=1, label=f"goal: {GOAL_RATIO}x the U-Net's time")
@@ -1362,8 +1519,9 @@ def run_record(args, command: str) -> None:
     seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     log = functools.partial(print, flush=True)
     results = _results_dir()
-    if args.what == "cheap-bench":
+    if args.what == "cheap-bench":      # --work: the folder of the regularisation pair (default runs/regularise)
         bench_options(scale=args.scale, seed=seeds[0], n_images=args.images or 20, rounds=args.rounds or 7, root=args.study_root,
+                      regularise_work=Path(args.work) if args.work else REGULARISE_WORK, notes=args.notes,
                       out=args.out or results / RECORD_BENCH, command=command, log=log)
     elif args.what == "cheap-blocks":
         blocks_learned(scale=args.scale, seeds=seeds, n_images=args.images or 4, root=args.study_root,
