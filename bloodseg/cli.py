@@ -1,5 +1,7 @@
-"""The ``bloodseg`` command. Each subcommand is a thin layer over a library function.
+"""The ``bloodseg`` command line: the parser, and the one place where flags become a recipe.
 
+What each command does is :mod:`bloodseg.commands` (the library's) or :mod:`bloodseg.paper.commands`
+(the paper's experiments), each a thin layer over a library function; ``main`` dispatches to it.
 Errors a user can cause print one clear line (no traceback) and exit with status 2. ``predict``
 and ``count`` report an image they cannot read or predict, skip it, do the others, and exit with
 status 1 ("N written, K failed" on stderr).
@@ -7,76 +9,17 @@ status 1 ("N written, K failed" on stderr).
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import shlex
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-from . import __version__
-from .bccd import prepare_bccd, prepare_cached
-from .calibrate import check_solver, solver_label, white_iou_score
-from .count import write_counts_csv
-from .datasets import SegmentationDataset, training_splits
-from .distributed import cleanup_distributed, setup_distributed
-from .download import download_bccd
+from . import __version__, commands
 from .errors import BloodsegError
-from .export import export_onnx
-from .io import load_folder
-from .models import MODEL_NAMES, build_model
-from .ode import FIXED_GRID_METHODS, check_regularise, set_tolerance
-from .recipe import Recipe, get_recipe
-from .segmenter import Segmenter, shipped_checkpoint
-from .synthetic import write_synthetic
-from .train import evaluate, fit
-
-# bloodseg.paper (training recipes of the BCCD checkpoint, the bench) is imported inside the
-# commands that use it: it pulls in pandas and the plotting code, which `predict` and `count`
-# do not need at start-up. The core never imports bloodseg.paper.
-
-
-def _given(value, default):
-    """``value`` unless the option was left out (None): 0 or a negative number is kept, so that
-    validation reports it instead of silently using the profile's value."""
-    return default if value is None else value
-
-
-def _dump(obj, path: str | None) -> None:
-    text = json.dumps(obj, indent=1, default=float)
-    if path:
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n")
-        except OSError as exc:
-            raise BloodsegError(f"cannot write {path}: {exc.strerror or exc}. Choose a file in a "
-                                "folder you can write to.") from None
-    print(text)
-
-
-# --------------------------------------------------------------------------- subcommands
-
-def cmd_synth(args) -> int:
-    size = tuple(args.size) if args.size else (519, 775)
-    t0 = time.perf_counter()
-    pairs = write_synthetic(args.out, args.n, seed=args.seed, size=size)
-    print(f"wrote {len(pairs)} image/mask pairs ({size[1]}x{size[0]}) to {args.out}/images and "
-          f"{args.out}/masks in {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-def cmd_download_bccd(args) -> int:
-    folder = download_bccd(args.out, mirror=args.mirror, progress=True)
-    print(f"BCCD in {folder} (every file checked against its SHA-256); use it with "
-          f"`export BLOODSEG_BCCD={Path(folder).resolve()}` or --src {folder}")
-    return 0
-
-
-def cmd_prepare_bccd(args) -> int:
-    report = prepare_bccd(args.src, args.out, limit=args.limit)
-    _dump(report, None)
-    return 0
+from .models import MODEL_NAMES
+from .ode import check_regularise
+from .recipe import REAL_PRESETS, Recipe, get_recipe
 
 
 def _ode_reg_arg(text: str) -> dict:
@@ -95,9 +38,9 @@ def _ode_reg_arg(text: str) -> dict:
 
 
 def recipe_from_args(args) -> Recipe:
-    """The one place where command-line flags become a :class:`~bloodseg.recipe.Recipe`: the
-    profile's preset with every flag the user gave applied (0 or a negative number is kept, so
-    that validation reports it)."""
+    """The one place where ``train``'s flags become a :class:`~bloodseg.recipe.Recipe`: the
+    profile's preset with every flag the user gave applied (0 or a negative number is kept, not
+    replaced by the profile's value, so that validation reports it)."""
     base = get_recipe(getattr(args, "profile", None))
     if args.width is not None and args.width < 1:
         raise BloodsegError(f"--width must be a positive number of channels; got {args.width}")
@@ -106,11 +49,10 @@ def recipe_from_args(args) -> Recipe:
         options["rtol"] = args.rtol
     if args.adjoint:
         options["adjoint"] = True
-    r = base.replace(**{
-        "model.name": args.model, "model.width": _given(args.width, base.model.width), "model.options": options,
-        "train.epochs": _given(args.epochs, base.train.epochs),
-        "train.batch_size": _given(args.batch_size, base.train.batch_size),
-        "train.lr": _given(args.lr, base.train.lr), "train.optimizer": args.optimizer,
+    given = {"model.width": args.width, "train.epochs": args.epochs, "train.batch_size": args.batch_size,
+             "train.lr": args.lr}
+    r = base.replace(**{k: v for k, v in given.items() if v is not None}, **{
+        "model.name": args.model, "model.options": options, "train.optimizer": args.optimizer,
         "train.weight_decay": args.weight_decay, "train.seed": args.seed,
         "train.checkpoint_every": args.checkpoint_every, "train.bf16": args.bf16,
         "train.scale_lr": args.scale_lr, "train.sync_bn": not args.no_sync_bn,
@@ -120,157 +62,46 @@ def recipe_from_args(args) -> Recipe:
     return r
 
 
-def cmd_train(args) -> int:
-    recipe = recipe_from_args(args)
-    info = setup_distributed()
-    torch.manual_seed(args.seed)
-    model = build_model(recipe.model.name, width=recipe.model.width, **recipe.model.options)
-    splits = training_splits(args.data, recipe, seed=args.seed)
-    cfg = recipe.train
-    if info.is_main:
-        lr = cfg.lr * (info.world_size if cfg.scale_lr else 1)
-        print(f"profile {recipe.name}: {len(splits['train'])} train / {len(splits['val'])} val / "
-              f"{len(splits['test'])} test patches, model {args.model} width {recipe.model.width} "
-              f"{recipe.model.options}, world size {info.world_size}, batch {cfg.batch_size} per process x "
-              f"{info.world_size} = {cfg.batch_size * info.world_size}, lr {lr:g}", flush=True)
-    history = fit(model, SegmentationDataset(splits["train"]), SegmentationDataset(splits["val"]),
-                  args.out, recipe, resume=not args.restart,
-                  on_epoch=lambda r: print(json.dumps(r), flush=True))
-    if info.is_main and splits["test"]:
-        best = Segmenter.load(Path(args.out) / "best.pt")
-        metrics = evaluate(best.model, SegmentationDataset(splits["test"]))
-        metrics["epochs_trained"] = len(history)
-        _dump(metrics, str(Path(args.out) / "metrics.json"))
-    cleanup_distributed()
-    return 0
+#: ``train-bccd``'s flags that change a field of the ``ship`` recipe (:data:`~bloodseg.recipe.REAL_PRESETS`):
+#: flag -> (recipe field, type, help; ``{}`` is the ship recipe's value, the default).
+BCCD_FLAGS = {
+    "--width": ("model.width", int, "first-level channels (default: {})"),
+    "--scale": ("data.scale", float, "resize factor of the photographs (default: {})"),
+    "--patch": ("data.patch", int, "training patch side in px (default: {})"),
+    "--crops": ("data.crops_per_image", int, "patches per training photograph (default: {})"),
+    "--augment": ("data.augment", int, "flip/rotate/colour copies per patch (default: {})"),
+    "--val-images": ("real.val_images", int, "validation photographs; 0 = all (default: {})"),
+    "--stain": ("data.stain", float, "stain/camera shifts of the training patches, strength 0-1 "
+                                     "(bloodseg.stain.random_stain; default: {}, none)"),
+    "--epochs": ("train.epochs", int, "epochs on BCCD (default: {})"),
+    "--batch-size": ("train.batch_size", int, "(default: {})"),
+    "--lr": ("train.lr", float, "learning rate of the synthetic pretraining (default: {})"),
+    "--finetune-lr": ("real.finetune_lr", float, "learning rate on BCCD (default: {})"),
+    "--pretrain-smears": ("real.pretrain_smears", int, "synthetic smears to pretrain on (default: {})"),
+    "--pretrain-epochs": ("real.pretrain_epochs", int, "(default: {})"),
+}
 
 
-def cmd_train_bccd(args) -> int:
-    import dataclasses
-
-    from .paper.bccd import CPU_PLAN, train_bccd_checkpoint
-    fields = {"width": "width", "scale": "scale", "patch": "patch", "epochs": "epochs", "batch_size": "batch_size",
-              "lr": "lr", "finetune_lr": "finetune_lr", "pretrain_smears": "pretrain_smears",
-              "pretrain_epochs": "pretrain_epochs", "crops": "crops_per_image", "augment": "augment"}
-    changes = {}
-    for arg, field in fields.items():
-        value = getattr(args, arg)
+def bccd_recipe_from_args(args) -> Recipe:
+    """The one place where ``train-bccd``'s flags become a :class:`~bloodseg.recipe.Recipe` (named
+    ``cli``): the ``ship`` recipe with the model, seed, schedule, time limit and every
+    :data:`BCCD_FLAGS` flag the user gave (numbers > 0; --stain 0-1; --val-images 0 = all)."""
+    changes = {"model.name": args.model, "train.seed": args.seed, "train.schedule": args.schedule,
+               "train.max_minutes": args.max_minutes}
+    for flag, (field, _, _) in BCCD_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
         if value is None:
             continue
-        if not value > 0:
-            raise BloodsegError(f"--{arg.replace('_', '-')} must be positive; got {value}")
-        changes[field] = value
-    if args.stain is not None:
-        if not 0 <= args.stain <= 1:
-            raise BloodsegError(f"--stain must be a strength from 0 (off) to 1; got {args.stain}")
-        changes["stain"] = args.stain
-    if args.val_images is not None:
-        if args.val_images < 0:
-            raise BloodsegError(f"--val-images must be 0 (all) or positive; got {args.val_images}")
-        changes["val_images"] = args.val_images or None
-    plan = dataclasses.replace(CPU_PLAN, name="cli", **changes)
-    options = {"schedule": args.schedule}
-    if args.max_minutes:
-        options["max_minutes"] = args.max_minutes
-    metrics = train_bccd_checkpoint(args.out, model=args.model, plan=plan, src=args.src, seed=args.seed,
-                                    pretrain=not args.no_pretrain, train_options=options, init=args.init,
-                                    log=lambda m: print(m, flush=True))
-    _dump(metrics, None)
-    return 0
-
-
-def cmd_tune_cleanup(args) -> int:
-    from .paper.bccd import tune_checkpoint_cleanup
-    result = tune_checkpoint_cleanup(args.ckpt, src=args.src, out=args.out, work=args.work,
-                                     log=lambda m: print(m, flush=True))
-    print(f"wrote {result['checkpoint']} with postprocess {result['tuning']['chosen']}")
-    return 0
-
-
-def _segmenter(args) -> Segmenter:
-    # --exact, and --rtol (a tolerance of the trained solver), use the trained solver even when a
-    # calibrated one is stored in the checkpoint
-    exact = bool(getattr(args, "exact", False)) or getattr(args, "rtol", None) is not None
-    seg = Segmenter.load(args.ckpt, exact=exact,
-                         **({"rtol": args.rtol} if getattr(args, "rtol", None) is not None else {}))
-    if getattr(args, "rtol", None) is not None:
-        set_tolerance(seg.model, args.rtol)   # checks the value even for a network without ODE-blocks
-    if len(seg.class_names) != 3 or seg.model.options.get("classes", 3) != 3:
-        raise BloodsegError(f"{args.ckpt} predicts {seg.model.options.get('classes')} classes, but 3 are "
-                            "needed here (masks hold 0/1/2). Use a checkpoint trained with the same classes.")
-    if getattr(args, "tile", None) is not None:
-        seg = seg.replace(tile=args.tile, overlap=args.overlap)
-    return seg
-
-
-def cmd_calibrate(args) -> int:
-    if (args.data is None) == (args.bccd_src is None):
-        raise BloodsegError("give exactly one of --data DIR (images/ and masks/) and --bccd-src DIR "
-                            "(raw BCCD: its validation photographs are used, scored by gold white-cell IoU)")
-    seg = Segmenter.load(args.ckpt, exact=True)
-    score, what = None, "MIoU (one confusion matrix over all images)"
-    if args.data is not None:
-        samples = load_folder(args.data)
-    else:
-        prepare_cached(args.bccd_src, Path(args.work) / "bccd")
-        samples = load_folder(Path(args.work) / "bccd" / "val")
-        score, what = white_iou_score, "gold white-cell IoU over all images"
-    out = Path(args.out) if args.out else Path(Path(args.ckpt).stem + "-calibrated.pt")
-    print(f"calibrating on {len(samples)} validation images ({what}), max drop {args.max_drop} pp", flush=True)
-    new = seg.calibrate(samples, max_drop_pp=args.max_drop, score=score,
-                        log=lambda m: print(m, flush=True))
-    table = new.metrics["calibration"]
-    print(f"{'solver':>18} {'score':>8} {'drop pp':>8} {'s/image':>8}  NFE per block")
-    for r in table["rows"]:
-        sc = "failed" if r["score"] is None else f"{r['score']:.4f}"
-        dp = "" if r["drop_pp"] is None else f"{r['drop_pp']:+.2f}"
-        print(f"{r['label']:>18} {sc:>8} {dp:>8} {r['seconds_per_image']:8.4f}  "
-              f"{' '.join(f'{v:g}' for v in r['nfe_per_block'].values())}")
-    new.save(out)   # atomic; the input is overwritten only when --out names it
-    print(f"chosen: {solver_label(table['chosen'])}; wrote {out}")
-    return 0
-
-
-def _solver_arg(text: str) -> dict:
-    """``euler:1``, ``rk4:2`` (a fixed-grid method:steps) or ``dopri5:1e-3`` (an adaptive method:rtol)."""
-    method, _, value = text.strip().lower().partition(":")
-    spec = {"method": method}
-    if value:
-        fixed = method in FIXED_GRID_METHODS
-        try:
-            spec["steps" if fixed else "rtol"] = int(value) if fixed else float(value)
-        except ValueError:
-            raise BloodsegError(f"--solver {text!r}: give METHOD:STEPS for a fixed-grid method (euler:1, "
-                                "rk4:2) or METHOD:RTOL for an adaptive one (dopri5:1e-3)") from None
-    return check_solver(spec)
-
-
-def cmd_export(args) -> int:
-    seg = Segmenter.load(args.ckpt, device="cpu")
-    solver = _solver_arg(args.solver) if args.solver else None
-    out = export_onnx(seg, args.onnx, solver=solver)
-    label = solver_label(solver if solver is not None else seg.solver)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, ODE solver {label}); run it with "
-          "bloodseg.export.load_onnx(path).predict(image)")
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    seg = _segmenter(args)
-    splits = training_splits(args.data, get_recipe(getattr(args, "profile", None)), seed=args.seed)
-    metrics = evaluate(seg.model, SegmentationDataset(splits[args.split]), per_image=args.per_image)
-    metrics.update({"checkpoint": str(args.ckpt), "data": str(args.data), "split": args.split})
-    _dump(metrics, args.json)
-    return 0
-
-
-def _batch_options(args) -> dict:
-    if args.pixel_size_um is not None and args.instances is None:
-        raise BloodsegError("--pixel-size-um gives the cells' areas in µm² in the --instances tables; "
-                            "add --instances DIR")
-    return dict(skip_existing=args.skip_existing, progress=True if args.progress else None,
-                instances=args.instances, pixel_size_um=args.pixel_size_um,
-                save_probabilities=args.save_probabilities)
+        if flag == "--stain" and not 0 <= value <= 1:
+            raise BloodsegError(f"--stain must be a strength from 0 (off) to 1; got {value}")
+        if flag == "--val-images" and value < 0:
+            raise BloodsegError(f"--val-images must be 0 (all) or positive; got {value}")
+        if flag not in ("--stain", "--val-images") and not value > 0:
+            raise BloodsegError(f"{flag} must be positive; got {value}")
+        changes[field] = None if flag == "--val-images" and value == 0 else value
+    r = REAL_PRESETS["ship"].replace("cli", **changes)
+    r.train.validate()
+    return r
 
 
 def _scale_arg(text: str):
@@ -286,47 +117,13 @@ def _scale_arg(text: str):
     return value
 
 
-def _batch_segmenter(args) -> Segmenter:
-    seg = _segmenter(args)
-    scale = getattr(args, "scale", None)
-    if getattr(args, "exact", False):   # exactly the trained pipeline: the stored fixed input_scale too
-        if scale == "auto":
-            raise BloodsegError("--exact runs the trained pipeline at its fixed input_scale; drop --scale auto")
-        seg = seg.replace(scale="fixed")
-    if scale == "auto":
-        seg = seg.replace(scale="auto")
-    elif scale is not None:
-        seg = seg.replace(scale="fixed", input_scale=scale)
-    return seg.replace(tta=True) if args.tta else seg
-
-
-def _summary(command: str, rows, done: str) -> int:
-    """Print the "N written, K failed" line on stderr; exit status 1 when an image failed."""
-    failed = [r for r in rows if "error" in r]
-    skipped = sum(1 for r in rows if r.get("skipped"))
-    line = f"bloodseg {command}: {len(rows) - len(failed) - skipped} {done}, {len(failed)} failed"
-    if skipped:
-        line += f", {skipped} skipped (their outputs were already there)"
-    print(line, file=sys.stderr)
-    for r in failed:
-        print(f"  failed: {r['image']}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def cmd_predict(args) -> int:
-    rows = _batch_segmenter(args).predict_files(args.images, args.out, overlays=not args.no_overlay,
-                                                postprocess=False if args.raw else None, **_batch_options(args))
-    for r in rows:
-        if "error" not in r:
-            print(f"{r['image']} -> {r['mask']}" + (" (kept)" if r.get("skipped") else ""))
-    return _summary("predict", rows, "written")
-
-
-def cmd_reproduce(args) -> int:
-    from .paper.reproduce import reproduce
-    reproduce(args.experiment, scale=args.scale, seeds=args.seeds, max_minutes=args.max_minutes,
-              out=args.out, progress=True if args.progress else None)
-    return 0
+def _paper(name: str):
+    """The command ``name`` of :mod:`bloodseg.paper.commands`, imported only when it runs: bloodseg.paper
+    pulls in pandas and the plotting code, which ``predict`` and ``count`` do not need at start-up."""
+    def run(args) -> int:
+        from .paper import commands as paper_commands
+        return getattr(paper_commands, name)(args)
+    return run
 
 
 #: ``bloodseg record WHAT``: the chapters' records beyond ``reproduce``, and the paper module that writes each.
@@ -335,68 +132,17 @@ RECORDS = {"bccd-training": "bccd", "bccd-shipped": "bccd", "ddp-throughput": "d
 
 
 def cmd_record(args) -> int:
-    import importlib
     torch.set_num_threads(1)
     command = "OMP_NUM_THREADS=1 bloodseg " + shlex.join(sys.argv[1:])
     importlib.import_module(f".paper.{RECORDS[args.what]}", __package__).run_record(args, command)
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .paper.bench import format_bench, run_bench
-    result = run_bench(models=args.models, width=args.width, size=args.size, n_images=args.n_images,
-                       batch=args.batch, device=args.device, ckpt_dir=args.ckpt_dir,
-                       train=not args.no_train, adjoint=not args.no_adjoint, repeats=args.repeats,
-                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(format_bench(result))
-    if args.json:
-        try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
-        except OSError as exc:
-            raise BloodsegError(f"cannot write {args.json}: {exc.strerror or exc}. Choose a file in a "
-                                "folder you can write to.") from None
-        print(f"wrote {args.json}")
-    return 0
-
-
-def cmd_count(args) -> int:
-
-    if args.ckpt is None:
-        args.ckpt = shipped_checkpoint()
-    if args.skip_existing and args.masks is None:
-        raise BloodsegError("--skip-existing needs --masks DIR: the counts are made again from the saved masks")
-    rows = _batch_segmenter(args).count_files(args.images, red_radius=args.red_radius, masks_out=args.masks,
-                                              postprocess=False if args.raw else None, **_batch_options(args))
-    counted = [r for r in rows if "error" not in r]
-    print("image,n_white,n_red")
-    for r in counted:
-        print(f"{r['image']},{r['n_white']},{r['n_red']}")
-    if args.out:
-        print(f"wrote {write_counts_csv(counted, args.out)}")
-    return _summary("count", rows, "counted")
-
-
-def cmd_ddp_bench(args) -> int:
-    from .paper.ddp_scaling import bench_command
-    bench_command(args.model, args.width, args.patch, args.batch_size, args.steps, args.warmup,
-                  args.profile, args.bf16, json_path=args.json)
-    return 0
-
-
-def cmd_ddp_gradcheck(args) -> int:
-    from .paper.ddp_scaling import gradcheck_command
-    gradcheck_command(args.configs, args.width, args.size, args.batch, args.out)
-    return 0
-
-
-# --------------------------------------------------------------------------- parser
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bloodseg", description=(
         "Blood smear segmentation (background / white cell / red cell) with U-Nets and neural "
         "ODE blocks, after Li et al. 2021 (NODEs-UNet)."))
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("synth", help="write synthetic smears with exact masks")
@@ -404,20 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=10, help="number of smears (default 10)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="default 519 775")
-    s.set_defaults(func=cmd_synth)
+    s.set_defaults(func=commands.cmd_synth)
 
     s = sub.add_parser("download-bccd", help="fetch the full BCCD (367 photographs) with checksums")
     s.add_argument("--out", required=True, help="folder for the data (files already there and intact are kept)")
     s.add_argument("--mirror", default=None,
                    help="base URL or local folder with the same layout (default: the pinned upstream "
                         "repositories, or $BLOODSEG_BCCD_MIRROR)")
-    s.set_defaults(func=cmd_download_bccd)
+    s.set_defaults(func=commands.cmd_download_bccd)
 
     s = sub.add_parser("prepare-bccd", help="turn the BCCD dataset into 3-class masks per split")
     s.add_argument("--src", required=True, help="BCCD folder (images/, wbc_masks/, annotations/, splits/)")
     s.add_argument("--out", required=True)
     s.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
-    s.set_defaults(func=cmd_prepare_bccd)
+    s.set_defaults(func=commands.cmd_prepare_bccd)
 
     s = sub.add_parser("train", help="train a model; writes best.pt, last.pt, history.json, metrics.json",
                        epilog="Several processes (GPUs, machines): torchrun --nproc-per-node=N -m "
@@ -451,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regularise the ODE-blocks' dynamics (Finlay et al. 2020): add A x kinetic energy and "
                         "B x Jacobian Frobenius norm (Hutchinson estimate), integrated over each solve, to the loss")
     s.add_argument("--restart", action="store_true", help="ignore an existing last.pt")
-    s.set_defaults(func=cmd_train)
+    s.set_defaults(func=commands.cmd_train, recipe_of=recipe_from_args)
 
     s = sub.add_parser("train-bccd", help="train a model on BCCD photographs and score it on the whole "
                                           "test split (the recipe of the shipped checkpoint)",
@@ -463,26 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--src", required=True, help="raw BCCD folder (images/, wbc_masks/, annotations/, splits/)")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--model", choices=MODEL_NAMES, default="nodes-unet")
-    s.add_argument("--width", type=int, help="first-level channels (default: 8)")
-    s.add_argument("--scale", type=float, help="resize factor of the photographs (default: 0.5)")
-    s.add_argument("--patch", type=int, help="training patch side in px (default: 128)")
-    s.add_argument("--crops", type=int, help="patches per training photograph (default: 4)")
-    s.add_argument("--augment", type=int, help="flip/rotate/colour copies per patch (default: 1)")
-    s.add_argument("--val-images", type=int, help="validation photographs; 0 = all (default: 40)")
-    s.add_argument("--stain", type=float, help="stain/camera shifts of the training patches, strength 0-1 "
-                                               "(bloodseg.stain.random_stain; default: 0, none)")
-    s.add_argument("--epochs", type=int, help="epochs on BCCD (default: 5)")
-    s.add_argument("--batch-size", type=int, help="(default: 8)")
-    s.add_argument("--lr", type=float, help="learning rate of the synthetic pretraining (default: 2e-3)")
-    s.add_argument("--finetune-lr", type=float, help="learning rate on BCCD (default: 1e-3)")
-    s.add_argument("--pretrain-smears", type=int, help="synthetic smears to pretrain on (default: 16)")
-    s.add_argument("--pretrain-epochs", type=int, help="(default: 2)")
+    ship = REAL_PRESETS["ship"].to_dict()
+    for flag, (field, kind, text) in BCCD_FLAGS.items():
+        section, _, name = field.partition(".")
+        s.add_argument(flag, type=kind, help=text.format(f"{ship[section][name]:g}"))
     s.add_argument("--no-pretrain", action="store_true", help="train on BCCD from scratch")
     s.add_argument("--init", help="continue from this checkpoint (same model and width) instead of pretraining")
     s.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     s.add_argument("--max-minutes", type=float, default=0.0, help="time limit of the BCCD training (0: none)")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_train_bccd)
+    s.set_defaults(func=_paper("cmd_train_bccd"), recipe_of=bccd_recipe_from_args)
 
     s = sub.add_parser("tune-cleanup", help="choose a BCCD checkpoint's white-cell cleanup on the validation "
                                             "photographs and store it in the checkpoint",
@@ -494,14 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--src", required=True, help="raw BCCD folder (images/, wbc_masks/, annotations/, splits/)")
     s.add_argument("--out", help="write the checkpoint here (default: in place)")
     s.add_argument("--work", default="runs/tune-cleanup", help="folder for the prepared BCCD masks")
-    s.set_defaults(func=cmd_tune_cleanup)
+    s.set_defaults(func=_paper("cmd_tune_cleanup"))
 
     s = sub.add_parser("calibrate", help="choose a cheaper ODE solver on validation images and store it in "
                                          "a copy of the checkpoint",
-                       description="Score and time the trained ODE solver and cheaper ones (Euler, midpoint, "
-                                   "RK4 with 1-4 steps, dopri5 at loose tolerances) on VALIDATION images, keep "
-                                   "the fastest within --max-drop percentage points of the trained solver, and "
-                                   "write the checkpoint with it; predict and count then use it (unless --exact).")
+                       description=commands.cmd_calibrate.__doc__)
     s.add_argument("--ckpt", required=True)
     s.add_argument("--data", help="validation folder with images/ and masks/ (score: MIoU)")
     s.add_argument("--bccd-src", help="raw BCCD folder: calibrate on its validation photographs (score: gold "
@@ -509,17 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work", default="runs/calibrate", help="folder for the prepared BCCD masks")
     s.add_argument("--out", help="write the checkpoint here (default: <ckpt name>-calibrated.pt in the current folder)")
     s.add_argument("--max-drop", type=float, default=0.3, help="largest score drop allowed, in percentage points")
-    s.set_defaults(func=cmd_calibrate)
+    s.set_defaults(func=commands.cmd_calibrate)
 
     s = sub.add_parser("export", help="write a checkpoint's network as an ONNX file (fixed-grid ODE solver)",
-                       description="Export the network to ONNX (dynamic batch, height and width) with its use "
-                                   "settings stored in the file; bloodseg.export.load_onnx runs it with "
-                                   "onnxruntime. An adaptive solver (dopri5) is not a static graph and is refused.")
+                       description=commands.cmd_export.__doc__)
     s.add_argument("--ckpt", required=True)
     s.add_argument("--onnx", required=True, help="the ONNX file to write (atomically)")
     s.add_argument("--solver", metavar="METHOD:STEPS",
                    help="fixed-grid ODE solver, e.g. euler:1 or rk4:2 (default: the checkpoint's calibrated one)")
-    s.set_defaults(func=cmd_export)
+    s.set_defaults(func=commands.cmd_export)
 
     s = sub.add_parser("evaluate", help="PA / CPA / MIoU and time of a checkpoint on a split")
     s.add_argument("--ckpt", required=True)
@@ -530,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rtol", type=float, help="test-time ODE tolerance")
     s.add_argument("--per-image", action="store_true")
     s.add_argument("--json", help="also write the metrics to this file")
-    s.set_defaults(func=cmd_evaluate)
+    s.set_defaults(func=commands.cmd_evaluate)
 
     s = sub.add_parser("predict", help="masks and overlays for images of any size")
     s.add_argument("--ckpt", required=True)
@@ -538,19 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--no-overlay", action="store_true")
     _add_batch_flags(s)
-    s.set_defaults(func=cmd_predict)
+    s.set_defaults(func=commands.cmd_predict)
 
     s = sub.add_parser("count", help="count white and red cells per image (CSV)",
-                       description="Predict each image, then count white cells (connected components) "
-                                   "and red cells (distance-transform watershed splits touching cells). "
-                                   "Cells cut by the border count when most of the cell is visible.")
+                       description=commands.cmd_count.__doc__)
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--ckpt", help="checkpoint (default: the BCCD checkpoint shipped with bloodseg)")
     s.add_argument("--out", help="write the counts as CSV here (image, n_white, n_red, ...)")
     s.add_argument("--masks", help="also write the predicted masks and overlays to this folder")
     s.add_argument("--red-radius", type=float, help="typical red-cell radius in px (default: measured)")
     _add_batch_flags(s)
-    s.set_defaults(func=cmd_count)
+    s.set_defaults(func=commands.cmd_count)
 
     s = sub.add_parser("bench", help="parameters, memory, inference time, NFE and training-step cost "
                                      "of every model (paper Tables 1-2)")
@@ -566,14 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-train", action="store_true", help="skip the training-step measurements")
     s.add_argument("--no-adjoint", action="store_true", help="skip the adjoint training step")
     s.add_argument("--json", help="also write the full results to this file")
-    s.set_defaults(func=cmd_bench)
+    s.set_defaults(func=_paper("cmd_bench"))
 
     s = sub.add_parser("record", help="write one of the chapters' JSON records (with provenance); slow")
     s.add_argument("what", choices=sorted(RECORDS))
     s.add_argument("--out", help="the JSON record (default: its place under book/results/)")
     s.add_argument("--work", help="prepared data, runs and scratch files (default: per record, under runs/)")
     s.add_argument("--bccd-src", help="raw BCCD folder (bccd-*, stain; default $BLOODSEG_BCCD)")
-    s.add_argument("--profile", default="quick", help="bccd-training: the chapter's plan (quick or full)")
+    s.add_argument("--profile", default="quick", help="bccd-training: the chapter's recipe (quick or full)")
     s.add_argument("--repeats", type=int, default=3, help="ddp-throughput: interleaved rounds")
     s.add_argument("--limit", type=int, help="stain: the first N test photographs only (a quick check)")
     s.add_argument("--study-root", help="cheap-*: the study's work tree (default $BLOODSEG_STUDY_ROOT, else .)")
@@ -597,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "again to continue")
     s.add_argument("--out", default="book/results", help="records go to OUT/EXPERIMENT/SCALE/ (default book/results)")
     s.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
-    s.set_defaults(func=cmd_reproduce)
+    s.set_defaults(func=_paper("cmd_reproduce"))
 
     # Hidden (no help=, so not listed): the workers that bloodseg.paper.ddp_scaling launches under torchrun.
     s = sub.add_parser("ddp-bench", description="Throughput of training steps in this process; run it under torchrun.")
@@ -610,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", choices=("smoke", "quick", "full"))
     s.add_argument("--bf16", action="store_true")
     s.add_argument("--json", help="rank 0 writes the result here")
-    s.set_defaults(func=cmd_ddp_bench)
+    s.set_defaults(func=_paper("cmd_ddp_bench"))
 
     s = sub.add_parser("ddp-gradcheck", description="DDP gradients against one process; run it under torchrun.")
     s.add_argument("--configs", required=True, help="JSON list of model configurations")
@@ -618,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=32)
     s.add_argument("--batch", type=int, default=4)
     s.add_argument("--out", required=True)
-    s.set_defaults(func=cmd_ddp_gradcheck)
+    s.set_defaults(func=_paper("cmd_ddp_gradcheck"))
     return p
 
 
@@ -650,13 +379,11 @@ def _add_batch_flags(s) -> None:
                 "checkpoint, output folder, options).")
 
 
-def _version() -> str:
-    return __version__
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "recipe_of"):   # train, train-bccd: the flags as a recipe, checked before any work
+            args.recipe = args.recipe_of(args)
         return args.func(args)
     except BloodsegError as exc:
         print(f"bloodseg {args.command}: error: {exc}", file=sys.stderr)

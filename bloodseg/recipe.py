@@ -1,18 +1,21 @@
 """The one configuration type: a :class:`Recipe` says how a number was made.
 
-A recipe has four sections, each a plain frozen dataclass:
+A recipe has four sections, and a fifth for real photographs, each a plain frozen dataclass:
 
 * :class:`DataRecipe` — which smears, how many, cut into which patches, augmented how;
 * :class:`ModelRecipe` — the network's name, width and extra options (solver, tolerances);
 * :class:`TrainRecipe` — every knob of :func:`bloodseg.train.fit` (epochs, batch, lr, ...);
-* :class:`MeasureRecipe` — how results are measured (timed images, tolerances, memory sizes).
+* :class:`MeasureRecipe` — how results are measured (timed images, tolerances, memory sizes);
+* :class:`RealDataRecipe` (optional, ``real``) — training on real photographs (BCCD): which of them
+  validate and score, the synthetic pretraining, the fine-tuning learning rate.
 
 Named presets (:data:`PRESETS`) are the book's profiles: ``smoke`` (seconds, CI), ``quick`` (a
 2-core CPU, minutes a chapter) and ``full`` (the paper's setting). ``BLOODSEG_PROFILE`` picks
 one; :func:`get_recipe` returns it. Experiments derive theirs with :meth:`Recipe.replace`
 (``recipe.replace(**{"train.epochs": 3})``), so a difference between two runs is always a
 visible field, never a branch in library code. A recipe is stored, as :meth:`Recipe.to_dict`,
-in every checkpoint and every record.
+in every checkpoint and every record. :data:`REAL_PRESETS` are the same profiles for real
+photographs (chapter 8), plus ``ship``, the recipe of ``bloodseg train-bccd``'s defaults.
 """
 from __future__ import annotations
 
@@ -119,6 +122,27 @@ class MeasureRecipe:
     try_compile: bool = False                           # also time torch.compile'd ODE functions
 
 
+@dataclasses.dataclass(frozen=True)
+class RealDataRecipe:
+    """Training on real photographs (BCCD, :mod:`bloodseg.paper.bccd`): synthetic pretraining, then
+    fine-tuning on the BCCD training photographs.
+
+    With this section the data section's ``scale``, ``patch``, ``crops_per_image``, ``augment`` and
+    ``stain`` apply to the BCCD training photographs (its synthetic-smear fields are not used), the
+    model's ``width`` to every network, ``train.lr`` to training from scratch and to the synthetic
+    pretraining, and ``train.epochs`` to the epochs on BCCD.
+    """
+    val_images: int | None = None        # BCCD validation photographs that pick the best epoch (None: all)
+    eval_images: int | None = None       # BCCD test photographs scored (None: the whole test split)
+    finetune_lr: float = 1e-3            # learning rate on BCCD after the synthetic pretraining
+    pretrain_smears: int = 16            # synthetic smears (pretrain_size, seeds 0, 1, ...) to pretrain on
+    pretrain_crops: int = 4              # patches per pretraining smear
+    pretrain_epochs: int = 2
+    pretrain_size: tuple = (240, 320)    # (H, W) of a pretraining smear: a resized BCCD photograph's size
+    count_smears: int = 0                # held-out synthetic smears of the counting check
+    count_size: tuple = (480, 640)       # (H, W) of a smear of the counting check
+
+
 def _plain(x):
     """Tuples to lists, recursively: what JSON gives back, so a stored recipe compares equal."""
     if isinstance(x, dict):
@@ -128,21 +152,24 @@ def _plain(x):
     return x
 
 
-_SECTIONS = {"data": DataRecipe, "model": ModelRecipe, "train": TrainRecipe, "measure": MeasureRecipe}
+_SECTIONS = {"data": DataRecipe, "model": ModelRecipe, "train": TrainRecipe, "measure": MeasureRecipe,
+             "real": RealDataRecipe}
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Data + model + training + measurement: everything that decides a number."""
+    """Data + model + training + measurement (+ real photographs): everything that decides a number."""
     name: str
     data: DataRecipe = DataRecipe()
     model: ModelRecipe = ModelRecipe()
     train: TrainRecipe = TrainRecipe()
     measure: MeasureRecipe = MeasureRecipe()
+    real: RealDataRecipe | None = None   # only a recipe for real photographs has it
 
     def replace(self, name: str | None = None, **changes: Any) -> "Recipe":
         """A copy with ``changes`` applied: ``"section.field": value`` (``{"train.epochs": 3}``) or
-        ``section=dataclass``. Unknown sections or fields are a clear error."""
+        ``section=dataclass``. Unknown sections or fields are a clear error. A ``real.*`` change to a
+        recipe without that section starts from :class:`RealDataRecipe`'s defaults."""
         sections = {k: getattr(self, k) for k in _SECTIONS}
         for key, value in changes.items():
             section, _, field = key.partition(".")
@@ -155,20 +182,26 @@ class Recipe:
             names = {f.name for f in dataclasses.fields(_SECTIONS[section])}
             if field not in names:
                 raise BloodsegError(f"unknown recipe field {key!r}: {section} has {', '.join(sorted(names))}")
-            sections[section] = dataclasses.replace(sections[section], **{field: value})
+            sections[section] = dataclasses.replace(sections[section] or _SECTIONS[section](), **{field: value})
         return Recipe(name=name or self.name, **sections)
 
     def to_dict(self) -> dict:
-        """Plain JSON-able values (tuples become lists), as stored in checkpoints and records."""
-        return _plain({"name": self.name, **{k: dataclasses.asdict(getattr(self, k)) for k in _SECTIONS}})
+        """Plain JSON-able values (tuples become lists), as stored in checkpoints and records; ``real``
+        only when the recipe has it (so a recipe without it reads as it did before that section)."""
+        return _plain({"name": self.name, **{k: dataclasses.asdict(getattr(self, k)) for k in _SECTIONS
+                                             if getattr(self, k) is not None}})
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        """Inverse of :meth:`to_dict`; unknown fields are an error, missing ones take defaults."""
+        """Inverse of :meth:`to_dict`; unknown fields are an error, missing ones take defaults (a
+        missing ``real`` section stays None)."""
         if not isinstance(d, dict) or not isinstance(d.get("name", ""), str):
             raise BloodsegError(f"a recipe must be a dict with a 'name'; got {type(d).__name__}")
         sections = {}
         for key, kind in _SECTIONS.items():
+            if key == "real" and d.get(key) is None:
+                sections[key] = None
+                continue
             values = d.get(key) or {}
             if not isinstance(values, dict):
                 raise BloodsegError(f"recipe section {key!r} must be a dict of fields; got "
@@ -217,6 +250,30 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
+#: The same profiles for real photographs (:mod:`bloodseg.paper.bccd`, chapter 8), and ``ship``:
+#: ``bloodseg train-bccd``'s defaults (a CPU-sized version of the shipped checkpoint's recipe,
+#: which bloodseg/data/checkpoints/README.md gives). Every network of a chapter gets the same
+#: recipe; the model name says only which one ``train-bccd`` trains.
+REAL_PRESETS: dict[str, Recipe] = {
+    "smoke": Recipe("smoke", DataRecipe(patch=64, crops_per_image=1, augment=1, scale=0.5), ModelRecipe(width=8),
+                    TrainRecipe(epochs=1, batch_size=8, lr=3e-3),
+                    real=RealDataRecipe(val_images=2, eval_images=2, finetune_lr=2e-3, pretrain_smears=2,
+                                        pretrain_crops=2, pretrain_epochs=1, count_smears=2, count_size=(160, 240))),
+    "quick": Recipe("quick", DataRecipe(patch=128, crops_per_image=1, augment=1, scale=0.5), ModelRecipe(width=8),
+                    TrainRecipe(epochs=3, batch_size=8, lr=2e-3),
+                    real=RealDataRecipe(val_images=24, eval_images=24, finetune_lr=1e-3, pretrain_smears=10,
+                                        pretrain_crops=4, pretrain_epochs=2, count_smears=6, count_size=(360, 480))),
+    "full": Recipe("full", DataRecipe(patch=128, crops_per_image=2, augment=4, scale=0.5), ModelRecipe(width=32),
+                   TrainRecipe(epochs=30, batch_size=8, lr=1e-3),
+                   real=RealDataRecipe(val_images=None, eval_images=None, finetune_lr=5e-4, pretrain_smears=50,
+                                       pretrain_crops=4, pretrain_epochs=10, count_smears=20)),
+    "ship": Recipe("ship", DataRecipe(patch=128, crops_per_image=4, augment=1, scale=0.5),
+                   ModelRecipe(name="nodes-unet", width=8), TrainRecipe(epochs=5, batch_size=8, lr=2e-3),
+                   real=RealDataRecipe(val_images=40, eval_images=None, finetune_lr=1e-3, pretrain_smears=16,
+                                       pretrain_crops=4, pretrain_epochs=2, count_smears=0)),
+}
+
+
 def profile_name(name: str | None = None) -> str:
     """``name``, else ``$BLOODSEG_PROFILE``, else ``full`` on CUDA / ``quick`` on a CPU (checked)."""
     if isinstance(name, Recipe):
@@ -236,3 +293,9 @@ def get_recipe(name: "str | Recipe | None" = None) -> Recipe:
     if isinstance(name, Recipe):
         return name
     return PRESETS[profile_name(name)]
+
+
+def real_recipe(name: "str | Recipe | None" = None) -> Recipe:
+    """The real-photograph recipe (:data:`REAL_PRESETS`) ``"ship"``, or that of a profile (a name, a
+    profile's :class:`Recipe`, or None for the current profile; see :func:`profile_name`)."""
+    return REAL_PRESETS["ship" if name == "ship" else profile_name(name)]

@@ -81,7 +81,8 @@ def test_record_training_smoke_on_the_sample(bccd_sample, tmp_path):
     assert [r["model"] for r in d["scores"]] == ["colour baseline"] + labels
     assert set(d["per_image"]) == {"colour baseline", *labels}
     assert [r["model"] for r in d["cleanup_comparison"]] == labels
-    assert d["plan"]["name"] == "smoke" and PROVENANCE <= set(record["provenance"])
+    assert d["recipe"] == rd.real_recipe("smoke").to_dict() and PROVENANCE <= set(record["provenance"])
+    assert rd.stored_recipe(d) == rd.real_recipe("smoke")
 
 
 def test_compare_per_image_matches_by_name():

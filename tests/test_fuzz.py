@@ -52,7 +52,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bloodseg import cli
+from bloodseg import cli, commands
 from bloodseg.bccd import _voc_boxes, prepare_bccd
 from bloodseg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from bloodseg.errors import BloodsegError, CheckpointError, DataError
@@ -698,7 +698,7 @@ def test_cli_train_numbers(case_dir, monkeypatch, flags):
 
     def reached(*a, **k):
         raise _Validated
-    monkeypatch.setattr(cli, "training_splits", reached)
+    monkeypatch.setattr(commands, "training_splits", reached)
     argv = ["train", "--model", "unet", "--out", str(folder / "run"), "--profile", "smoke"]
     argv += [f"{k}={v}" for k, v in flags.items()]
     err = io.StringIO()

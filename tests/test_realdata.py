@@ -1,7 +1,6 @@
 """Real data helpers: BCCD source and preparation, gold/silver scores, fine-tuning, the shipped checkpoint."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -16,8 +15,9 @@ from bloodseg.paper import bccd as rd
 from bloodseg.segmenter import Segmenter, shipped_checkpoint
 from bloodseg.synthetic import colour_threshold_baseline
 
-TINY = dataclasses.replace(rd.REAL_PLANS["smoke"], width=4, patch=64, crops_per_image=1, val_images=2,
-                           eval_images=2, pretrain_smears=2, pretrain_crops=2, epochs=1, pretrain_epochs=1)
+TINY = rd.real_recipe("smoke").replace(**{
+    "model.width": 4, "data.patch": 64, "data.crops_per_image": 1, "real.val_images": 2, "real.eval_images": 2,
+    "real.pretrain_smears": 2, "real.pretrain_crops": 2, "train.epochs": 1, "real.pretrain_epochs": 1})
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_splits_resize_training_images_and_keep_test_images_whole(prepared):
 def test_stain_shifts_the_training_patches_only(prepared):
     out, _ = prepared
     plain = rd.bccd_splits(out, TINY)
-    shifted = rd.bccd_splits(out, dataclasses.replace(TINY, stain=1.0))
+    shifted = rd.bccd_splits(out, TINY.replace(**{"data.stain": 1.0}))
     for a, b in zip(plain["train"], shifted["train"]):
         assert np.array_equal(a.mask, b.mask)                        # same patches, same flips
     assert any(not np.array_equal(a.image, b.image) for a, b in zip(plain["train"], shifted["train"]))
@@ -122,7 +122,7 @@ def test_train_pretrain_and_finetune(tmp_path, prepared):
     again = rd.train_model("unet", splits, tmp_path / "again", TINY, init=pre.checkpoint, input_scale=0.5)
     assert again.segmenter.postprocess is None and "postprocess" not in load_checkpoint(again.checkpoint)
     with pytest.raises(CheckpointError, match="width"):
-        rd.train_model("unet", splits, tmp_path / "bad", dataclasses.replace(TINY, width=8), init=pre.checkpoint)
+        rd.train_model("unet", splits, tmp_path / "bad", TINY.replace(**{"model.width": 8}), init=pre.checkpoint)
 
 
 def test_input_scale_resizes_at_prediction():
@@ -167,7 +167,7 @@ def test_cli_train_bccd_trains_scores_and_continues(bccd_sample, tmp_path, capsy
     assert ckpt.is_file() and metrics["epochs_run"] == 1 and metrics["pretrained"] is True
     assert metrics["model"]["images"] == metrics["data"]["test_images"] > 0
     assert 0 <= metrics["model"]["gold white IoU"] <= 1 and 0 <= metrics["model_tta"]["gold white IoU"] <= 1
-    assert metrics["model_tta"]["model"].endswith("+ flip TTA") and metrics["train_options"]["schedule"] == "cosine"
+    assert metrics["model_tta"]["model"].endswith("+ flip TTA") and metrics["recipe"]["train"]["schedule"] == "cosine"
     assert Segmenter.load(ckpt, device="cpu").input_scale == 0.5    # prediction will resize alike
 
     assert cli.main(["train-bccd", "--out", str(tmp_path / "b"), "--init", str(ckpt)] + small) == 0

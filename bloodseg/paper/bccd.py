@@ -15,15 +15,17 @@ asks for the sample in the smoke profile, ``prefer_full=False``); :func:`prepare
 
 Scale. BCCD was photographed at about twice the magnification of the paper's MISP smears and of
 our synthetic ones: a red cell is ~100 px across in BCCD (median RBC box 103 px) and ~50 px in a
-synthetic smear. The BCCD models therefore work on photographs resized by ``plan.scale`` = 0.5:
+synthetic smear. The BCCD models therefore work on photographs resized by ``data.scale`` = 0.5:
 the cells then have the size the synthetic pretraining taught, a 128 px patch holds a whole white
 cell, and every pass costs a quarter. The factor is a :class:`bloodseg.Segmenter` setting
 (``input_scale``, stored in the checkpoint) and the Segmenter applies it, so masks always come out
 at the photograph's size and every score below is measured against the full-size labels.
 
-Training. :class:`RealPlan` sizes everything per profile (:data:`REAL_PLANS`).
-:func:`bccd_splits` cuts (resized) BCCD training images into patches (validation patches pick the
-best epoch; test images stay whole, 640x480). :func:`synthetic_pretraining_splits` paints synthetic
+Training. A :class:`~bloodseg.recipe.Recipe` with a ``real`` section sizes everything per profile
+(:func:`real_recipe`, :data:`bloodseg.recipe.REAL_PRESETS`; :func:`stored_recipe` reads the one a
+record or checkpoint stored, older ``plan`` dicts included). :func:`bccd_splits` cuts (resized)
+BCCD training images into patches (validation patches pick the best epoch; test images stay
+whole, 640x480). :func:`synthetic_pretraining_splits` paints synthetic
 smears for pretraining; :func:`train_model` trains from scratch or fine-tunes from a checkpoint.
 
 White-cell cleanup. :func:`tune_white_cleanup` chooses the one number of
@@ -49,7 +51,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..recipe import TrainRecipe, profile_name
+from ..recipe import REAL_PRESETS, Recipe, RealDataRecipe, real_recipe
 from ..bccd import bccd_source, prepare_cached, _voc_boxes
 from ..checkpoint import load_checkpoint, update_checkpoint
 from ..classes import WHITE_CELL
@@ -61,11 +63,12 @@ from ..metrics import confusion_matrix, scores
 from ..models import build_model
 from ..postprocess import clean_white_cells
 from ..segmenter import Segmenter
-from ..synthetic import colour_threshold_baseline, make_smear
+from ..colour import colour_threshold_baseline
+from ..synthetic import make_smear
 from ..train import fit
 
 
-__all__ = ["bccd_source", "prepare_cached", "RealPlan", "REAL_PLANS", "real_plan",
+__all__ = ["bccd_source", "prepare_cached", "real_recipe", "PLAN_FIELDS", "recipe_from_plan", "stored_recipe",
            "resize_sample", "synthetic_pretraining_splits", "score_row", "bccd_splits", "TrainedModel", "train_model",
            "evaluate_bccd", "WHITE_AREA_GRID", "white_components", "plot_white_components", "tune_white_cleanup",
            "plot_cleanup_tuning", "cleanup_rows", "cleanup_summary", "compare_cleanup", "plot_cleanup_comparison",
@@ -80,46 +83,28 @@ __all__ = ["bccd_source", "prepare_cached", "RealPlan", "REAL_PLANS", "real_plan
 
 
 
-@dataclasses.dataclass(frozen=True)
-class RealPlan:
-    """How much of everything one profile spends on real data."""
-    name: str
-    width: int               # first-level channels of both models
-    scale: float             # BCCD photographs are resized by this before the model sees them
-    patch: int               # training patch side, px (of the resized image)
-    crops_per_image: int     # patches per BCCD training image (half centred on a white cell)
-    augment: int             # flip/rotate/colour copies per training patch (1 = none)
-    val_images: int | None   # BCCD validation images that pick the best epoch (None: all)
-    epochs: int              # epochs on BCCD
-    batch_size: int
-    lr: float                # from scratch
-    finetune_lr: float       # after synthetic pretraining
-    pretrain_smears: int     # synthetic smears (pretrain_size) for pretraining
-    pretrain_crops: int
-    pretrain_epochs: int
-    eval_images: int | None  # BCCD test images scored (None: the whole test split)
-    count_smears: int        # held-out synthetic smears for the counting check
-    pretrain_size: tuple = (240, 320)   # (H, W) of a pretraining smear: a resized BCCD photo's size
-    count_size: tuple = (480, 640)      # (H, W) of a synthetic smear of the counting check
-    stain: float = 0.0       # 0-1: stain/camera shifts of the training patches (bloodseg.stain.random_stain)
+#: Where each field of the ``plan`` dict that records and checkpoints stored before the recipe
+#: (the ``RealPlan`` dataclass) lives in a :class:`~bloodseg.recipe.Recipe`.
+PLAN_FIELDS = {"width": "model.width", "scale": "data.scale", "patch": "data.patch",
+               "crops_per_image": "data.crops_per_image", "augment": "data.augment", "stain": "data.stain",
+               "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+               **{f.name: f"real.{f.name}" for f in dataclasses.fields(RealDataRecipe)}}
 
 
-REAL_PLANS = {
-    "smoke": RealPlan("smoke", width=8, scale=0.5, patch=64, crops_per_image=1, augment=1, val_images=2, epochs=1,
-                      batch_size=8, lr=3e-3, finetune_lr=2e-3, pretrain_smears=2, pretrain_crops=2,
-                      pretrain_epochs=1, eval_images=2, count_smears=2, count_size=(160, 240)),
-    "quick": RealPlan("quick", width=8, scale=0.5, patch=128, crops_per_image=1, augment=1, val_images=24, epochs=3,
-                      batch_size=8, lr=2e-3, finetune_lr=1e-3, pretrain_smears=10, pretrain_crops=4,
-                      pretrain_epochs=2, eval_images=24, count_smears=6, count_size=(360, 480)),
-    "full": RealPlan("full", width=32, scale=0.5, patch=128, crops_per_image=2, augment=4, val_images=None, epochs=30,
-                     batch_size=8, lr=1e-3, finetune_lr=5e-4, pretrain_smears=50, pretrain_crops=4,
-                     pretrain_epochs=10, eval_images=None, count_smears=20),
-}
+def recipe_from_plan(plan: dict) -> Recipe:
+    """The :class:`~bloodseg.recipe.Recipe` of an old ``plan`` dict (see :data:`PLAN_FIELDS`)."""
+    changes = {PLAN_FIELDS[k]: tuple(v) if isinstance(v, list) else v for k, v in plan.items() if k != "name"}
+    return Recipe(plan["name"], real=RealDataRecipe()).replace(**changes)
 
 
-def real_plan(profile=None) -> RealPlan:
-    """The :class:`RealPlan` of a profile (name, :class:`Profile` or None for the current one)."""
-    return REAL_PLANS[profile_name(profile)]
+def stored_recipe(stored: dict) -> Recipe:
+    """The recipe a record's ``data`` or a checkpoint's ``metrics`` holds: ``recipe``, or an older
+    ``plan`` with the ``model_name``, ``seed`` and ``train_options`` stored beside it."""
+    if "recipe" in stored:
+        return Recipe.from_dict(stored["recipe"])
+    extra = {f"train.{k}": v for k, v in (stored.get("train_options") or {}).items()}
+    extra.update({key: stored[k] for k, key in (("model_name", "model.name"), ("seed", "train.seed")) if k in stored})
+    return recipe_from_plan(stored["plan"]).replace(**extra)
 
 
 def resize_sample(s: Sample, scale: float) -> Sample:
@@ -132,32 +117,34 @@ def resize_sample(s: Sample, scale: float) -> Sample:
                   cv2.resize(s.mask, size, interpolation=cv2.INTER_NEAREST), s.source)
 
 
-def synthetic_pretraining_splits(plan: RealPlan, seed: int = 0) -> dict[str, list[Sample]]:
-    """Patches of ``plan.pretrain_smears`` synthetic smears (``plan.pretrain_size``, seeds 0, 1, ...)
-    split 3:1 by smear. The synthetic cells have the size of BCCD's at ``plan.scale`` = 0.5."""
+def synthetic_pretraining_splits(recipe: Recipe, seed: int = 0) -> dict[str, list[Sample]]:
+    """Patches (``data.patch``, ``real.pretrain_crops`` per smear, ``data.augment`` copies) of
+    ``real.pretrain_smears`` synthetic smears (``real.pretrain_size``, seeds 0, 1, ...) split 3:1 by
+    smear. The synthetic cells have the size of BCCD's at ``data.scale`` = 0.5."""
+    d, r = recipe.data, recipe.real
     smears = []
-    for i in range(plan.pretrain_smears):
-        image, mask = make_smear(i, size=plan.pretrain_size)
+    for i in range(r.pretrain_smears):
+        image, mask = make_smear(i, size=r.pretrain_size)
         smears.append(Sample(f"smear_{i:04d}", image, mask, f"smear_{i:04d}"))
-    patches = extract_patches(smears, size=plan.patch, per_image=plan.pretrain_crops, seed=seed)
-    return make_splits(patches, n_test=0, val_ratio=0.25, seed=seed, factor=plan.augment)
+    patches = extract_patches(smears, size=d.patch, per_image=r.pretrain_crops, seed=seed)
+    return make_splits(patches, n_test=0, val_ratio=0.25, seed=seed, factor=d.augment)
 
 
-def bccd_splits(prepared, plan: RealPlan, seed: int = 0) -> dict[str, list[Sample]]:
+def bccd_splits(prepared, recipe: Recipe, seed: int = 0) -> dict[str, list[Sample]]:
     """``{"train": patches, "val": patches, "test": whole images}`` from a prepared BCCD folder.
 
-    Train: ``plan.crops_per_image`` patches per training image (resized by ``plan.scale``),
-    augmented ``plan.augment`` times (and shifted in stain/camera by ``plan.stain``). Val: one patch from each of the first ``plan.val_images``
-    validation images (resized). Test: the first ``plan.eval_images`` test images, whole and at
-    full size (sorted by name, so every profile scores a prefix of the same list).
+    Train: ``data.crops_per_image`` patches per training image (resized by ``data.scale``),
+    augmented ``data.augment`` times (and shifted in stain/camera by ``data.stain``). Val: one patch
+    from each of the first ``real.val_images`` validation images (resized). Test: the first
+    ``real.eval_images`` test images, whole and at full size (sorted by name, so every profile
+    scores a prefix of the same list).
     """
-    prepared = Path(prepared)
-    train = [resize_sample(s, plan.scale) for s in load_folder(prepared / "train")]
-    val = [resize_sample(s, plan.scale) for s in load_folder(prepared / "val")[: plan.val_images]]
-    test = load_folder(prepared / "test")[: plan.eval_images]
-    return {"train": augment(extract_patches(train, plan.patch, plan.crops_per_image, seed), plan.augment, seed,
-                             stain=plan.stain),
-            "val": extract_patches(val, plan.patch, 1, seed + 1),
+    prepared, d, r = Path(prepared), recipe.data, recipe.real
+    train = [resize_sample(s, d.scale) for s in load_folder(prepared / "train")]
+    val = [resize_sample(s, d.scale) for s in load_folder(prepared / "val")[: r.val_images]]
+    test = load_folder(prepared / "test")[: r.eval_images]
+    return {"train": augment(extract_patches(train, d.patch, d.crops_per_image, seed), d.augment, seed, stain=d.stain),
+            "val": extract_patches(val, d.patch, 1, seed + 1),
             "test": test}
 
 
@@ -184,37 +171,42 @@ class TrainedModel:
         return f"{self.name} ({how})"
 
 
-def train_model(name: str, splits: dict, out_dir, plan: RealPlan, init=None, epochs: int | None = None,
-                lr: float | None = None, seed: int = 0, init_label: str | None = None,
+def train_model(name: str, splits: dict, out_dir, recipe: Recipe, init=None, epochs: int | None = None,
+                lr: float | None = None, seed: int | None = None, init_label: str | None = None,
                 input_scale: float = 1.0, train_options: dict | None = None,
                 on_epoch: Callable[[dict], None] | None = None) -> TrainedModel:
-    """Train ``name`` (width ``plan.width``) on ``splits``; fine-tune from checkpoint ``init`` if given.
+    """Train ``name`` (width ``model.width``) on ``splits``; fine-tune from checkpoint ``init`` if given.
 
-    ``input_scale``: the factor the training images were resized by (``plan.scale`` for BCCD,
+    The recipe's ``train`` section, with ``epochs`` (default ``train.epochs``), ``lr`` (default
+    ``real.finetune_lr`` after ``init``, else ``train.lr``) and ``seed`` (default ``train.seed``).
+    ``input_scale``: the factor the training images were resized by (``data.scale`` for BCCD,
     1 for synthetic smears); it is saved in the checkpoints (as the :class:`~bloodseg.Segmenter`
     setting, and at the top level for older readers) so that prediction resizes alike.
     ``train_options``: further :class:`~bloodseg.train.TrainRecipe` fields (e.g. ``schedule``,
     ``max_minutes``, ``batch_size``); ``on_epoch`` gets each epoch's history record.
     Writes ``out_dir/best.pt`` (lowest validation loss), ``last.pt`` and ``history.json``
-    (:func:`bloodseg.train.fit`, always a fresh run). Returns the best epoch's model as a
-    :class:`~bloodseg.Segmenter` (``.segmenter``; ``.model`` is the bare network).
+    (:func:`bloodseg.train.fit`, always a fresh run; the checkpoints store the recipe trained with).
+    Returns the best epoch's model as a :class:`~bloodseg.Segmenter` (``.segmenter``; ``.model`` is
+    the bare network).
     """
+    t = recipe.train
+    seed = t.seed if seed is None else seed
     torch.manual_seed(seed)
-    model = build_model(name, width=plan.width)
+    width = recipe.model.width
+    model = build_model(name, width=width)
     settings = Segmenter(model, input_scale=input_scale).settings()   # checks input_scale
     if init is not None:
         state = load_checkpoint(init)
-        if state["model_name"] != model.name or state["model_options"].get("width") != plan.width:
+        if state["model_name"] != model.name or state["model_options"].get("width") != width:
             raise CheckpointError(f"{init} holds a '{state['model_name']}' of width "
-                                  f"{state['model_options'].get('width')}, not '{name}' of width {plan.width}")
+                                  f"{state['model_options'].get('width')}, not '{name}' of width {width}")
         model.load_state_dict(state["model_state"])
-    cfg = TrainRecipe(epochs=epochs or plan.epochs, batch_size=plan.batch_size,
-                      lr=lr or (plan.finetune_lr if init is not None else plan.lr), seed=seed, progress=False)
-    if train_options:
-        cfg = dataclasses.replace(cfg, **train_options)
+    cfg = dataclasses.replace(t, epochs=epochs or t.epochs, seed=seed, progress=False,
+                              lr=lr or (recipe.real.finetune_lr if init is not None else t.lr))
+    cfg = dataclasses.replace(cfg, **(train_options or {}))
     t0 = time.perf_counter()
     history = fit(model, SegmentationDataset(splits["train"]), SegmentationDataset(splits["val"]), out_dir,
-                  cfg, resume=False, on_epoch=on_epoch)
+                  recipe.replace(**{"model.name": name}, train=cfg), resume=False, on_epoch=on_epoch)
     seconds = time.perf_counter() - t0
     best = Path(out_dir) / "best.pt"
     old_keys = {"input_scale": float(input_scale)} if input_scale != 1.0 else {}
@@ -657,31 +649,25 @@ def synthetic_counting(n: int, model=None, size=(480, 640),
 
 
 
-#: The recipe of the shipped checkpoint (:func:`train_bccd_checkpoint`'s defaults).
-CPU_PLAN = RealPlan("ship", width=8, scale=0.5, patch=128, crops_per_image=4, augment=1, val_images=40, epochs=5,
-                     batch_size=8, lr=2e-3, finetune_lr=1e-3, pretrain_smears=16, pretrain_crops=4,
-                     pretrain_epochs=2, eval_images=None, count_smears=0)
-
-
-def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-unet", plan: RealPlan = CPU_PLAN,
-                          src=None, seed: int = 0, pretrain: bool = True, log: Callable[[str], None] = print,
-                          train_options: dict | None = None, init=None, tta: bool = True) -> dict:
+def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", recipe: Recipe = REAL_PRESETS["ship"], src=None,
+                          pretrain: bool = True, log: Callable[[str], None] = print, init=None,
+                          tta: bool = True) -> dict:
     """Reproduce the shipped checkpoint: pretrain on BCCD-like synthetic smears, fine-tune on BCCD.
 
-    ``src``: a raw BCCD folder (default: the full copy from :func:`bccd_source`). Trains ``model``
-    with ``plan`` (default :data:`CPU_PLAN`), scores the best epoch on the WHOLE test split
+    ``src``: a raw BCCD folder (default: the full copy from :func:`bccd_source`). Trains
+    ``recipe.model`` (name and width) with ``recipe`` (default ``REAL_PRESETS["ship"]``;
+    ``bloodseg train-bccd`` maps its flags onto it), scores the best epoch on the WHOLE test split
     (gold white-cell IoU/Dice, silver 3-class scores, and the colour baseline for reference),
     and writes ``out_dir/<SHIPPED_NAME-like name>`` holding weights only (no optimizer state) plus
     the recipe and metrics, and ``metrics.json``. Returns the metrics. About 10 minutes on two
     CPU cores with the defaults. Shipping it = copying the .pt into ``bloodseg/data/checkpoints/``.
-    ``train_options`` go to both trainings' :class:`~bloodseg.train.TrainRecipe` (e.g.
-    ``{"schedule": "cosine"}``), except ``max_minutes``, which bounds the BCCD training only.
+    The recipe's ``train`` section (seed, schedule, ...) goes to both trainings, except
+    ``max_minutes``, which bounds the BCCD training only.
     ``init``: a checkpoint of the same model and width to continue from (e.g. an earlier run's
     ``.pt``) instead of the synthetic pretraining. ``tta``: also score with flip test-time
-    augmentation (``metrics["model_tta"]``). ``bloodseg train-bccd`` is the command-line form.
+    augmentation (``metrics["model_tta"]``).
     """
-    train_options = dict(train_options or {})
-    pre_options = {k: v for k, v in train_options.items() if k != "max_minutes"}
+    model, seed = recipe.model.name, recipe.train.seed
     epoch_log = lambda r: log(json.dumps({k: round(v, 4) if isinstance(v, float) else v  # noqa: E731
                                           for k, v in r.items()}))
     out_dir = Path(out_dir)
@@ -691,20 +677,20 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-un
     else:
         src, kind = Path(src), "given"
     report = prepare_cached(src, out_dir / "bccd")
-    splits = bccd_splits(out_dir / "bccd", dataclasses.replace(plan, eval_images=None), seed)
+    splits = bccd_splits(out_dir / "bccd", recipe.replace(**{"real.eval_images": None}), seed)
     log(f"data {src} ({kind}): {len(splits['train'])} train / {len(splits['val'])} val patches, "
         f"{len(splits['test'])} test images")
     init_label = None
     if init is not None:
         init_label, pretrain = f"continued from {Path(init).name}", False
     elif pretrain:
-        pre = train_model(model, synthetic_pretraining_splits(plan, seed), out_dir / "pretrain", plan,
-                          epochs=plan.pretrain_epochs, lr=plan.lr, seed=seed, train_options=pre_options,
-                          on_epoch=epoch_log)
+        pre = train_model(model, synthetic_pretraining_splits(recipe, seed), out_dir / "pretrain", recipe,
+                          epochs=recipe.real.pretrain_epochs, lr=recipe.train.lr,
+                          train_options={"max_minutes": 0.0}, on_epoch=epoch_log)
         init = pre.checkpoint
         log(f"pretrained on synthetic in {pre.seconds:.0f} s")
-    tm = train_model(model, splits, out_dir / "finetune", plan, init=init, seed=seed, input_scale=plan.scale,
-                     train_options=train_options, on_epoch=epoch_log, init_label=init_label)
+    tm = train_model(model, splits, out_dir / "finetune", recipe, init=init, input_scale=recipe.data.scale,
+                     on_epoch=epoch_log, init_label=init_label)
     log(f"trained on BCCD in {tm.seconds:.0f} s: " + json.dumps(tm.history[-1]))
     device = next(tm.model.parameters()).device
     result = evaluate_bccd(tm.segmenter, splits["test"], keep_masks=False)
@@ -717,13 +703,13 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", model: str = "nodes-un
                "data": {"source": str(src), "kind": kind, "train_patches": len(splits["train"]),
                         "val_patches": len(splits["val"]), "test_images": len(splits["test"]),
                         "box_coverage": report.get("overall", {}).get("box_coverage")},
-               "plan": dataclasses.asdict(plan), "train_options": train_options, "model_name": model,
+               "recipe": recipe.to_dict(), "model_name": model,
                "pretrained": pretrain, "seed": seed, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "epochs_run": len(tm.history), "best_epoch": int(np.argmin([h["val_loss"] for h in tm.history]) + 1),
                "train_seconds": round(tm.seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
                "torch": str(torch.__version__)}
-    target = out_dir / f"bccd-{model}-w{plan.width}.pt"
-    tm.segmenter.replace(metrics=json.loads(json.dumps(metrics, default=float))).save(
+    target = out_dir / f"bccd-{model}-w{recipe.model.width}.pt"
+    tm.segmenter.replace(recipe=recipe.to_dict(), metrics=json.loads(json.dumps(metrics, default=float))).save(
         target, **({"input_scale": tm.segmenter.input_scale} if tm.segmenter.input_scale != 1.0 else {}))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
     metrics["checkpoint"] = str(target)
@@ -812,11 +798,11 @@ RECORD_SHIPPED = "08_real_smears/record_shipped.json"
 RECORD_STAIN = "robustness/stain.json"
 
 
-def training_runs(plan: RealPlan) -> list[tuple[str, str]]:
+def training_runs(recipe: Recipe) -> list[tuple[str, str]]:
     """The (model, start) pairs the chapter compares: U-Net from scratch and synthetic-pretrained,
     NODEs-UNet synthetic-pretrained; the full profile adds NODEs-UNet from scratch."""
     runs = [("unet", "scratch"), ("unet", "synthetic"), ("nodes-unet", "synthetic")]
-    return runs + [("nodes-unet", "scratch")] if plan.name == "full" else runs
+    return runs + [("nodes-unet", "scratch")] if recipe.name == "full" else runs
 
 
 def _results_path(name: str) -> Path:
@@ -872,36 +858,36 @@ def _gold_extra(r: dict) -> dict:
 
 def record_training(out=None, src=None, work="runs/08_real_smears/record", profile="quick",
                     command: str | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train the chapter's networks (:func:`training_runs`) with ``profile``'s :class:`RealPlan`, score
+    """Train the chapter's networks (:func:`training_runs`) with ``profile``'s :func:`real_recipe`, score
     them, give each its own white-cell cleanup, and write the record (default ``book/results/`` +
     :data:`RECORD_TRAINING`).
 
     Exactly what the chapter did live before it read this record: BCCD (``src``, default
     :func:`bccd_source`) prepared into ``work/bccd``; synthetic pretraining, then fine-tuning (or
     training from scratch) on :func:`bccd_splits`; every network and the colour baseline scored on
-    the plan's test photographs (:func:`evaluate_bccd`, the network's argmax); then
-    :func:`compare_cleanup` on ALL validation and test photographs. ``data``: ``plan``, ``splits``
+    the recipe's test photographs (:func:`evaluate_bccd`, the network's argmax); then
+    :func:`compare_cleanup` on ALL validation and test photographs. ``data``: ``recipe``, ``splits``
     (sizes), ``runs`` (label, model, start, history, seconds, best epoch), ``scores`` (score rows),
     ``per_image`` ({label: rows}), ``cleanup_comparison`` (rows of :func:`cleanup_summary`).
     """
     t0 = time.perf_counter()
-    plan = real_plan(profile)
+    recipe = real_recipe(profile)
     src, kind = bccd_source() if src is None else bccd_source(src)
     work = Path(work)
     prepare_cached(src, work / "bccd")
-    splits = bccd_splits(work / "bccd", plan)
-    pre_splits = synthetic_pretraining_splits(plan)
-    log(f"{plan.name}: {len(splits['train'])} train / {len(splits['val'])} val patches, "
+    splits = bccd_splits(work / "bccd", recipe)
+    pre_splits = synthetic_pretraining_splits(recipe)
+    log(f"{recipe.name}: {len(splits['train'])} train / {len(splits['val'])} val patches, "
         f"{len(splits['test'])} test photographs; {len(pre_splits['train'])} synthetic patches")
     trained, pretrained, runs = {}, {}, []
-    for name, init in training_runs(plan):
+    for name, init in training_runs(recipe):
         ckpt = None
         if init == "synthetic":
             if name not in pretrained:
-                pretrained[name] = train_model(name, pre_splits, work / f"pretrain-{name}", plan,
-                                               epochs=plan.pretrain_epochs, lr=plan.lr)
+                pretrained[name] = train_model(name, pre_splits, work / f"pretrain-{name}", recipe,
+                                               epochs=recipe.real.pretrain_epochs, lr=recipe.train.lr)
             ckpt = pretrained[name].checkpoint
-        tm = train_model(name, splits, work / f"{name}-{init}", plan, init=ckpt, input_scale=plan.scale)
+        tm = train_model(name, splits, work / f"{name}-{init}", recipe, init=ckpt, input_scale=recipe.data.scale)
         trained[tm.label] = tm
         runs.append({"label": tm.label, "model": name, "init": init, "history": tm.history,
                      "seconds": round(tm.seconds, 1),
@@ -915,11 +901,11 @@ def record_training(out=None, src=None, work="runs/08_real_smears/record", profi
     comparison = compare_cleanup({label: tm.segmenter for label, tm in trained.items()}, val_all, test_all)
     log("cleanup compared: " + json.dumps(comparison))
     record = {
-        "what": (f"the chapter's BCCD training at the '{plan.name}' budget ({', '.join(trained)}), scored on the "
+        "what": (f"the chapter's BCCD training at the '{recipe.name}' budget ({', '.join(trained)}), scored on the "
                  f"first {len(splits['test'])} test photographs (network argmax; gold white-cell and silver "
                  f"3-class scores), then each network's white-cell cleanup chosen on all {len(val_all)} validation "
                  f"photographs and scored on all {len(test_all)} test photographs"),
-        "data": {"source": kind, "bccd": str(src), "plan": dataclasses.asdict(plan),
+        "data": {"source": kind, "bccd": str(src), "recipe": recipe.to_dict(),
                  "splits": {"train_patches": len(splits["train"]), "val_patches": len(splits["val"]),
                             "test_images": len(splits["test"]), "pretrain_patches": len(pre_splits["train"]),
                             "cleanup_val_images": len(val_all), "cleanup_test_images": len(test_all)},
