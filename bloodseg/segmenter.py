@@ -395,5 +395,5 @@ def shipped_checkpoint() -> Path:
     path = Path(__file__).resolve().parent / "data" / "checkpoints" / SHIPPED_NAME
     if not path.is_file():
         raise CheckpointError(f"the shipped checkpoint is missing at {path}; reinstall bloodseg, or "
-                              "make it with bloodseg.realdata.train_bccd_checkpoint()")
+                              "make it with `bloodseg train-bccd` (recipe in bloodseg/data/checkpoints/README.md)")
     return path
