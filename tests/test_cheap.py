@@ -144,6 +144,8 @@ def test_bench_options_smoke(units, tmp_path):
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(r["rows"], default=float))
     for key in ("git_commit", "command", "device", "torch", "date", "wall_s"):
         assert key in r["provenance"]
+    load = r["provenance"]["load_average_1_5_15_min"]
+    assert len(load["start"]) == len(load["end"]) == 3 and min(load["start"] + load["end"]) >= 0
     rows = {row["option"]: row for row in r["rows"]}
     assert rows["unet"]["ratio_to_unet"] == 1.0 and rows["unet"]["nfe_total"] == 0
     for row in rows.values():

@@ -525,6 +525,7 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
     unrolled, channels_last, and ``torch.compile`` with ``compile_backend`` unless it is None).
     ``width`` overrides the recipe's (tests); ``notes`` is stored in the record."""
     t_start = time.perf_counter()
+    load_start = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     recipe = scale_recipe(scale)
     if width is not None:
         recipe = recipe.replace(**{"model.width": width})
@@ -666,7 +667,9 @@ def bench_options(units: dict | None = None, scale: str = "study", seed: int = 0
             units={k: dict(source=v.get("source"), record=v.get("record"), git_commit=v.get("git_commit"))
                    for k, v in {**units, **reg}.items()},
             recipe=recipe.to_dict())
-        record["provenance"] = _provenance(t_start, command, {"threads": torch.get_num_threads()})
+        load_end = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+        record["provenance"] = _provenance(t_start, command, {"threads": torch.get_num_threads(),
+                                                              "load_average_1_5_15_min": dict(start=load_start, end=load_end)})
         _write(record, out)
         return record
     finally:
