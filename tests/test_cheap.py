@@ -198,6 +198,11 @@ def test_bench_options_smoke(units, tmp_path):
         assert rows[label]["compile_s"] > 0 and rows[label]["compile_backend"] == "eager"
         assert rows[label]["graphs"] >= 1
     assert rows["unet compiled"]["graph_breaks"] == 0 < rows[f"{pick} compiled"]["graph_breaks"]
+    # like with like: a channels_last or compiled variant against the U-Net run the same way
+    for v in ("channels_last", "compiled"):
+        assert rows[f"unet {v}"]["ratio_same_runtime"] == 1.0 and rows[f"{pick} {v}"]["same_runtime_reference"] == f"unet {v}"
+    assert rows[f"{pick} unrolled"]["same_runtime_reference"] == "unet" == tode["same_runtime_reference"]
+    assert rows[f"{pick} unrolled"]["ratio_same_runtime"] == rows[f"{pick} unrolled"]["ratio_to_unet"]
     assert r["compile_backend"] == "eager"
     # the chapter's text is made from the record
     text = cheap.variants_findings(r)
