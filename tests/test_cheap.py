@@ -207,13 +207,25 @@ def test_bench_options_smoke(units, tmp_path):
     # the chapter's text is made from the record
     text = cheap.variants_findings(r)
     assert "**torchode**" in text and "**The unrolled loop**" in text and "the same masks, bit for bit" in text
-    assert f"{100 * tode['test_miou']:.2f}%" in text and "Kept, because they pay on this bench" in text
+    assert f"{100 * tode['test_miou']:.2f}%" in text and "Kept, because they pay:" in text
     assert len(cheap.variants_frame(r)) == len(variants)
     findings = cheap.bench_findings(r)
     assert f"{rows['nodes-unet']['ratio_to_unet']:.2f}x" in findings and "variant" not in findings
     summary = cheap.bench_summary(r)
     assert summary.count("\n- ") == 1 and f"{calibrated['ratio_to_unet']:.2f}x" in summary
     assert list(cheap.study_units_frame(r).index) == ["unet", "resunet", "ode-unet-5", "nodes-unet", "nodes-unet-h16"]
+    # a repeat run: kept only what pays in both
+    a, b = json.loads(json.dumps(r, default=float)), json.loads(json.dumps(r, default=float))
+    for row in a["rows"]:
+        row["pays"] = "yes" if row.get("variant") else None
+    for row in b["rows"]:
+        row["pays"] = ("yes" if row["option"] == "nodes-unet torchode" else "no") if row.get("variant") else None
+    kept, once, rest = cheap._kept(a, b)
+    assert [k["option"] for k in kept] == ["nodes-unet torchode"] and len(once) == 5 and rest == []
+    assert "pay in both runs: `nodes-unet torchode`." in cheap.variants_findings(a, b)
+    assert "pay in both runs: `nodes-unet torchode` (" in cheap.bench_summary(a, b)
+    frame = cheap.variants_repeat_frame(a, b)
+    assert len(frame) == 6 and (frame["pays, repeat"] == "yes").sum() == 1
     if not torch.cuda.is_available():
         assert "no CUDA" in r["variant_notes"]["bf16 on CUDA"]
 

@@ -75,7 +75,7 @@ __all__ = ["GOAL_RATIO", "FIXED_GRID", "FLOW_TIMES", "RECORD_BENCH", "RECORD_BLO
            "study_root", "find_units", "copy_units", "load_record", "provenance_line", "count_macs",
            "calibration_pick", "test_scores", "interleaved_times", "ratio_summary", "flow_measures",
            "block_inputs", "variant_options", "bench_options", "blocks_learned", "solver_experiment", "bench_frame",
-           "bench_findings", "bench_summary", "variants_frame", "variants_findings", "study_units_frame",
+           "bench_findings", "bench_summary", "variants_frame", "variants_repeat_frame", "RECORD_BENCH_REPEAT", "variants_findings", "study_units_frame",
            "blocks_frame", "solvers_frame", "plot_frontier", "plot_flow", "plot_calibration",
            "plot_solvers", "plot_macs", "plot_regularisation", "floor_table", "plot_floor", "cross_frame",
            "plot_cross", "model_name", "blocks_summary_frame", "main"]
@@ -88,6 +88,8 @@ FIXED_GRID = tuple(s for s in SOLVER_GRID if s["method"] in FIXED_GRID_METHODS)
 FLOW_TIMES = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: Records, relative to the results folder (``book/results`` from a clone's root).
 RECORD_BENCH = "speed/bench.json"
+#: The same bench command run again, later and at another load: how stable the variants' verdicts are.
+RECORD_BENCH_REPEAT = "speed/bench-repeat.json"
 RECORD_BLOCKS = "speed/blocks_learned.json"
 RECORD_SOLVERS = "speed/solvers.json"
 #: Where :mod:`bloodseg.paper.regularise` trains its two arms (``<arm>-seed<k>/best.pt`` + ``unit.json``).
@@ -824,9 +826,45 @@ def variants_frame(record: dict):
     return pd.DataFrame(rows).set_index("variant") if rows else None
 
 
-def variants_findings(record: dict) -> str:
-    """What each variant of the bench does against its base, what is kept, and what could not be
-    measured, as Markdown bullets; every number is the record's."""
+def variants_repeat_frame(record: dict, repeat: dict):
+    """Each variant's ratio to its base in ``record`` and in ``repeat`` (the same command run again),
+    with both verdicts: a verdict that the load of a shared machine can flip is not a finding."""
+    import pandas as pd
+    again = {r["option"]: r for r in repeat["rows"]}
+    rows = []
+    for r in record["rows"]:
+        if not r.get("variant") or r["option"] not in again:
+            continue
+        a = again[r["option"]]
+        rows.append({"variant": r["option"], "x base": r["ratio_to_base"],
+                     "95%": f"{r['ratio_to_base_ci'][0]:.2f}-{r['ratio_to_base_ci'][1]:.2f}", "pays": r["pays"],
+                     "x base, repeat": a["ratio_to_base"],
+                     "95%, repeat": f"{a['ratio_to_base_ci'][0]:.2f}-{a['ratio_to_base_ci'][1]:.2f}", "pays, repeat": a["pays"]})
+    return pd.DataFrame(rows).set_index("variant") if rows else None
+
+
+def _kept(record: dict, repeat: dict | None) -> tuple[list, list, list]:
+    """Variants that pay (in ``record`` and, when given, in ``repeat`` too), that pay in one run only,
+    and the rest."""
+    again = {r["option"]: r for r in (repeat or {}).get("rows", [])}
+    kept, once, rest = [], [], []
+    for r in record["rows"]:
+        if not r.get("variant"):
+            continue
+        other = again.get(r["option"])
+        if r["pays"] == "yes" and (repeat is None or (other is not None and other["pays"] == "yes")):
+            kept.append(r)
+        elif r["pays"] == "yes" or (other is not None and other["pays"] == "yes"):
+            once.append(r)
+        else:
+            rest.append(r)
+    return kept, once, rest
+
+
+def variants_findings(record: dict, repeat: dict | None = None) -> str:
+    """What each variant of the bench does against its base, what is kept (it pays in ``record`` and,
+    when given, in ``repeat``, the same command run again), and what could not be measured, as
+    Markdown bullets; every number is the records'."""
     rows = {r["option"]: r for r in record["rows"]}
     out = []
     for r in record["rows"]:
@@ -854,18 +892,20 @@ def variants_findings(record: dict) -> str:
         if ref != "unet" and r["base"] != "unet":
             out[-1] += (f" Like with like, against `{ref}`, it takes {_x(r, 'ratio_same_runtime', 'ratio_same_runtime_ci')}: "
                         f"the {GOAL_RATIO}x goal {_GOAL[r['within_goal']].format(g=GOAL_RATIO)}.")
-    kept = [r["option"] for r in record["rows"] if r.get("pays") == "yes"]
-    dropped = [r["option"] for r in record["rows"] if r.get("variant") and r.get("pays") != "yes"]
-    out.append("Kept, because they pay on this bench: " + (", ".join(f"`{k}`" for k in kept) or "none") + ". Not kept: "
-               + (", ".join(f"`{k}`" for k in dropped) or "none") + ".")
+    kept, once, rest = _kept(record, repeat)
+    names = lambda rs: ", ".join(f"`{r['option']}`" for r in rs) or "none"   # noqa: E731
+    both = " in both runs" if repeat is not None else ""
+    out.append(f"Kept, because they pay{both}: {names(kept)}."
+               + (f" Faster in one run, unresolved in the other: {names(once)}." if once else "")
+               + f" Not kept: {names(rest)}.")
     for what, note in (record.get("variant_notes") or {}).items():
         out.append(f"**{what}**: {note if len(note) < 300 else note[:300] + ' ...'}")
     return "\n".join(f"- {line}" for line in out)
 
 
-def bench_summary(record: dict) -> str:
+def bench_summary(record: dict, repeat: dict | None = None) -> str:
     """Two summary bullets (Markdown) from the bench: the calibrated NODEs-UNet against the goal, and
-    which variants paid; every number is the record's."""
+    which variants paid (in ``repeat`` too, when given); every number is the records'."""
     rows = {r["option"]: r for r in record["rows"]}
     time_key = f"time_{record['n_images']}_s"
     pick = record["calibration"].get("nodes-unet", {}).get("pick_label")
@@ -883,13 +923,14 @@ def bench_summary(record: dict) -> str:
         held = [f"`{r['option']}`" for r in record["rows"] if r["nfe_total"] > 0 and r["within_goal"] == "holds"]
         if held:
             out[-1] += " Meeting the goal: " + ", ".join(held) + "."
-    variants = [r for r in record["rows"] if r.get("variant")]
-    if variants:
-        kept = [f"`{r['option']}` ({r['ratio_to_base']:.2f}x its base)" for r in variants if r["pays"] == "yes"]
-        rest = [f"`{r['option']}` ({r['ratio_to_base']:.2f}x)" for r in variants if r["pays"] != "yes"]
+    if any(r.get("variant") for r in record["rows"]):
+        kept, once, rest = _kept(record, repeat)
+        names = lambda rs: ", ".join(f"`{r['option']}` ({r['ratio_to_base']:.2f}x its base)" for r in rs)  # noqa: E731
+        both = " in both runs" if repeat is not None else ""
         out.append("Backends, layouts and compilers, measured on the same weights in the same rounds: "
-                   + (("kept where they pay: " + ", ".join(kept)) if kept else "none pays") + "; not kept: "
-                   + (", ".join(rest) or "none") + "."
+                   + (f"kept where they pay{both}: {names(kept)}" if kept else f"none pays{both}")
+                   + (f"; faster in one run only: {names(once)}" if once else "")
+                   + (f"; not kept: {names(rest)}" if rest else "") + "."
                    + (" bf16 on CUDA was not measured (no CUDA device)." if "bf16 on CUDA" in (record.get("variant_notes") or {})
                       else ""))
     return "\n".join(f"- {line}" for line in out)
@@ -1345,7 +1386,10 @@ def plot_frontier(record: dict, ax=None):
         colour = "k" if r["nfe_total"] == 0 else "C3" if r["solver"] == "trained" else "C2"
         marker = ("s" if r["runtime"] == "onnxruntime" else "D" if r.get("ode_reg") is not None else
                   _VARIANT_MARKERS.get(r.get("variant"), "o"))
-        ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt=marker, color=colour, ms=6, capsize=3, lw=1)
+        if r.get("variant"):    # hollow, no interval (the variants' table has it): beside its base, legible
+            ax.plot([x], [y], marker, mfc="none", mec=colour, ms=10, mew=1.6)
+        else:
+            ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt=marker, color=colour, ms=6, capsize=3, lw=1)
         if r["option"] != "unet onnx" and not r.get("variant"):   # a variant: its marker, beside its base
             text = "U-Net (PyTorch and ONNX)" if r["option"] == "unet" else _short(r["option"])
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 6 - 18 * (i % 2)), fontsize=8)
@@ -1355,8 +1399,8 @@ def plot_frontier(record: dict, ax=None):
     ax.set_xlabel("inference time / U-Net's in the same runtime and round (log scale)")
     ax.set_ylabel("test MIoU (%)")
     ax.set_title("The frontier: black = no ODE-block, red = dopri5 (trained tolerances), green = calibrated "
-                 "fixed grid;\nsquare = ONNX, diamond = 6-epoch regularisation pair, x = torchode, + = unrolled loop, "
-                 "v = channels_last, ^ = torch.compile", fontsize=9)
+                 "fixed grid;\nsquare = ONNX, diamond = 6-epoch regularisation pair; hollow: the same weights by torchode (x), "
+                 "an unrolled loop (+),\nin channels_last (v) or compiled (^), against the U-Net run the same way", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower center")
     fig.tight_layout()
