@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the recipe: quick (chapters' CPU ablation), study (width 8, 15 cosine epochs: the CPU "
                         "scale that decides the relative claims), full (the paper's); smoke is for tests")
     s.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every model (default 3)")
+    s.add_argument("--models", default=None, help="only these models of the experiment, comma-separated "
+                                                  "labels (e.g. unet,resunet: more seeds for one paired claim)")
     s.add_argument("--max-minutes", type=float, default=0.0,
                    help="start no unit that would end after this many minutes (0: no limit); run "
                         "again to continue")

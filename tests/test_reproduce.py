@@ -125,6 +125,18 @@ def test_scales_and_experiments():
         rp.experiment_specs("table3", study)
 
 
+def test_models_restricts_the_units_and_names_the_known_ones(tmp_path):
+    logged = []
+    r = rp.run_experiment("table2", "smoke", 2, max_minutes=1e-6, out=tmp_path / "res", work=tmp_path / "w",
+                          progress=False, log=logged.append, changes=TINY, models="unet, resunet")
+    assert sorted(p.name for p in r["not_started"]) == ["resunet-seed0.json", "resunet-seed1.json",
+                                                         "unet-seed0.json", "unet-seed1.json"]
+    with pytest.raises(BloodsegError, match="no model nodes-net.*its models are: unet, resunet, nodes-unet"):
+        rp.run_experiment("table2", "smoke", 1, out=tmp_path / "res", models=["unet", "nodes-net"])
+    with pytest.raises(BloodsegError, match="one experiment"):
+        rp.reproduce("all", "smoke", 1, out=tmp_path / "res", models="unet")
+
+
 def test_cli_reproduce_options(monkeypatch):
     from bloodseg import cli
     seen = {}
@@ -132,7 +144,9 @@ def test_cli_reproduce_options(monkeypatch):
     assert cli.main(["reproduce", "table2", "--scale", "study", "--seeds", "5", "--max-minutes", "90",
                      "--out", "elsewhere"]) == 0
     assert seen == dict(experiment="table2", scale="study", seeds=5, max_minutes=90.0, out="elsewhere",
-                        progress=None)
+                        progress=None, models=None)
+    assert cli.main(["reproduce", "table2", "--models", "unet,resunet"]) == 0
+    assert seen["models"] == "unet,resunet"
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "table9"])
 

@@ -30,7 +30,7 @@ def cmd_tune_cleanup(args) -> int:
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce
     reproduce(args.experiment, scale=args.scale, seeds=args.seeds, max_minutes=args.max_minutes,
-              out=args.out, progress=True if args.progress else None)
+              out=args.out, progress=True if args.progress else None, models=args.models)
     return 0
 
 

@@ -253,18 +253,20 @@ def estimate_unit_s(spec: dict, recipe: Recipe, data: dict) -> float:
 
 def run_experiment(experiment: str, scale: str = "quick", seeds: int = 3, max_minutes: float = 0.0,
                    out="book/results", work=None, command: str | None = None, progress: bool | None = None,
-                   log=print, changes: dict | None = None) -> dict:
+                   log=print, changes: dict | None = None, models=None) -> dict:
     """Run every missing (model, seed) unit of ``experiment``; ``dict(records, ran, skipped, not_started)``.
 
     ``changes``: recipe fields changed from the scale's (``{"model.width": 4}``); they are part of
-    the stored recipe, so records of other settings are not taken as finished."""
+    the stored recipe, so records of other settings are not taken as finished. ``models``: only the
+    units of these labels (e.g. more seeds for the two models of one paired claim); the others are
+    neither run nor counted as missing."""
     if not (isinstance(seeds, int) and seeds >= 1):
         raise BloodsegError(f"seeds must be a whole number >= 1; got {seeds!r}")
     if not (max_minutes >= 0 and math.isfinite(max_minutes)):
         raise BloodsegError(f"max_minutes must be 0 (no limit) or a positive number; got {max_minutes}")
     from tqdm.auto import tqdm
     base = scale_recipe(scale).replace(**(changes or {}))
-    specs = experiment_specs(experiment, base)
+    specs = select_models(experiment, experiment_specs(experiment, base), models)
     work = Path(work) if work is not None else Path("runs") / "reproduce"
     command = command or shlex.join(sys.argv)
     units = [(k, spec) for k in range(seeds) for spec in specs]     # seed by seed: paired early
@@ -440,13 +442,29 @@ def unit_minutes(names: list[str], seeds: int, max_minutes: float, share: float 
     return max(share * max_minutes / max(1, len(specs) * seeds), 0.05)
 
 
+def select_models(experiment: str, specs: list[dict], models) -> list[dict]:
+    """``specs`` restricted to the labels in ``models`` (None: all); an unknown label is an error."""
+    if models is None:
+        return specs
+    wanted = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
+    known = [s["label"] for s in specs]
+    unknown = [m for m in wanted if m not in known]
+    if unknown or not wanted:
+        raise BloodsegError(f"{experiment} has no model {', '.join(unknown) or '(none given)'}; "
+                            f"its models are: {', '.join(known)}")
+    return [s for s in specs if s["label"] in wanted]
+
+
 def reproduce(experiment: str, scale: str = "quick", seeds: int = 3, max_minutes: float = 0.0,
               out="book/results", work=None, command: str | None = None, progress: bool | None = None,
-              log=print, changes: dict | None = None) -> dict:
-    """:func:`run_experiment` for one experiment or ``all`` (one shared time limit); prints summaries."""
+              log=print, changes: dict | None = None, models=None) -> dict:
+    """:func:`run_experiment` for one experiment or ``all`` (one shared time limit); prints summaries.
+    ``models`` (one experiment only): the labels to run, see :func:`run_experiment`."""
     names = list(EXPERIMENTS) if experiment == "all" else [experiment]
+    if models is not None and len(names) != 1:
+        raise BloodsegError("--models selects models of one experiment; name the experiment, not 'all'")
     for name in names:
-        experiment_specs(name, scale_recipe(scale))     # unknown names fail before anything runs
+        select_models(name, experiment_specs(name, scale_recipe(scale)), models)   # unknown names fail first
     if scale == "full" and max_minutes and "train.max_minutes" not in (changes or {}):
         changes = {**(changes or {}), "train.max_minutes": unit_minutes(names, seeds, max_minutes)}
         log(f"full scale in {max_minutes:g} min: every unit trains for at most "
@@ -458,7 +476,7 @@ def reproduce(experiment: str, scale: str = "quick", seeds: int = 3, max_minutes
             log(f"{name} ({scale}): not started, max_minutes={max_minutes:g} reached")
             continue
         r = run_experiment(name, scale, seeds, max(left, 1e-9) if max_minutes else 0.0, out, work,
-                           command, progress, log, changes)
+                           command, progress, log, changes, models)
         log(f"\n{name} ({scale}): {len(r['ran'])} unit(s) run, {len(r['skipped'])} already done, "
             f"{len(r['not_started'])} not started; records in {Path(out) / name / scale}")
         rows = summarize(r["records"])
