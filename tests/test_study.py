@@ -53,3 +53,23 @@ def test_figures_draw(results):
                 study.plot_timing("smoke"), study.plot_tolerance("smoke")):
         assert fig.axes
         plt.close(fig)
+
+
+def test_seeds_to_decide_scales_the_interval_by_root_seeds():
+    from bloodseg.paper import claims
+    base = dict(table="paper", unit="pp", verdict=claims.INCONCLUSIVE, side=">", threshold=0.0, paper=1.0,
+                where="06", rule="gain > 0", note="", source="study | 5 seed(s) | cpu | torch x | commit y | 2026-12-03")
+    rows = [dict(base, claim="A gain (Table 2)", ours=1.0, ci=(-1.0, 3.0)),             # half-width 2 pp
+            dict(base, claim="B gain (Table 2)", ours=0.0, ci=(-0.25, 0.25)),            # already within 0.5 pp
+            dict(base, claim="held", ours=1.0, ci=(0.5, 1.5), verdict=claims.HOLDS),      # decided: left out
+            dict(base, claim="a ratio", ours=1.0, ci=(0.5, 1.5), unit="x"),               # not pp: left out
+            dict(base, claim="no seeds", ours=1.0, ci=(-1.0, 3.0), source="chapter 6 run")]
+    out = claims.seeds_to_decide(rows)
+    assert [r["claim"] for r in out] == ["A gain (Table 2)", "B gain (Table 2)"]
+    a, b = out
+    assert (a["seeds"], a["half_width_pp"], a["seeds_for_target"], a["seeds_to_decide"]) == (5, 2.0, 80, 20)
+    assert b["seeds_for_target"] == 2 and b["seeds_to_decide"] is None       # estimate on the threshold
+    if a["cpu_hours_per_seed"] is not None:
+        assert a["cpu_hours_for_target"] == pytest.approx(75 * a["cpu_hours_per_seed"])
+    fig = claims.plot_seeds_to_decide(out)
+    assert len(fig.axes[0].patches) == 6

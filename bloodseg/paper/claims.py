@@ -389,8 +389,68 @@ def claims_ledger(profile: str | None = None) -> list[dict]:
             verdict = UNTESTABLE if c["side"] is None else NOT_YET     # untestable whatever we measure
             note = c["note"] if c["side"] is None else f"needs {e}" + (f"; {c['note']}" if c["note"] else "")
         out.append(dict(table=c["table"], claim=c["claim"], unit=c["unit"], paper=c["paper"], ours=ours, ci=ci,
-                        rule=c["rule"], verdict=verdict, where=c["where"], source=source, note=note))
+                        rule=c["rule"], verdict=verdict, where=c["where"], source=source, note=note,
+                        side=c["side"], threshold=c["threshold"]))
     return out
+
+
+def _seed_cost_hours(experiment: str) -> float | None:
+    """CPU hours that one more seed of the whole ``experiment`` costs (every model of it): per model,
+    the mean wall time of its recorded units, summed over the models (the records' own machine and load)."""
+    try:
+        _, recs = evidence(experiment)
+    except _Missing:
+        return None
+    per_label: dict = {}
+    for r in recs:
+        per_label.setdefault(r["label"], []).append(float(r["wall_s"]))
+    return float(sum(np.mean(v) for v in per_label.values()) / 3600)
+
+
+def seeds_to_decide(rows: list[dict], target_pp: float = 0.5) -> list[dict]:
+    """For every inconclusive difference (unit pp) measured over seeds: how many seeds would bring the
+    95% interval's half-width to ``target_pp``, and how many would exclude the threshold if the
+    estimate stayed where it is. Both assume the half-width falls as 1/sqrt(seeds), which holds when
+    the seed-to-seed spread dominates it (it does here: the test images are shared by all seeds);
+    the cost is :func:`_seed_cost_hours` per seed, so an estimate, not a measurement."""
+    import re
+    out = []
+    for r in rows:
+        m = re.search(r"(\d+) seed\(s\)", r.get("source") or "")
+        if r["verdict"] != INCONCLUSIVE or r["unit"] != "pp" or not m or not isinstance(r.get("threshold"), (int, float)):
+            continue
+        n = int(m.group(1))
+        half = (r["ci"][1] - r["ci"][0]) / 2
+        gap = abs(r["ours"] - r["threshold"])
+        to_target = math.ceil(n * (half / target_pp) ** 2)
+        to_decide = math.ceil(n * (half / gap) ** 2) if gap > 0 else None
+        cost = _seed_cost_hours("table2" if "Table 2" in r["claim"] else "table1")
+        out.append(dict(claim=r["claim"], seeds=n, half_width_pp=half, estimate_pp=r["ours"],
+                        seeds_for_target=to_target, seeds_to_decide=to_decide, target_pp=target_pp,
+                        cpu_hours_per_seed=cost,
+                        cpu_hours_for_target=None if cost is None else cost * max(to_target - n, 0)))
+    return out
+
+
+def plot_seeds_to_decide(table: list[dict]):
+    """Seeds recorded, seeds for a half-width of ``target_pp``, seeds to exclude the threshold."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(table) + 1.2))
+    y = np.arange(len(table))
+    ax.barh(y - 0.25, [t["seeds"] for t in table], 0.25, color="#6e7781", label="recorded")
+    ax.barh(y, [t["seeds_for_target"] for t in table], 0.25, color="C0",
+            label=f"for a ±{table[0]['target_pp'] if table else 0.5:g} pp interval")
+    ax.barh(y + 0.25, [t["seeds_to_decide"] or 0 for t in table], 0.25, color="C1",
+            label="to exclude the threshold (estimate unchanged)")
+    ax.set_xscale("log")
+    ax.set_yticks(y)
+    ax.set_yticklabels([t["claim"].replace(" (Table 2)", "") for t in table], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seeds per model (log scale)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def verdict_counts(rows: list[dict], table: str = "paper") -> dict:
