@@ -361,10 +361,12 @@ def _add_batch_flags(s) -> None:
                    help="the network's masks as they are, without the checkpoint's white-cell cleanup")
     s.add_argument("--exact", action="store_true",
                    help="exactly the trained pipeline: the trained ODE solver even when the checkpoint stores a "
-                        "calibrated one, and its fixed input_scale (no automatic scale)")
+                        "calibrated one, its fixed input_scale (no automatic scale), the photographs' own colours")
     s.add_argument("--scale", type=_scale_arg, metavar="auto|X",
                    help="auto: resize each photograph so its red cells have the size the network was trained "
                         "on (the default when the checkpoint knows it); X: resize every photograph by X")
+    s.add_argument("--colour", choices=("background", "none"), help="background (the default when the checkpoint "
+                   "knows the training photographs' background): undo a colour cast; none: colours as they are")
     s.add_argument("--skip-existing", action="store_true",
                    help="keep images whose outputs are already there and decode (continue an interrupted run)")
     s.add_argument("--instances", metavar="DIR",

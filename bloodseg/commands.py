@@ -188,10 +188,17 @@ def _batch_options(args) -> dict:
 
 def _batch_segmenter(args) -> Segmenter:
     seg = _segmenter(args)
-    if args.exact:   # exactly the trained pipeline: the stored fixed input_scale too
-        if args.scale == "auto":
-            raise BloodsegError("--exact runs the trained pipeline at its fixed input_scale; drop --scale auto")
-        seg = seg.replace(scale="fixed")
+    if args.exact:   # exactly the trained pipeline: the stored fixed input_scale, colours as they are
+        if args.scale == "auto" or args.colour == "background":
+            raise BloodsegError("--exact runs the trained pipeline at its fixed input_scale on the photographs' "
+                                "own colours; drop --scale auto / --colour background")
+        seg = seg.replace(scale="fixed", colour="none")
+    if args.colour is not None:
+        if args.colour == "background" and seg.background is None:
+            raise BloodsegError(f"--colour background needs the training photographs' background colour, and "
+                                f"{args.ckpt} does not store one (a checkpoint trained on synthetic smears, or "
+                                "an older one); drop --colour")
+        seg = seg.replace(colour=args.colour)
     if args.scale == "auto":
         seg = seg.replace(scale="auto")
     elif args.scale is not None:

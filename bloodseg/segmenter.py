@@ -28,35 +28,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .batch import run_batch
 from .calibrate import apply_solver, calibrate, check_solver, trained_solver
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
-from .classes import CLASS_NAMES, overlay
+from .classes import CLASS_NAMES
 from .count import count_cells
 from .distributed import default_device
 from .errors import BloodsegError, CheckpointError
 from .infer import predict_image, predict_probabilities
-from .instances import (
-    _check_pixel_size,
-    _decodes,
-    instance_paths,
-    instances,
-    write_instances,
-    write_probabilities,
-)
-from .io import (
-    _writable_dir,
-    check_output_names,
-    expand_inputs,
-    read_image,
-    read_mask,
-    write_image,
-)
 from .postprocess import check_postprocess, clean_white_cells, min_area_at
 from .scale import auto_scale
+from .stain import match_background
 
 #: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
 SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "class_names", "solver",
-            "red_cell_diameter", "scale")
+            "red_cell_diameter", "scale", "background", "colour")
 
 
 @dataclasses.dataclass
@@ -79,6 +65,10 @@ class Segmenter:
       ``red_cell_diameter``; ``input_scale`` when they cannot be measured or are within 20% of
       it). Default: ``"auto"`` when ``red_cell_diameter`` is known, else ``"fixed"``.
       :meth:`scale_for` gives the factor used for one photograph.
+    * ``background`` — the typical background colour (B, G, R) of the training photographs, or None;
+    * ``colour`` — ``"background"``: each photograph's background is first brought to ``background``
+      (:func:`bloodseg.stain.match_background`: undoes a lamp's or camera's colour cast); ``"none"``:
+      photographs as they are. Default: ``"background"`` when ``background`` is known.
     """
     model: torch.nn.Module
     input_scale: float = 1.0
@@ -93,6 +83,8 @@ class Segmenter:
     solver: dict | None = None
     red_cell_diameter: float | None = None
     scale: str | None = None
+    background: tuple | None = None
+    colour: str | None = None
     trained: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -118,6 +110,14 @@ class Segmenter:
         if self.scale == "auto" and self.red_cell_diameter is None:
             raise BloodsegError("scale='auto' needs red_cell_diameter (the red-cell diameter, in network "
                                 "pixels, of the training photographs); use scale='fixed'")
+        if self.background is not None:
+            match_background(np.full((4, 4, 3), 128, np.uint8), self.background)     # validates it
+            self.background = tuple(float(v) for v in self.background)
+        self.colour = self.colour or ("none" if self.background is None else "background")
+        if self.colour not in ("none", "background") or (self.colour == "background" and self.background is None):
+            raise BloodsegError(f"colour must be 'none' or 'background' (which needs background, the training "
+                                f"photographs' background colour); got colour={self.colour!r}, "
+                                f"background={self.background!r}")
         self.model = unwrap(self.model).eval()
         if self.solver is not None:
             self.solver = check_solver(self.solver)
@@ -199,6 +199,10 @@ class Segmenter:
         return self.replace(solver=result["chosen"], metrics=metrics)
 
     # ------------------------------------------------------------------ one image
+    def prepare(self, image_bgr: np.ndarray) -> np.ndarray:
+        """The photograph as the network is given it before scaling: its colour matched (``colour``)."""
+        return image_bgr if self.colour == "none" else match_background(image_bgr, self.background)
+
     def scale_for(self, image_bgr: np.ndarray) -> float:
         """The factor ``image_bgr`` is resized by before the network sees it: ``input_scale``, or
         with ``scale="auto"`` :func:`bloodseg.scale.auto_scale` of this photograph."""
@@ -207,22 +211,25 @@ class Segmenter:
         return auto_scale(image_bgr, self.red_cell_diameter, self.input_scale)
 
     def predict_proba(self, image_bgr: np.ndarray, tta: bool | None = None, *,
-                      input_scale: float | None = None) -> torch.Tensor:
+                      input_scale: float | None = None, prepared: bool = False) -> torch.Tensor:
         """Class probabilities ``float32 C x H x W`` for a BGR ``uint8 HxWx3`` image of any size.
-        ``input_scale``: this factor instead of :meth:`scale_for`'s."""
+        ``input_scale``: this factor instead of :meth:`scale_for`'s; ``prepared``: the image has
+        been through :meth:`prepare` already."""
+        image_bgr = image_bgr if prepared else self.prepare(image_bgr)
         self._use_solver()
         return predict_probabilities(self.model, image_bgr, tile=self.tile, overlap=self.overlap,
                                      clahe=self.clahe, tta=self.tta if tta is None else tta,
                                      input_scale=self.scale_for(image_bgr) if input_scale is None else input_scale)
 
     def predict(self, image_bgr: np.ndarray, postprocess=None, tta: bool | None = None, *,
-                input_scale: float | None = None) -> np.ndarray:
+                input_scale: float | None = None, prepared: bool = False) -> np.ndarray:
         """Mask ``uint8 HxW`` in {0 background, 1 white cell, 2 red cell}.
 
         ``postprocess``: None (default) applies this Segmenter's own cleanup (if any); False gives
         the network's argmax alone; a dict is used as given; True without a stored spec is an error.
-        ``input_scale``: this factor instead of :meth:`scale_for`'s.
+        ``input_scale``, ``prepared``: as for :meth:`predict_proba`.
         """
+        image_bgr = image_bgr if prepared else self.prepare(image_bgr)
         self._use_solver()
         return predict_image(self.model, image_bgr, tile=self.tile, overlap=self.overlap, clahe=self.clahe,
                              tta=self.tta if tta is None else tta,
@@ -244,104 +251,18 @@ class Segmenter:
             return self.postprocess
         return check_postprocess(postprocess)
 
-    # ------------------------------------------------------------------ many files
-    # Batch runs stream: one image is read, predicted, written and dropped before the next (only
-    # the small per-image rows are kept). An image that cannot be read or predicted (a
-    # BloodsegError: empty, truncated, not an image, ...) is reported on stderr and skipped; its
-    # row is ``{"image": path, "error": reason}``. An output that cannot be written (disk full)
-    # stops the run: every later image would fail the same way. ``skip_existing=True`` keeps an
-    # image whose outputs are all there and decode (its row gets ``"skipped": True``), so an
-    # interrupted run continues where it stopped. ``progress`` (None: when stderr is a terminal)
-    # shows a tqdm bar with images/s on stderr.
-
+    # ------------------------------------------------------------------ many files (see bloodseg.batch)
     def _mask_and_probs(self, image, postprocess, need_probs: bool):
+        image = self.prepare(image)
         factor = self.scale_for(image)
         if not need_probs:
-            return self.predict(image, postprocess, input_scale=factor), None, factor
-        probs = self.predict_proba(image, input_scale=factor)
+            return self.predict(image, postprocess, input_scale=factor, prepared=True), None, factor
+        probs = self.predict_proba(image, input_scale=factor, prepared=True)
         mask = probs.argmax(0).numpy().astype(np.uint8)
         spec = self._postprocess(postprocess)
         if spec:
             mask = clean_white_cells(mask, probs, min_area_at(spec, factor), spec["fill_white_holes"])
         return mask, probs, factor
-
-    def _outputs(self, f: Path, out_dir, overlays: bool, instances_dir, save_probabilities: bool) -> list[Path]:
-        out = []
-        if out_dir is not None:
-            out += [out_dir / f"{f.stem}.png"] + ([out_dir / f"{f.stem}_overlay.png"] if overlays else [])
-        if instances_dir is not None:
-            out += list(instance_paths(instances_dir, f.stem))
-        if save_probabilities:
-            out.append((out_dir if out_dir is not None else instances_dir) / f"{f.stem}_probs.npz")
-        return out
-
-    def _existing_mask(self, f: Path, outputs: list[Path], has_mask: bool):
-        """The saved mask of ``f`` when every output is there and decodes, else None."""
-        try:
-            if not all(p.is_file() for p in outputs):
-                return None
-            for p in outputs[1:] if has_mask else outputs:
-                if p.name.endswith("_overlay.png"):
-                    read_image(p)
-                elif not _decodes(p):
-                    return None
-            return read_mask(outputs[0]) if has_mask else True
-        except BloodsegError:
-            return None
-
-    def _batch(self, paths, out_dir, overlays, postprocess, skip_existing, progress, instances_dir,
-               pixel_size_um, save_probabilities, row_of, what: str) -> list[dict]:
-        import sys
-
-        from tqdm import tqdm
-
-        files = expand_inputs(paths)
-        _check_pixel_size(pixel_size_um)
-        if out_dir is not None:
-            out_dir = _writable_dir(out_dir)
-            check_output_names(files, out_dir, ("", "_overlay") if overlays else ("",))
-        if instances_dir is not None:
-            instances_dir = _writable_dir(instances_dir)
-            check_output_names(files, instances_dir, ("_instances",))
-        if save_probabilities and out_dir is None and instances_dir is None:
-            raise BloodsegError("save_probabilities needs an output folder (the masks' or the instances' folder)")
-        if skip_existing and out_dir is None and instances_dir is None:
-            raise BloodsegError("skip_existing needs outputs to look for: give a masks or instances folder")
-        need_probs = instances_dir is not None or save_probabilities
-        show = sys.stderr.isatty() if progress is None else bool(progress)
-        bar = tqdm(files, desc=what, unit="image", file=sys.stderr, disable=not show, dynamic_ncols=True)
-        rows = []
-        for f in bar:
-            outputs = self._outputs(f, out_dir, overlays, instances_dir, save_probabilities)
-            if skip_existing:
-                mask = self._existing_mask(f, outputs, out_dir is not None)
-                if mask is not None:
-                    rows.append({**row_of(f, mask if out_dir is not None else None, outputs), "skipped": True})
-                    continue
-            try:
-                image = read_image(f)
-                mask, probs, factor = self._mask_and_probs(image, postprocess, need_probs)
-                cells = instances(mask, probs, pixel_size_um) if instances_dir is not None else None
-            except BloodsegError as exc:
-                reason = str(exc)
-                rows.append({"image": str(f), "error": reason})
-                tqdm.write(f"skipped {f.name}: {reason}", file=sys.stderr)
-                continue
-            if out_dir is not None:
-                write_image(out_dir / f"{f.stem}.png", mask)
-                if overlays:
-                    write_image(out_dir / f"{f.stem}_overlay.png", overlay(image, mask))
-            if cells is not None:
-                write_instances(*cells, instances_dir, f.stem)
-            if save_probabilities:
-                write_probabilities(outputs[-1], probs)
-            row = {**row_of(f, mask, outputs), "scale": factor}
-            if cells is not None:
-                row["n_cells"] = len(cells[1])
-            rows.append(row)
-            del image, mask, probs, cells
-        bar.close()
-        return rows
 
     def predict_files(self, paths, out_dir, overlays: bool = True, postprocess=None, *, skip_existing: bool = False,
                       progress: bool | None = None, instances=None, pixel_size_um=None,
@@ -354,7 +275,7 @@ class Segmenter:
         Returns one row per input, in order: ``{"image", "mask", "height", "width", "fraction_*",
         "overlay", "scale"}`` (``scale``: the resize factor used, :meth:`scale_for`) for a written image, the same with ``"skipped": True`` for one kept by
         ``skip_existing``, and ``{"image", "error"}`` for one that failed (reported on stderr and
-        skipped; see the comment above). Refuses (before writing anything) when two inputs share a
+        skipped; see :mod:`bloodseg.batch`). Refuses (before writing anything) when two inputs share a
         stem, or when an output would overwrite an input image. Every file is written atomically.
         """
         def row_of(f, mask, outputs):
@@ -364,7 +285,7 @@ class Segmenter:
             if overlays:
                 row["overlay"] = str(outputs[1])
             return row
-        return self._batch(paths, out_dir, overlays, postprocess, skip_existing, progress, instances,
+        return run_batch(self, paths, out_dir, overlays, postprocess, skip_existing, progress, instances,
                            pixel_size_um, save_probabilities, row_of, "predict")
 
     def count_files(self, paths, red_radius: float | None = None, masks_out=None, postprocess=None, *,
@@ -382,7 +303,7 @@ class Segmenter:
 
         def row_of(f, mask, outputs):
             return {"image": str(f), **count_cells(mask, red_radius=red_radius)}
-        return self._batch(paths, masks_out, True, postprocess, skip_existing, progress, instances,
+        return run_batch(self, paths, masks_out, True, postprocess, skip_existing, progress, instances,
                            pixel_size_um, save_probabilities, row_of, "count")
 
 

@@ -52,7 +52,7 @@ def test_onnx_masks_agree_with_pytorch_on_bccd_photographs(seg, exported, photos
     # the ONNX file carries the checkpoint's use settings and the solver it was exported with
     assert seg.solver == EULER1 and onnx_seg.solver == EULER1
     for key in ("input_scale", "postprocess", "clahe", "tile", "overlap", "red_cell_diameter", "scale",
-                "class_names"):
+                "class_names", "background", "colour"):
         assert getattr(onnx_seg, key) == getattr(seg, key), key
     for image in photos:
         torch_mask = seg.predict(image)

@@ -168,7 +168,11 @@ def test_cli_train_bccd_trains_scores_and_continues(bccd_sample, tmp_path, capsy
     assert metrics["model"]["images"] == metrics["data"]["test_images"] > 0
     assert 0 <= metrics["model"]["gold white IoU"] <= 1 and 0 <= metrics["model_tta"]["gold white IoU"] <= 1
     assert metrics["model_tta"]["model"].endswith("+ flip TTA") and metrics["recipe"]["train"]["schedule"] == "cosine"
-    assert Segmenter.load(ckpt, device="cpu").input_scale == 0.5    # prediction will resize alike
+    trained = Segmenter.load(ckpt, device="cpu")
+    assert trained.input_scale == 0.5    # prediction will resize alike
+    # and bring each photograph's background to the training photographs' (all bright plasma)
+    assert trained.colour == "background" and tuple(metrics["background"]["bgr"]) == trained.background
+    assert all(150 < v <= 255 for v in trained.background)
 
     assert cli.main(["train-bccd", "--out", str(tmp_path / "b"), "--init", str(ckpt)] + small) == 0
     cont = json.loads((tmp_path / "b" / "metrics.json").read_text())

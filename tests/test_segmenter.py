@@ -90,7 +90,9 @@ def test_updating_a_setting_at_the_top_level_reaches_the_segmenter(tmp_path):
     (dict(segmenter={"postprocess": {"white_min_area": -1, "fill_white_holes": True}}), "postprocess"),
     (dict(segmenter={"postprocess": {"white_min_area": 10}}), "postprocess"),
     (dict(segmenter={"class_names": 3}), "segmenter settings"),
-    (dict(segmenter={"colour": "blue"}), "unknown segmenter settings"),
+    (dict(segmenter={"flavour": "blue"}), "unknown segmenter settings"),
+    (dict(segmenter={"colour": "blue"}), "segmenter settings"),
+    (dict(segmenter={"background": [0, 300, 1]}), "segmenter settings"),
     (dict(input_scale=0.0), "input_scale"),                                      # an old-style checkpoint
     (dict(postprocess={"white_min_area": "big", "fill_white_holes": True}), "postprocess"),
 ])

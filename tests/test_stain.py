@@ -112,6 +112,9 @@ class _Thresholds:
     def scale_for(self, image):
         return 1.0
 
+    def prepare(self, image):
+        return image
+
     def predict(self, image):
         b, r = image[..., 0].astype(int), image[..., 2].astype(int)
         return np.where(b - r > 15, 1, 0).astype(np.uint8)
@@ -136,3 +139,15 @@ def test_stain_shift_scores_rows_and_paired_drops():
         assert lo <= hi and r["within_goal"] == (r["drop_pp"] <= 2.0)
         assert r["mean_drop_pp"] == pytest.approx(100 * (base["white_iou_mean"] - r["white_iou_mean"]))
         assert r["goal_verdict"] in ("holds", "does not hold", "inconclusive")
+
+
+def test_strong_shifts_change_the_photograph_and_stay_images(photo):
+    from bloodseg.paper.robustness import SHIFTS, STRONG_SHIFTS, apply_shift
+    assert not set(SHIFTS) & set(STRONG_SHIFTS)
+    for name in STRONG_SHIFTS:
+        out = apply_shift(photo, name)
+        assert out.shape == photo.shape and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - photo).mean() > 2, name
+    # beyond the training range: a stronger cast than the strongest of SHIFTS
+    assert (np.abs(apply_shift(photo, "wb_cool_0.2").astype(int) - photo).mean()
+            > np.abs(apply_shift(photo, "cool").astype(int) - photo).mean())

@@ -63,6 +63,7 @@ from ..metrics import confusion_matrix, scores
 from ..models import build_model
 from ..postprocess import clean_white_cells
 from ..segmenter import Segmenter
+from ..stain import reference_background
 from ..colour import colour_threshold_baseline
 from ..synthetic import make_smear
 from ..train import fit
@@ -709,7 +710,12 @@ def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", recipe: Recipe = REAL_
                "train_seconds": round(tm.seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
                "torch": str(torch.__version__)}
     target = out_dir / f"bccd-{model}-w{recipe.model.width}.pt"
-    tm.segmenter.replace(recipe=recipe.to_dict(), metrics=json.loads(json.dumps(metrics, default=float))).save(
+    # the training photographs' background colour: Segmenter(colour="background") brings every
+    # photograph it predicts to it (the test scores above are of the network on the photographs as they are)
+    background = reference_background(s.image for s in splits["train"])
+    metrics["background"] = {"bgr": list(background), "of": f"{len(splits['train'])} training patches"}
+    tm.segmenter.replace(recipe=recipe.to_dict(), metrics=json.loads(json.dumps(metrics, default=float)),
+                         background=background, colour="background").save(
         target, **({"input_scale": tm.segmenter.input_scale} if tm.segmenter.input_scale != 1.0 else {}))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
     metrics["checkpoint"] = str(target)
