@@ -378,9 +378,8 @@ def _add_batch_flags(s) -> None:
     s.add_argument("--tta", action="store_true", help="average the predictions over flips (slower)")
     s.add_argument("--progress", action="store_true",
                    help="show the progress bar even when stderr is not a terminal")
-    s.epilog = ("An image that cannot be read or predicted is reported and skipped; the others are written. "
-                "Exit status 0: all done; 1: some images failed; 2: nothing could be done (bad "
-                "checkpoint, output folder, options).")
+    s.epilog = ("An image that cannot be read or predicted is reported and skipped; the others are written. Exit "
+                "status 0: all done; 1: some images failed; 2: nothing could be done (bad checkpoint, output folder, options).")
 
 
 def main(argv=None) -> int:
