@@ -121,6 +121,18 @@ def test_instances_figure_and_stain_table():
     assert table.loc["blur_1.5", "95% CI (pp)"] == "[+3.00, +7.00]" and table.loc["none", "drop (pp)"] == 0.0
     fig = rd.plot_stain_shifts(record)
     assert len(fig.axes[0].patches) == 2
+    # a shift beyond the training range is not judged; the colour-none comparison is a column and markers
+    record["summary"]["wb_cool_0.2"] = {"white_iou_pooled": 0.88, "drop_pp": 2.0, "drop_pp_ci": [1.0, 3.0],
+                                        "within_goal": True, "goal_verdict": "inconclusive"}
+    record["strong_shifts"] = {"wb_cool_0.2": {"transform": "bloodseg.stain.white_balance", "gains": [1.2, 1.0, 0.8]}}
+    record["colour_none"] = {"summary": {"none": {"white_iou_pooled": 0.9}, "wb_cool_0.2": {"white_iou_pooled": 0.75}}}
+    table = rd.stain_shift_frame(record)
+    assert table.loc["wb_cool_0.2", "verdict"] == "beyond training range: not judged"
+    assert table.loc["wb_cool_0.2", "within 2 pp"] == "" and table.loc["warm", "verdict"] == "holds"
+    assert table.loc["wb_cool_0.2", "white IoU, colour none"] == 0.75 and np.isnan(table.loc["warm", "white IoU, colour none"])
+    fig = rd.plot_stain_shifts(record)
+    marks = [l for l in fig.axes[0].lines if l.get_label() == "without colour matching"]
+    assert len(fig.axes[0].patches) == 3 and list(marks[0].get_ydata()) == [pytest.approx(15.0)]
 
 
 def test_record_throughput_interleaves_rounds_and_keeps_medians(tmp_path, monkeypatch):

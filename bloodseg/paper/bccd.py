@@ -1033,42 +1033,60 @@ def plot_instances(image: np.ndarray, labels: np.ndarray, rows: list[dict], seed
 def stain_shift_frame(record: dict):
     """A table (pandas DataFrame, one row per shift) of :mod:`bloodseg.paper.robustness`'s record:
     the transform, pooled gold white-cell IoU, its drop from unshifted in pp (positive = worse)
-    with the 95 % interval, and the verdict against the 2 pp goal."""
+    with the 95 % interval, and the verdict against the 2 pp goal. Shifts beyond the training range
+    (``strong_shifts``) are listed as "not judged"; with a ``colour_none`` comparison, the IoU
+    without colour matching is a column of its own."""
     import pandas as pd
-    summary, shifts = record["summary"], record.get("shifts", {})
+    summary = record["summary"]
+    shifts = {**record.get("shifts", {}), **record.get("strong_shifts", {})}
+    strong = set(record.get("strong_shifts", {}))
+    without = (record.get("colour_none") or {}).get("summary", {})
     rows = []
     for name, r in summary.items():
         t = shifts.get(name, {})
         how = ", ".join(f"{k} {v}" for k, v in t.items() if k != "transform")
-        rows.append({"shift": name, "transform": (t.get("transform", "").replace("bloodseg.stain.", "") +
-                                                  (f" ({how})" if how else "")) or "none",
-                     "white IoU": r["white_iou_pooled"], "drop (pp)": r.get("drop_pp", 0.0),
-                     "95% CI (pp)": (f"[{r['drop_pp_ci'][0]:+.2f}, {r['drop_pp_ci'][1]:+.2f}]"
-                                     if "drop_pp_ci" in r else ""),
-                     "within 2 pp": r.get("within_goal", ""), "verdict": r.get("goal_verdict", "")})
+        row = {"shift": name, "transform": (t.get("transform", "").replace("bloodseg.stain.", "") +
+                                            (f" ({how})" if how else "")) or "none",
+               "white IoU": r["white_iou_pooled"], "drop (pp)": r.get("drop_pp", 0.0),
+               "95% CI (pp)": (f"[{r['drop_pp_ci'][0]:+.2f}, {r['drop_pp_ci'][1]:+.2f}]" if "drop_pp_ci" in r else ""),
+               "within 2 pp": "" if name in strong else r.get("within_goal", ""),
+               "verdict": "beyond training range: not judged" if name in strong else r.get("goal_verdict", "")}
+        if without:
+            row["white IoU, colour none"] = without.get(name, {}).get("white_iou_pooled", float("nan"))
+        rows.append(row)
     return pd.DataFrame(rows).set_index("shift")
 
 
 def plot_stain_shifts(record: dict, goal_pp: float = 2.0):
     """Bars: drop of the pooled gold white-cell IoU under each shift (pp, positive = worse) with its
-    95 % bootstrap interval, and the goal as a dashed line. Returns the figure."""
+    95 % bootstrap interval, and the goal as a dashed line; shifts beyond the training range in grey,
+    and, where the record has them, the drops without colour matching as hollow diamonds."""
     import matplotlib.pyplot as plt
+    strong = set(record.get("strong_shifts", {}))
     items = [(k, r) for k, r in record["summary"].items() if k != "none"]
+    without = (record.get("colour_none") or {}).get("summary", {})
     drops = np.array([r["drop_pp"] for _, r in items])
     ci = np.array([r["drop_pp_ci"] for _, r in items])
-    fig, ax = plt.subplots(figsize=(8, 3.3))
+    fig, ax = plt.subplots(figsize=(9, 3.5))
     x = np.arange(len(items))
-    colours = ["C2" if r.get("goal_verdict") == "holds" else "C3" if r.get("goal_verdict") == "does not hold"
-               else "C1" for _, r in items]
+    colours = ["0.6" if k in strong else "C2" if r.get("goal_verdict") == "holds"
+               else "C3" if r.get("goal_verdict") == "does not hold" else "C1" for k, r in items]
     ax.bar(x, drops, color=colours, yerr=[drops - ci[:, 0], ci[:, 1] - drops], capsize=3,
            error_kw={"lw": 1})
+    top = max(goal_pp, float(ci[:, 1].max()))
+    if without and "none" in without:
+        base = without["none"]["white_iou_pooled"]
+        pts = [(i, 100 * (base - without[k]["white_iou_pooled"])) for i, (k, _) in enumerate(items) if k in without]
+        ax.plot([i for i, _ in pts], [d for _, d in pts], "D", mfc="none", color="k", ms=6,
+                label="without colour matching")
+        top = max(top, max(d for _, d in pts))
     ax.axhline(goal_pp, color="red", ls="--", lw=1, label=f"goal: drop below {goal_pp:g} pp")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_ylim(min(0.0, float(ci[:, 0].min())) - 0.3, max(goal_pp, float(ci[:, 1].max())) + 0.5)
+    ax.set_ylim(min(0.0, float(ci[:, 0].min())) - 0.3, top + 0.5)
     ax.set_xticks(x, [k for k, _ in items], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("white-cell IoU drop (pp)")
-    ax.set_title("Shifted test photographs: drop from unshifted, 95% interval "
-                 "(green: holds, orange: inconclusive, red: fails)", fontsize=9)
+    ax.set_title("Shifted test photographs: drop from unshifted, 95% interval (green: holds, orange: "
+                 "inconclusive, red: fails; grey: beyond the training range)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
