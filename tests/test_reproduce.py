@@ -63,7 +63,7 @@ def test_a_killed_run_continues_where_it_stopped(tmp_path):
 
     records = rp.load_records(folder)
     assert all(r["git_commit"] and r["recipe"]["model"]["width"] == 4 and r["date"].endswith("+00:00")
-               and len(r["history"]) == 1 for r in records)
+               and len(r["history"]) == 1 and r["threads"] >= 1 and r["cpu"] for r in records)
     # a second call finds everything done and runs nothing
     again = rp.run_experiment("table2", "smoke", 2, out=run_dir / "res", work=run_dir / "work",
                               progress=False, changes=TINY)

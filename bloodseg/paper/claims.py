@@ -118,7 +118,8 @@ def _diff(recs, ref, label, key="miou"):
 def _gain(a, b, key):
     scale, recs = evidence("table2")
     diff, ci = _diff(recs, b, a, key)
-    return diff, ci, source_line(scale, recs)
+    seeds = _common_seeds(recs, [a, b])       # the source names the records this pair was judged on
+    return diff, ci, source_line(scale, [r for r in recs if r["label"] in (a, b) and r["seed"] in seeds])
 
 
 def _positions_beating_unet():

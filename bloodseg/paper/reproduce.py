@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import platform
 import shlex
 import shutil
 import subprocess
@@ -133,6 +134,19 @@ def git_commit() -> str:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its vector extensions that change float rounding in PyTorch's kernels
+    (a unit trained again on another CPU or thread count need not match its record bit for bit)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma") if f in flags]
+    return f"{name or platform.machine()} ({', '.join(isa) or 'no AVX'})"
 
 
 def record_path(out, experiment: str, scale: str, label: str, seed: int) -> Path:
@@ -301,6 +315,7 @@ def run_experiment(experiment: str, scale: str = "quick", seeds: int = 3, max_mi
         record = dict(format=RECORD_FORMAT, experiment=experiment, scale=scale, label=spec["label"],
                       model=spec["model"], options=spec["options"], seed=seed, git_commit=git_commit(),
                       command=command, recipe=recipe.to_dict(), device=device, torch=torch.__version__,
+                      threads=torch.get_num_threads(), cpu=cpu_model(),
                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       wall_s=wall, **result)
         path.parent.mkdir(parents=True, exist_ok=True)
