@@ -97,6 +97,8 @@ def summarise(rows: list[dict]) -> dict:
 
 def floor_record(models: dict, out=RECORD, command: str = "", git_commit: str = "") -> dict:
     """``models``: ``{label: (model, images, what)}``; measures each and writes the record to ``out``."""
+    import time
+    t0 = time.perf_counter()
     result = {}
     for label, (model, images, what) in models.items():
         rows = block_floors(model, images)
@@ -106,7 +108,9 @@ def floor_record(models: dict, out=RECORD, command: str = "", git_commit: str = 
              "the constant flow v = f(0, x) (the controller's floor), f = 0, and the trained flow with "
              "first_step = t1; the same rtol/atol as the block",
         models=result, git_commit=git_commit, command=command, torch=torch.__version__,
-        device=f"cpu ({platform.machine()})", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        device=f"cpu ({platform.machine()}, {torch.get_num_threads()} torch thread(s))",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        wall_s=round(time.perf_counter() - t0, 1))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_bytes(Path(out), (json.dumps(record, indent=1) + "\n").encode())
