@@ -436,7 +436,7 @@ def seeds_to_decide(rows: list[dict], target_pp: float = 0.5) -> list[dict]:
 def plot_seeds_to_decide(table: list[dict]):
     """Seeds recorded, seeds for a half-width of ``target_pp``, seeds to exclude the threshold."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(table) + 1.2))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(table) + 1.9))
     y = np.arange(len(table))
     ax.barh(y - 0.25, [t["seeds"] for t in table], 0.25, color="#6e7781", label="recorded")
     ax.barh(y, [t["seeds_for_target"] for t in table], 0.25, color="C0",
@@ -448,7 +448,7 @@ def plot_seeds_to_decide(table: list[dict]):
     ax.set_yticklabels([t["claim"].replace(" (Table 2)", "") for t in table], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seeds per model (log scale)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig

@@ -164,7 +164,7 @@ def plot_floor(record: dict):
     for ax, (label, m) in zip(axes[0], models.items()):
         for i, b in enumerate(m["blocks"]):
             s = [c["scale"] for c in b["constant_curve"]]
-            ax.step(s, [c["nfe"] for c in b["constant_curve"]], where="mid", color=f"C{i}",
+            ax.step(s, [c["nfe"] for c in b["constant_curve"]], where="mid", color=f"C{i}", ls=("-", "--", ":")[i % 3],
                     label=b["block"].replace("ODE-block at position ", "position "))
             ax.plot([1.0], [b["trained"]], "o", color=f"C{i}", ms=7, mfc="none")
             ax.plot([1.0], [b["first_step"]], "x", color=f"C{i}", ms=7)
