@@ -23,7 +23,7 @@ for f in (0.5, 0.7, 1.0, 1.4, 2.0):
         gold = cv2.resize(s.mask, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
         d = red_cell_diameter(img)
         diams.append(d)
-        k = auto.scale_for(img)
+        k = auto.scale_for(auto.prepare(img))
         used.append(k)
         pf = fixed.predict(img)
         pa = pf if k == 0.5 else auto.predict(img, input_scale=k)
@@ -45,7 +45,7 @@ native = next(r for r in rows if r["factor"] == 1.0)["white_iou_fixed"]
 for r in rows:
     r["auto_minus_native_pp"] = round(100 * (r["white_iou_auto"] - native), 2)
     r["fixed_minus_native_pp"] = round(100 * (r["white_iou_fixed"] - native), 2)
-rec = {"what": "shipped checkpoint (calibrated solver, its white-cell cleanup) on the BCCD test photographs "
+rec = {"what": "shipped checkpoint (calibrated solver, its colour matching when stored, its white-cell cleanup) on the BCCD test photographs "
                "resized by each factor (cv2 INTER_AREA down / INTER_LINEAR up; gold masks nearest); gold "
                "white-cell IoU pooled over the images; fixed = stored input_scale 0.5, auto = Segmenter scale='auto'",
        "target_red_diameter_network_px": auto.red_cell_diameter, "native_white_iou": native,
