@@ -237,3 +237,12 @@ def test_cli_record_dispatches_to_the_paper_module(monkeypatch):
         assert cli.main(["record", what, "--seeds", "0,1"]) == 0
     assert {w: m for w, (m, _) in seen.items()} == cli.RECORDS
     assert all(c.startswith("OMP_NUM_THREADS=1 bloodseg ") for _, c in seen.values())
+
+
+def test_command_line_names_the_cli_without_machine_paths(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/home/me/env/lib/bloodseg/cli.py", "reproduce", "table2", "--models", "a b"])
+    assert rp.command_line() == "bloodseg reproduce table2 --models 'a b'"
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/bloodseg", "reproduce", "all"])
+    assert rp.command_line() == "bloodseg reproduce all"
+    monkeypatch.setattr(sys, "argv", ["/tmp/x/run_it.py", "--fast"])
+    assert rp.command_line() == "run_it.py --fast"

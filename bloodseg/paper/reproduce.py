@@ -136,6 +136,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def command_line() -> str:
+    """This process's command as a user would type it: ``bloodseg ...`` for the CLI (run as
+    ``bloodseg`` or ``python -m bloodseg.cli``), else the arguments as given, without machine paths."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("bloodseg", "cli.py", "__main__.py"):
+        return shlex.join(["bloodseg", *argv[1:]])
+    return shlex.join([Path(argv[0]).name if argv else "python", *argv[1:]])
+
+
 def cpu_model() -> str:
     """The CPU's model name and its vector extensions that change float rounding in PyTorch's kernels
     (a unit trained again on another CPU or thread count need not match its record bit for bit)."""
@@ -282,7 +291,7 @@ def run_experiment(experiment: str, scale: str = "quick", seeds: int = 3, max_mi
     base = scale_recipe(scale).replace(**(changes or {}))
     specs = select_models(experiment, experiment_specs(experiment, base), models)
     work = Path(work) if work is not None else Path("runs") / "reproduce"
-    command = command or shlex.join(sys.argv)
+    command = command or command_line()
     units = [(k, spec) for k in range(seeds) for spec in specs]     # seed by seed: paired early
     started, ran, skipped, not_started, walls, data = time.perf_counter(), [], [], [], [], None
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -43,7 +43,9 @@ def provenance(experiment: str, scale: str) -> str:
     from ..recipe import Recipe
     recs = records(experiment, scale)
     recipe = Recipe.from_dict(recs[0]["recipe"]).describe() if recs and recs[0].get("recipe") else "-"
-    return f"{experiment} at scale {source_line(scale, recs)}; command `{recs[0]['command']}`; {recipe}"
+    commands = list(dict.fromkeys(r["command"] for r in sorted(recs, key=lambda r: r["date"])))
+    said = "; ".join(f"`{c}`" for c in commands)
+    return f"{experiment} at scale {source_line(scale, recs)} (newest record); command{'s' if len(commands) > 1 else ''} {said}; {recipe}"
 
 
 def _key(label: str):
