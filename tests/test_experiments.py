@@ -236,6 +236,18 @@ def test_levers_time_share_and_profile(tiny_test_set):
     assert len(prof) == 5 and prof["share (%)"].sum() <= 100.0001
 
 
+def test_calibrated_lever_is_chosen_on_validation_and_leaves_the_model_alone(small_samples, tiny_test_set):
+    torch.manual_seed(0)
+    nodes = build_model("nodes-unet", width=4, rtol=0.1).eval()
+    unet = build_model("unet", width=4).eval()
+    before = [(b.method, b.rtol, b.step_size) for b in ode_blocks(nodes)]
+    rows = table2.inference_levers(nodes, unet, tiny_test_set, n_timed=2, val=small_samples[2:4])
+    cal = rows[1]
+    assert cal["lever"].startswith("calibrated: ") and "validation patches" in cal["note"]
+    assert [(b.method, b.rtol, b.step_size) for b in ode_blocks(nodes)] == before   # the copy was changed
+    assert cal["ratio"] == pytest.approx(cal["time_20_s"] / cal["unet_time_20_s"])
+
+
 # ----------------------------------------------------------------------------- claims ledger
 
 @pytest.fixture()

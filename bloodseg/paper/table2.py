@@ -11,10 +11,12 @@ import time
 
 import torch
 
+from ..calibrate import apply_solver
 from ..measure import time_inference
 from ..models import build_model, parameter_memory_mb
 from ..ode import ode_blocks, set_tolerance
 from ..train import evaluate
+from .cheap import calibration_pick
 from .reference import PAPER_TABLE2
 from .runs import measure_time, paper_row, scores_row, timed_images
 
@@ -64,14 +66,17 @@ def _time_pair(model, reference, dataset, n: int, prepare=None) -> tuple[float, 
 
 
 def inference_levers(nodes, unet, dataset, n_timed: int = 20, loose_rtol: float = 1e-3,
-                     narrow: tuple | None = None, try_compile: bool = False) -> list[dict]:
+                     narrow: tuple | None = None, try_compile: bool = False, val=None) -> list[dict]:
     """What each known lever buys for NODEs-UNet's inference time relative to the U-Net's.
 
     Rows ``dict(lever, time_20_s, unet_time_20_s, ratio, miou, param_mb, note)``: the model as
     trained; test-time tolerance ``loose_rtol``; channels_last memory format; ``torch.compile`` of
     every f (only with ``try_compile``, the compile time is reported); a narrower f (``narrow`` =
-    ``(label, trained model)``, e.g. trained with ``ode_hidden``), alone and with ``loose_rtol``.
-    The U-Net is timed right before and after each lever, so a busy machine affects both alike.
+    ``(label, trained model)``, e.g. trained with ``ode_hidden``), alone and with ``loose_rtol``;
+    with ``val`` (validation samples, never the test ones) the calibrated solver
+    (:func:`bloodseg.paper.cheap.calibration_pick`: the cheapest fixed grid within 0.3 pp of the
+    trained solver's validation MIoU). The U-Net is timed right before and after each lever, so a
+    busy machine affects both alike.
     """
     rows = []
 
@@ -84,6 +89,12 @@ def inference_levers(nodes, unet, dataset, n_timed: int = 20, loose_rtol: float 
 
     tols = "/".join(f"{b.rtol:g}" for b in ode_blocks(nodes))
     add("as trained", nodes, f"rtol {tols}")
+    if val is not None:
+        cal = calibration_pick(nodes, val)
+        calibrated = copy.deepcopy(nodes)
+        apply_solver(calibrated, cal["pick"])
+        add(f"calibrated: {cal['pick_label']}", calibrated,
+            f"chosen on {cal['n_images']} validation patches: {cal['rule'].split(';')[0]}")
     loose = copy.deepcopy(nodes)
     set_tolerance(loose, loose_rtol)
     add(f"test-time rtol {loose_rtol:g}", loose, "every block")
