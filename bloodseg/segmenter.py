@@ -38,7 +38,7 @@ from .errors import BloodsegError, CheckpointError
 from .infer import predict_image, predict_probabilities
 from .postprocess import check_postprocess, clean_white_cells, min_area_at
 from .scale import auto_scale
-from .stain import match_background
+from .stain import check_background, match_background
 
 #: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
 SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "class_names", "solver",
@@ -111,8 +111,7 @@ class Segmenter:
             raise BloodsegError("scale='auto' needs red_cell_diameter (the red-cell diameter, in network "
                                 "pixels, of the training photographs); use scale='fixed'")
         if self.background is not None:
-            match_background(np.full((4, 4, 3), 128, np.uint8), self.background)     # validates it
-            self.background = tuple(float(v) for v in self.background)
+            self.background = check_background(self.background)
         self.colour = self.colour or ("none" if self.background is None else "background")
         if self.colour not in ("none", "background") or (self.colour == "background" and self.background is None):
             raise BloodsegError(f"colour must be 'none' or 'background' (which needs background, the training "

@@ -32,7 +32,7 @@ import numpy as np
 from .errors import BloodsegError
 
 __all__ = ["RGB_FROM_HED", "to_hed", "from_hed", "hed_jitter", "white_balance", "gamma", "jpeg", "blur",
-           "random_stain", "background_colour", "match_background", "reference_background"]
+           "random_stain", "background_colour", "check_background", "match_background", "reference_background"]
 
 #: The largest correction :func:`match_background` makes per channel (a factor of 2 either way).
 MAX_GAIN = 2.0
@@ -158,18 +158,23 @@ def match_background(image, reference) -> np.ndarray:
     (B, G, R), each gain limited to 1/:data:`MAX_GAIN`..:data:`MAX_GAIN`; a photograph whose
     background is darker than 32 grey levels in a channel (not a bright-field smear) is returned
     unchanged."""
+    ref = np.asarray(check_background(reference))
+    image = _check(image)
+    bg = background_colour(image)
+    if np.any(bg < 32):
+        return image
+    return white_balance(image, np.clip(ref / bg, 1 / MAX_GAIN, MAX_GAIN))
+
+
+def check_background(reference) -> tuple:
+    """``reference`` as a background colour ``(B, G, R)`` of floats in (0, 255], or a BloodsegError."""
     try:
         ref = np.asarray(reference, np.float64)
     except (TypeError, ValueError):
         ref = np.zeros(0)
     if ref.shape != (3,) or not np.all((ref > 0) & (ref <= 255)):
         raise BloodsegError(f"a background colour must be three numbers in (0, 255] (B, G, R); got {reference!r}")
-    image = _check(image)
-    bg = background_colour(image)
-    if np.any(bg < 32):
-        return image
-    gains = np.clip(ref / bg, 1 / MAX_GAIN, MAX_GAIN).astype(np.float32)
-    return np.clip(image * gains + 0.5, 0, 255).astype(np.uint8)
+    return tuple(float(v) for v in ref)
 
 
 def reference_background(images) -> tuple:

@@ -115,7 +115,7 @@ class _Thresholds:
     def prepare(self, image):
         return image
 
-    def predict(self, image):
+    def predict(self, image, input_scale=None, prepared=False):
         b, r = image[..., 0].astype(int), image[..., 2].astype(int)
         return np.where(b - r > 15, 1, 0).astype(np.uint8)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -414,7 +415,6 @@ def seeds_to_decide(rows: list[dict], target_pp: float = 0.5) -> list[dict]:
     estimate stayed where it is. Both assume the half-width falls as 1/sqrt(seeds), which holds when
     the seed-to-seed spread dominates it (it does here: the test images are shared by all seeds);
     the cost is :func:`_seed_cost_hours` per seed, so an estimate, not a measurement."""
-    import re
     out = []
     for r in rows:
         m = re.search(r"(\d+) seed\(s\)", r.get("source") or "")

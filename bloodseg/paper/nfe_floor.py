@@ -29,13 +29,22 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import time
 from pathlib import Path
 
+import cv2
 import torch
 from torchdiffeq import odeint
 
-from ..io import write_bytes
-from ..ode import ODEBlock
+from ..bccd import bccd_sample_dir
+from ..checkpoint import load_model
+from ..io import read_image, write_bytes
+from ..models import build_model
+from ..ode import ode_blocks
+from ..preprocess import image_to_tensor
+from ..segmenter import Segmenter, shipped_checkpoint
+from .cheap import REGULARISE_WORK, block_inputs, regularise_units
+from .reproduce import git_commit, prepare_data, scale_recipe
 
 RECORD = Path("book/results/speed/nfe_floor.json")
 #: Factors on the block's initial velocity for the constant-flow curve: how small would f have to be
@@ -43,7 +52,7 @@ RECORD = Path("book/results/speed/nfe_floor.json")
 VELOCITY_SCALES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
 
 
-def _nfe(func, x: torch.Tensor, block: ODEBlock, **options) -> tuple[int, torch.Tensor]:
+def _nfe(func, x: torch.Tensor, block, **options) -> tuple[int, torch.Tensor]:
     calls = [0]
 
     def counted(t, h):
@@ -60,19 +69,11 @@ def block_floors(model: torch.nn.Module, images: torch.Tensor) -> list[dict]:
     """For each ODE-block of ``model`` (eval mode), run ``model(images)`` once to capture the block's
     input, then count dopri5's evaluations of f for the trained, constant and zero flows and with
     ``first_step`` = t1 (see the module docstring). Blocks are solved one by one on their own input."""
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0].detach()))
-             for name, m in model.named_modules() if isinstance(m, ODEBlock)]
-    try:
-        model.eval()
-        model(images)
-    finally:
-        for h in hooks:
-            h.remove()
+    model.eval()
+    inputs = block_inputs(model, lambda: model(images))
     rows = []
-    for name, block in model.named_modules():
-        if not isinstance(block, ODEBlock):
-            continue
+    for i, block in enumerate(ode_blocks(model)):
+        name = block.name or f"block {i}"
         x = inputs[name]
         v = block.func(torch.zeros((), dtype=x.dtype), x)
         trained, h_default = _nfe(block.func, x, block)
@@ -80,7 +81,7 @@ def block_floors(model: torch.nn.Module, images: torch.Tensor) -> list[dict]:
         zero, _ = _nfe(lambda t, h: torch.zeros_like(h), x, block)
         first, h_first = _nfe(block.func, x, block, first_step=float(block.t1))
         curve = [dict(scale=s, nfe=_nfe(lambda t, h, s=s: s * v, x, block)[0]) for s in VELOCITY_SCALES]
-        rows.append(dict(block=block.name or name, rtol=block.rtol, atol=block.atol, trained=trained,
+        rows.append(dict(block=name, rtol=block.rtol, atol=block.atol, trained=trained,
                          constant=constant, zero=zero, first_step=first, constant_curve=curve,
                          velocity_rms=float(v.pow(2).mean().sqrt()),
                          first_step_max_abs_diff=float((h_first - h_default).abs().max()),
@@ -97,7 +98,6 @@ def summarise(rows: list[dict]) -> dict:
 
 def floor_record(models: dict, out=RECORD, command: str = "", git_commit: str = "") -> dict:
     """``models``: ``{label: (model, images, what)}``; measures each and writes the record to ``out``."""
-    import time
     t0 = time.perf_counter()
     result = {}
     for label, (model, images, what) in models.items():
@@ -122,17 +122,6 @@ def record_default(out=RECORD, scale: str = "study", n_images: int = 2, command:
     """The record the book reads: an untrained NODEs-UNet (control), the regularisation pair of
     :mod:`bloodseg.paper.regularise` (seed 0, where trained) on the first ``n_images`` test patches
     of ``scale``, and the shipped checkpoint on ``n_images`` vendored BCCD photographs at its scale."""
-    import cv2
-
-    from ..bccd import bccd_sample_dir
-    from ..checkpoint import load_model
-    from ..io import read_image
-    from ..models import build_model
-    from ..preprocess import image_to_tensor
-    from ..segmenter import Segmenter, shipped_checkpoint
-    from .cheap import REGULARISE_WORK, regularise_units
-    from .reproduce import git_commit, prepare_data, scale_recipe
-
     recipe = scale_recipe(scale)
     test = prepare_data(recipe)["test"]
     x = torch.stack([test[i][0] for i in range(n_images)])

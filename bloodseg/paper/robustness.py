@@ -79,9 +79,9 @@ def apply_shift(image: np.ndarray, name: str) -> np.ndarray:
     """``image`` under the shift ``name`` of :data:`SHIFTS` ("none": unchanged)."""
     if name == "none":
         return image
-    if name == "blur3+jpeg20":
-        return S.jpeg(S.blur(image, 3.0), 20)
     fn, kwargs = SHIFTS[name] if name in SHIFTS else STRONG_SHIFTS[name]
+    if fn is None:          # blur, then JPEG
+        return S.jpeg(S.blur(image, kwargs["sigma"]), kwargs["quality"])
     return getattr(S, fn)(image, **kwargs)
 
 
@@ -121,9 +121,10 @@ def stain_shift_scores(segmenter, samples, shifts=None, log: Callable[[str], Non
         t0 = time.perf_counter()
         counts, factors = [], []
         for s in samples:
-            image = apply_shift(s.image, name)
-            factors.append(float(segmenter.scale_for(segmenter.prepare(image))))
-            counts.append(_counts(segmenter.predict(image), s.mask))
+            image = segmenter.prepare(apply_shift(s.image, name))     # colour matched once
+            factor = float(segmenter.scale_for(image))
+            factors.append(factor)
+            counts.append(_counts(segmenter.predict(image, input_scale=factor, prepared=True), s.mask))
         c = np.asarray(counts, np.int64)
         union = c.sum(1)
         per_photo = np.where(union > 0, c[:, 0] / np.maximum(union, 1), 1.0)
