@@ -127,7 +127,7 @@ def _paper(name: str):
 
 
 #: ``bloodseg record WHAT``: the chapters' records beyond ``reproduce``, and the paper module that writes each.
-RECORDS = {"bccd-training": "bccd", "bccd-shipped": "bccd", "ddp-throughput": "ddp_scaling", "stain": "robustness",
+RECORDS = {"bccd-training": "bccd", "bccd-shipped": "bccd", "ddp-throughput": "ddp_scaling", "stain": "robustness", "crops": "crops",
            "cheap-bench": "cheap", "cheap-blocks": "cheap", "cheap-solvers": "cheap"}
 
 
@@ -301,10 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=sorted(RECORDS))
     s.add_argument("--out", help="the JSON record (default: its place under book/results/)")
     s.add_argument("--work", help="prepared data, runs and scratch files (default: per record, under runs/)")
-    s.add_argument("--bccd-src", help="raw BCCD folder (bccd-*, stain; default $BLOODSEG_BCCD)")
+    s.add_argument("--bccd-src", help="raw BCCD folder (bccd-*, stain, crops; default $BLOODSEG_BCCD)")
     s.add_argument("--profile", default="quick", help="bccd-training: the chapter's recipe (quick or full)")
     s.add_argument("--repeats", type=int, default=3, help="ddp-throughput: interleaved rounds")
-    s.add_argument("--limit", type=int, help="stain: the first N test photographs only (a quick check)")
+    s.add_argument("--limit", type=int, help="stain, crops: the first N test photographs only (a quick check)")
     s.add_argument("--study-root", help="cheap-*: the study's work tree (default $BLOODSEG_STUDY_ROOT, else .)")
     s.add_argument("--scale", default="study", help="cheap-*: the reproduce scale whose trained units are used")
     s.add_argument("--seeds", default="0", help="cheap-*: comma-separated seeds")
