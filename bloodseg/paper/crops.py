@@ -153,7 +153,7 @@ def plot_crops(record: dict, samples=None):
     ax.set_ylim(max(0, lo - 5), 100)
     ax.set_ylabel("white-cell IoU (%)")
     ax.set_title("Single-cell crops of the BCCD test photographs (labels: the automatic scale's median factor)")
-    ax.legend(fontsize=8, ncol=len(names), loc="lower right")
+    ax.legend(fontsize=8, ncol=len(names), loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
