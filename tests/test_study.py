@@ -73,3 +73,20 @@ def test_seeds_to_decide_scales_the_interval_by_root_seeds():
         assert a["cpu_hours_for_target"] == pytest.approx(75 * a["cpu_hours_per_seed"])
     fig = claims.plot_seeds_to_decide(out)
     assert len(fig.axes[0].patches) == 6
+
+
+def test_seeds_frame_sets_the_first_seeds_beside_all(results):
+    recs = study.records("table2", "smoke")
+    few = {r["model"]: r for r in rp.summarize([r for r in recs if r["seed"] < 1])}
+    every = {r["model"]: r for r in rp.summarize(recs)}
+    frame = study.seeds_frame("table2", "smoke", first=1)
+    assert set(frame.index) == {m for m in every if "diff" in every[m]} and "unet" not in frame.index
+    for label, row in frame.iterrows():
+        assert row["first 1 seed: diff"] == pytest.approx(few[label]["diff"])
+        assert row["all 2 seeds: diff"] == pytest.approx(every[label]["diff"])
+        assert row["changed"] == (few[label]["verdict"] != every[label]["verdict"])
+    same = study.seeds_frame("table2", "smoke", first=2)     # all seeds on both sides: nothing changes
+    assert not same["changed"].any() and same.shape[1] == frame.shape[1]
+    assert (same["first 2 seeds: diff"] == same["all 2 seeds: diff"]).all()
+    fig = study.plot_seeds(frame)
+    assert len(fig.axes[0].get_yticklabels()) == len(frame)

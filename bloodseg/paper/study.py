@@ -9,6 +9,8 @@ records that ``bloodseg reproduce EXPERIMENT --scale SCALE`` wrote.
 * :func:`table_frame` / :func:`plot_table` — MIoU per model over seeds and the paired difference to
   the U-Net, with intervals and verdicts, next to the paper's numbers;
 * :func:`plot_convergence` — the validation loss of every unit (did it settle?);
+* :func:`seeds_frame` / :func:`plot_seeds` — the same paired differences from the first ``n`` seeds
+  only, next to all of them: how far an interval from few seeds can be trusted;
 * :func:`timing_frame` / :func:`plot_timing` — inference time relative to the U-Net, side by side;
 * :func:`tolerance_frame` — the test-time tolerance curve over seeds; :func:`adjoint_frame`.
 """
@@ -238,5 +240,50 @@ def plot_adjoint(scale: str):
     ax.set_title(f"training-step peak memory, {scale} scale (recorded)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def seeds_frame(experiment: str, scale: str, first: int) -> pd.DataFrame:
+    """Per model: the paired difference to the U-Net (pp, 95 % CI, verdict) from the records of seeds
+    ``0 .. first-1`` only, and from all recorded seeds, side by side."""
+    recs = records(experiment, scale)
+    few = {r["model"]: r for r in summarize([r for r in recs if r["seed"] < first])}
+    every = {r["model"]: r for r in summarize(recs)}
+    out = []
+    for label in sorted(every, key=_key):
+        a, b = few.get(label), every[label]
+        if "diff" not in b or a is None or "diff" not in a:
+            continue
+        row = {"model": label}
+        for name, r in ((f"first {a['n_seeds']} seed" + "s" * (a["n_seeds"] != 1), a), (f"all {b['n_seeds']} seeds", b)):
+            row.update({f"{name}: diff": r["diff"], f"{name}: CI": f"({r['diff_ci'][0]:+.2f}, {r['diff_ci'][1]:+.2f})",
+                        f"{name}: verdict": r["verdict"]})
+        out.append({**row, "changed": a["verdict"] != b["verdict"], "_few": a, "_all": b})
+    return pd.DataFrame(out).set_index("model")
+
+
+def plot_seeds(frame: pd.DataFrame, title: str | None = None):
+    """Each model's paired difference to the U-Net with its 95 % interval, from few seeds (hollow)
+    and from all (filled); a model whose verdict changed is labelled in red."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(frame) + 1.6))
+    y = np.arange(len(frame))
+    for off, col, fill in ((-0.15, "_few", "none"), (0.15, "_all", None)):
+        rows = list(frame[col])
+        est = [r["diff"] for r in rows]
+        err = np.array([[r["diff"] - r["diff_ci"][0] for r in rows], [r["diff_ci"][1] - r["diff"] for r in rows]])
+        ax.errorbar(est, y + off, xerr=err, fmt="o", color="C0" if fill is None else "#6e7781", mfc=fill or "C0",
+                    capsize=3, label=f"{rows[0]['n_seeds']} seeds")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y)
+    ax.set_yticklabels(frame.index, fontsize=8)
+    for tick, changed in zip(ax.get_yticklabels(), frame["changed"]):
+        tick.set_color("C3" if changed else "k")
+    ax.invert_yaxis()
+    ax.set_xlabel("MIoU difference to the U-Net (pp), paired 95% interval")
+    ax.set_title(title or "The same comparison from fewer seeds (red: the verdict changed)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
