@@ -246,11 +246,12 @@ def plot_adjoint(scale: str):
 
 def seeds_frame(experiment: str, scale: str, first: int) -> pd.DataFrame:
     """Per model: the paired difference to the U-Net (pp, 95 % CI, verdict) from the records of seeds
-    ``0 .. first-1`` only, and from all recorded seeds, side by side."""
+    ``0 .. first-1`` only, and from all recorded seeds, side by side; ``changed``: the verdicts differ.
+    ``frame.attrs["summaries"]`` keeps both summary rows per model for :func:`plot_seeds`."""
     recs = records(experiment, scale)
     few = {r["model"]: r for r in summarize([r for r in recs if r["seed"] < first])}
     every = {r["model"]: r for r in summarize(recs)}
-    out = []
+    out, pairs = [], []
     for label in sorted(every, key=_key):
         a, b = few.get(label), every[label]
         if "diff" not in b or a is None or "diff" not in a:
@@ -259,8 +260,11 @@ def seeds_frame(experiment: str, scale: str, first: int) -> pd.DataFrame:
         for name, r in ((f"first {a['n_seeds']} seed" + "s" * (a["n_seeds"] != 1), a), (f"all {b['n_seeds']} seeds", b)):
             row.update({f"{name}: diff": r["diff"], f"{name}: CI": f"({r['diff_ci'][0]:+.2f}, {r['diff_ci'][1]:+.2f})",
                         f"{name}: verdict": r["verdict"]})
-        out.append({**row, "changed": a["verdict"] != b["verdict"], "_few": a, "_all": b})
-    return pd.DataFrame(out).set_index("model")
+        out.append({**row, "changed": a["verdict"] != b["verdict"]})
+        pairs.append((a, b))
+    frame = pd.DataFrame(out).set_index("model")
+    frame.attrs["summaries"] = pairs         # (first seeds, all seeds) summary rows, for plot_seeds
+    return frame
 
 
 def plot_seeds(frame: pd.DataFrame, title: str | None = None):
@@ -269,8 +273,8 @@ def plot_seeds(frame: pd.DataFrame, title: str | None = None):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(frame) + 1.6))
     y = np.arange(len(frame))
-    for off, col, fill in ((-0.15, "_few", "none"), (0.15, "_all", None)):
-        rows = list(frame[col])
+    for off, side, fill in ((-0.15, 0, "none"), (0.15, 1, None)):
+        rows = [pair[side] for pair in frame.attrs["summaries"]]
         est = [r["diff"] for r in rows]
         err = np.array([[r["diff"] - r["diff_ci"][0] for r in rows], [r["diff_ci"][1] - r["diff"] for r in rows]])
         ax.errorbar(est, y + off, xerr=err, fmt="o", color="C0" if fill is None else "#6e7781", mfc=fill or "C0",
