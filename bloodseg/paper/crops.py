@@ -15,20 +15,17 @@ intervals over crops for the differences. ``bloodseg record crops`` writes
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from scipy import ndimage
 
 from ..classes import WHITE_CELL
-from .robustness import _counts, _git, _pooled_drop_ci
+from ..io import write_bytes
+from .robustness import _git, _pooled_drop_ci, record_provenance, score_photo
 from .stats import N_BOOT
 
 __all__ = ["SETTINGS", "VARIANTS", "crop_around_white_cell", "make_crops", "crop_scores", "crops_frame",
@@ -87,22 +84,18 @@ def crop_scores(segmenter, samples, settings=SETTINGS, variants=None, log=None,
         for name, change in variants.items():
             seg = segmenter.replace(**change) if change else segmenter
             t0 = time.perf_counter()
-            counts, factors = [], []
-            for im, m in crops:
-                prepared = seg.prepare(im)
-                factor = float(seg.scale_for(prepared))
-                factors.append(factor)
-                counts.append(_counts(seg.predict(prepared, input_scale=factor, prepared=True), m))
-            c = np.asarray(counts, np.int64)
+            scored = [score_photo(seg, im, m) for im, m in crops]
+            factors = [f for f, _ in scored]
+            c = np.asarray([n for _, n in scored], np.int64).reshape(-1, 3)
             row = {"k": k, "zoom": zoom, "variant": name, "n_crops": len(crops),
                    "crop_side_px": int(np.median([m.shape[0] for _, m in crops])) if crops else None,
                    "white_iou_pooled": float(c[:, 0].sum() / max(c.sum(), 1)), "counts": c.tolist(),
                    "scale_factors": factors, "seconds": round(time.perf_counter() - t0, 1)}
             if base is None:
-                base = c
+                base, base_iou = c, row["white_iou_pooled"]
             else:   # _pooled_drop_ci gives default - variant; flip it
                 lo, hi = _pooled_drop_ci(base, c, n_boot, seed)
-                row["minus_default_pp"] = 100 * (row["white_iou_pooled"] - float(base[:, 0].sum() / max(base.sum(), 1)))
+                row["minus_default_pp"] = 100 * (row["white_iou_pooled"] - base_iou)
                 row["minus_default_pp_ci"] = [-hi, -lo]
             rows.append(row)
             if log:
@@ -130,7 +123,7 @@ def crops_frame(record: dict):
     return frame
 
 
-def plot_crops(record: dict, samples=None):
+def plot_crops(record: dict):
     """Bars: white-cell IoU per (k, zoom) for each variant, the default's bar labelled with its
     median scale."""
     import matplotlib.pyplot as plt
@@ -182,17 +175,9 @@ def run_record(args, command: str) -> dict:
                 f"95 % bootstrap intervals over crops ({N_BOOT} resamples)",
         "checkpoint": shipped_checkpoint().name, "n_photographs": len(test), "bccd": f"{src} ({kind})",
         "settings": [list(s) for s in SETTINGS], "variants": VARIANTS, "rows": rows,
-        "provenance": {
-            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "bloodseg")),
-            "command": command,
-            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-                      f"{torch.get_num_threads()}, shared with other jobs; load average {os.getloadavg()[0]:.1f} at the end)",
-            "torch": str(torch.__version__), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "wall_s": round(time.perf_counter() - t_all, 1)},
+        "provenance": record_provenance(command, t_all, _git("rev-parse", "HEAD"),
+                                        bool(_git("status", "--porcelain", "bloodseg"))),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_bytes(out, (json.dumps(record, indent=1) + "\n").encode())
     return record

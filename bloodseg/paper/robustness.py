@@ -23,7 +23,7 @@ cleanup) on every photograph unshifted and under every shift, and scores the gol
 masks: IoU pooled over the photographs (the book's convention), per-photograph IoU, the drop from
 unshifted in percentage points, and 95 % bootstrap intervals of the paired drop over photographs
 (:func:`bloodseg.paper.stats.paired_bootstrap` for the mean per-photograph drop; the pooled drop
-with the same resampling of photographs). :func:`main` (``python -m bloodseg.paper.robustness``)
+with the same resampling of photographs). :func:`run_record` (``bloodseg record stain``, or ``python -m bloodseg.paper.robustness``)
 writes ``book/results/robustness/stain.json`` on the 72 BCCD test photographs.
 """
 from __future__ import annotations
@@ -43,9 +43,10 @@ import torch
 
 from .. import stain as S
 from ..classes import WHITE_CELL
+from ..io import write_bytes
 from .stats import LEVEL, N_BOOT, paired_bootstrap, verdict
 
-__all__ = ["SHIFTS", "STRONG_SHIFTS", "apply_shift", "stain_shift_scores", "GOAL_PP", "main"]
+__all__ = ["SHIFTS", "STRONG_SHIFTS", "apply_shift", "score_photo", "stain_shift_scores", "record_provenance", "GOAL_PP", "run_record"]
 
 #: The issue's goal: white-cell IoU within this many percentage points of unshifted, per shift.
 GOAL_PP = 2.0
@@ -90,6 +91,14 @@ def _counts(pred: np.ndarray, truth: np.ndarray) -> list[int]:
     return [int((pw & tw).sum()), int((pw & ~tw).sum()), int((~pw & tw).sum())]
 
 
+def score_photo(segmenter, image: np.ndarray, truth: np.ndarray) -> tuple[float, list[int]]:
+    """``(scale factor, [tp, fp, fn] of the white cells)`` of ``segmenter.predict`` on one image, run
+    as ``bloodseg predict`` runs it: colour matched and scale measured once, then predicted."""
+    image = segmenter.prepare(image)
+    factor = float(segmenter.scale_for(image))
+    return factor, _counts(segmenter.predict(image, input_scale=factor, prepared=True), truth)
+
+
 def _pooled_drop_ci(base: np.ndarray, shifted: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
     """Bootstrap interval of pooled IoU(base) - IoU(shifted), photographs resampled (paired)."""
     rng = np.random.default_rng(seed)
@@ -121,10 +130,9 @@ def stain_shift_scores(segmenter, samples, shifts=None, log: Callable[[str], Non
         t0 = time.perf_counter()
         counts, factors = [], []
         for s in samples:
-            image = segmenter.prepare(apply_shift(s.image, name))     # colour matched once
-            factor = float(segmenter.scale_for(image))
+            factor, c = score_photo(segmenter, apply_shift(s.image, name), s.mask)
             factors.append(factor)
-            counts.append(_counts(segmenter.predict(image, input_scale=factor, prepared=True), s.mask))
+            counts.append(c)
         c = np.asarray(counts, np.int64)
         union = c.sum(1)
         per_photo = np.where(union > 0, c[:, 0] / np.maximum(union, 1), 1.0)
@@ -151,6 +159,17 @@ def stain_shift_scores(segmenter, samples, shifts=None, log: Callable[[str], Non
 
 def _git(*args) -> str:
     return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+
+def record_provenance(command: str, started: float, commit: str, dirty: bool) -> dict:
+    """The provenance of a CPU record: commit (``dirty`` when ``bloodseg/`` had changes), command,
+    device, versions, date, and the wall time since ``started`` (a ``time.perf_counter()``)."""
+    return {"git_commit": commit, "git_dirty": dirty, "command": command,
+            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+                      f"{torch.get_num_threads()}, shared with other jobs; load average {os.getloadavg()[0]:.1f} at the end)",
+            "torch": str(torch.__version__), "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - started, 1)}
 
 
 def run_record(args, command: str) -> dict:
@@ -203,17 +222,10 @@ def run_record(args, command: str) -> dict:
             "summary": {k: {"white_iou_pooled": round(r["white_iou_pooled"], 4),
                             **({"drop_pp": round(r["drop_pp"], 2)} if k != "none" else {})} for k, r in compare.items()},
             "rows": compare},
-        "provenance": {
-            "git_commit": commit, "git_dirty": dirty,
-            "command": command,
-            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-                      f"{torch.get_num_threads()}, shared with other jobs; load average {os.getloadavg()[0]:.1f} at the end)",
-            "torch": str(torch.__version__), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "wall_s": round(time.perf_counter() - t_all, 1)},
+        "provenance": record_provenance(command, t_all, commit, dirty),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    write_bytes(Path(args.json), (json.dumps(record, indent=1) + "\n").encode())
     print(json.dumps(summary, indent=1))
     return record
 
