@@ -15,20 +15,24 @@ from pathlib import Path
 import torch
 
 from .bccd import prepare_bccd, prepare_cached
+from .checkpoint import load_checkpoint, update_checkpoint
 from .calibrate import check_solver, solver_label, white_iou_score
-from .count import write_counts_csv
-from .datasets import SegmentationDataset, training_splits
+from .count import write_counts_csv, write_rows_csv
+from .datasets import SegmentationDataset, is_photograph_data, split_photographs, training_splits
+from .domains import load_labelled
 from .distributed import cleanup_distributed, setup_distributed
 from .download import download_bccd
 from .errors import BloodsegError
 from .export import export_onnx
 from .io import load_folder
-from .models import build_model
 from .ode import FIXED_GRID_METHODS, set_tolerance
-from .recipe import get_recipe
+from .recipe import Recipe, get_recipe
+from .registry import build_variant
+from .scoring import evaluate_photos
 from .segmenter import Segmenter, shipped_checkpoint
+from .shipping import FINISH_STEPS, train_segmenter, tune_checkpoint
 from .synthetic import write_synthetic
-from .train import evaluate, fit
+from .train import fit
 
 
 def write_json(obj, path) -> None:
@@ -69,31 +73,77 @@ def cmd_prepare_bccd(args) -> int:
     return 0
 
 
+def _split_names(splits: dict, data) -> dict:
+    """What a checkpoint stores of its split: the data, and the test and validation images by name
+    (whole photographs for photograph data, source images of the patches otherwise)."""
+    whole = is_photograph_data(data)
+    names = lambda key: sorted({s.name if whole else s.source for s in splits[key]})  # noqa: E731
+    return {"data": str(data), "test": names("test"), "val": names("val")}
+
+
 def cmd_train(args) -> int:
     recipe, cfg = args.recipe, args.recipe.train
     info = setup_distributed()
     torch.manual_seed(cfg.seed)
-    model = build_model(recipe.model.name, width=recipe.model.width, **recipe.model.options)
+    model = build_variant(recipe.model.name, width=recipe.model.width, **recipe.model.options)
     splits = training_splits(args.data, recipe, seed=cfg.seed)
     if info.is_main:
         lr = cfg.lr * (info.world_size if cfg.scale_lr else 1)
-        print(f"profile {recipe.name}: {len(splits['train'])} train / {len(splits['val'])} val / "
-              f"{len(splits['test'])} test patches, model {recipe.model.name} width {recipe.model.width} "
-              f"{recipe.model.options}, world size {info.world_size}, batch {cfg.batch_size} per process x "
-              f"{info.world_size} = {cfg.batch_size * info.world_size}, lr {lr:g}", flush=True)
+        print(f"profile {recipe.name}: {len(splits['train'])} train / {len(splits['val'])} val patches / "
+              f"{len(splits['test'])} test images, photographs resized by {recipe.data.scale:g}, model "
+              f"{recipe.model.name} width {recipe.model.width} {recipe.model.options}, world size {info.world_size}, "
+              f"batch {cfg.batch_size} per process x {info.world_size} = {cfg.batch_size * info.world_size}, "
+              f"lr {lr:g}", flush=True)
     history = fit(model, SegmentationDataset(splits["train"]), SegmentationDataset(splits["val"]),
                   args.out, recipe, resume=not args.restart,
                   on_epoch=lambda r: print(json.dumps(r), flush=True))
-    if info.is_main and splits["test"]:
-        best = Segmenter.load(Path(args.out) / "best.pt")
-        metrics = evaluate(best.model, SegmentationDataset(splits["test"]))
-        metrics["epochs_trained"] = len(history)
-        dump_json(metrics, str(Path(args.out) / "metrics.json"))
+    if info.is_main:
+        # the split and the magnification travel with the weights: `bloodseg evaluate` reads them back
+        settings = Segmenter(model, input_scale=recipe.data.scale).settings()
+        for name in ("best.pt", "last.pt"):
+            update_checkpoint(Path(args.out) / name, segmenter=settings, split=_split_names(splits, args.data))
+        if splits["test"]:
+            best = Segmenter.load(Path(args.out) / "best.pt")
+            test = split_photographs(args.data, recipe, "test", _split_names(splits, args.data)["test"], cfg.seed)
+            result = evaluate_photos(best, test, red_labelled=True)
+            metrics = {"white_iou": result["gold"]["iou"], "white_iou_ci": result["gold"]["iou_ci"],
+                       **result["silver"], "n_images": result["n_images"], "epochs_trained": len(history),
+                       "scored": f"{len(test)} whole test images through the Segmenter (input_scale "
+                                 f"{best.input_scale:g})"}
+            dump_json(metrics, str(Path(args.out) / "metrics.json"))
     cleanup_distributed()
     return 0
 
 
+def cmd_train_bccd(args) -> int:
+    """:func:`bloodseg.shipping.train_segmenter` with the recipe :func:`bloodseg.cli.bccd_recipe_from_args` made."""
+    dump_json(train_segmenter(args.out, args.recipe, src=args.src, pretrain=not args.no_pretrain, init=args.init,
+                              log=lambda m: print(m, flush=True), tta=args.tta, steps=_steps(args),
+                              resume=args.resume))
+    return 0
+
+
+def _steps(args) -> tuple:
+    steps = tuple(s.strip() for s in (args.steps or ",".join(FINISH_STEPS)).split(",") if s.strip())
+    bad = [s for s in steps if s not in FINISH_STEPS]
+    if bad:
+        raise BloodsegError(f"--steps {args.steps!r}: unknown step(s) {', '.join(bad)}; choose from "
+                            f"{', '.join(FINISH_STEPS)} (comma-separated)")
+    return steps
+
+
+def cmd_tune(args) -> int:
+    """Make a checkpoint's use settings on photographs it is not scored on (``bloodseg tune``;
+    ``tune-cleanup`` is ``tune --steps cleanup``)."""
+    steps = ("cleanup",) if args.command == "tune-cleanup" else _steps(args)
+    result = tune_checkpoint(args.ckpt, src=args.src, out=args.out, steps=steps, log=lambda m: print(m, flush=True))
+    print(f"wrote {result['checkpoint']} ({', '.join(steps)})")
+    return 0
+
+
 def _segmenter(args) -> Segmenter:
+    if getattr(args, "ckpt", None) is None:   # predict, count, evaluate, export: the shipped checkpoint by default
+        args.ckpt = shipped_checkpoint()
     # --exact, and --rtol (a tolerance of the trained solver), use the trained solver even when a
     # calibrated one is stored in the checkpoint
     rtol = getattr(args, "rtol", None)
@@ -168,12 +218,47 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _evaluation_photographs(args, seg: Segmenter) -> tuple[list, bool, str]:
+    """``(photographs, red_labelled, what)`` that ``bloodseg evaluate`` scores."""
+    if args.images or args.masks:
+        if not (args.images and args.masks):
+            raise BloodsegError("give both --images DIR and --masks DIR (one mask per image, same file name)")
+        samples, red = load_labelled(args.images, args.masks, args.mask_colours)
+        colours = f"mask colours {args.mask_colours!r}" if args.mask_colours else "masks 0/1/2 or the class palette"
+        return samples, red, f"{len(samples)} images of {args.images} ({colours})"
+    if args.mask_colours:
+        raise BloodsegError("--mask-colours reads the masks of --images/--masks; drop it or add the folders")
+    stored = load_checkpoint(args.ckpt).get("split")
+    recipe = get_recipe(Recipe.from_dict(seg.recipe) if seg.recipe else args.profile)
+    data = args.data or (stored or {}).get("data") or "synthetic"
+    names = stored.get(args.split) if stored and str(data) == stored.get("data") else None
+    photos = split_photographs(data, recipe, args.split, names, seed=args.seed)
+    how = ("the split stored in the checkpoint" if names is not None else
+           f"the {args.split} split of {data} made again from the checkpoint's recipe '{recipe.name}' (seed {args.seed})")
+    return photos, True, f"{len(photos)} whole {args.split} images of {data}: {how}"
+
+
 def cmd_evaluate(args) -> int:
-    seg = _segmenter(args)
-    splits = training_splits(args.data, get_recipe(args.profile), seed=args.seed)
-    metrics = evaluate(seg.model, SegmentationDataset(splits[args.split]), per_image=args.per_image)
-    metrics.update({"checkpoint": str(args.ckpt), "data": str(args.data), "split": args.split})
-    dump_json(metrics, args.json)
+    """Score a checkpoint as ``bloodseg predict`` runs it (the Segmenter: colour rule, scale rule,
+    solver, cleanup) on whole labelled images: the split stored in the checkpoint, or your own folders."""
+    seg = _batch_segmenter(args)
+    photos, red, what = _evaluation_photographs(args, seg)
+    settings = {k: seg.settings()[k] for k in ("scale", "input_scale", "colour", "solver")}
+    settings["postprocess"] = None if args.raw else seg.postprocess
+    print(f"scoring {what}; settings {json.dumps(settings, default=str)}", file=sys.stderr, flush=True)
+    result = evaluate_photos(seg, photos, red_labelled=red, postprocess=False if args.raw else None)
+    out = {"checkpoint": str(args.ckpt), "images": what, "settings": settings, "red_labelled": red,
+           "n_images": result["n_images"], "white_iou": result["gold"]["iou"], "white_iou_ci": result["gold"]["iou_ci"],
+           "white_dice": result["gold"]["dice"], "white_precision": result["gold"]["precision"],
+           "white_recall": result["gold"]["recall"], "seconds": result["seconds"], "per_image": result["per_image"]}
+    if red:
+        out.update(miou=result["silver"]["miou"], pa=result["silver"]["pa"], iou=result["silver"]["iou"])
+    if args.csv:
+        write_rows_csv([{k: r.get(k) for k in ("name", "white_iou", "white_dice", "factor", "silver_miou")}
+                        for r in result["per_image"]], args.csv)
+    if not args.per_image:
+        out = {k: v for k, v in out.items() if k != "per_image"}
+    dump_json(out, args.json)
     return 0
 
 
@@ -232,8 +317,6 @@ def cmd_count(args) -> int:
     """Predict each image, then count white cells (connected components) and red cells
     (distance-transform watershed splits touching cells). Cells cut by the border count when most
     of the cell is visible."""
-    if args.ckpt is None:
-        args.ckpt = shipped_checkpoint()
     if args.skip_existing and args.masks is None:
         raise BloodsegError("--skip-existing needs --masks DIR: the counts are made again from the saved masks")
     rows = _batch_segmenter(args).count_files(args.images, red_radius=args.red_radius, masks_out=args.masks,

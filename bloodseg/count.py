@@ -32,6 +32,7 @@ prints.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from scipy import ndimage
 
 from .classes import RED_CELL, WHITE_CELL
 from .errors import DataError
+from .io import write_bytes
 from .postprocess import fill_small_holes
 
 
@@ -257,17 +259,24 @@ def count_errors(predicted, truth) -> dict:
             "n": int(p.size)}
 
 
-def write_counts_csv(rows: list[dict], path) -> Path:
-    """Write count rows (:func:`count_files`) as CSV with the :data:`COUNT_COLUMNS`."""
+def write_rows_csv(rows: list[dict], path, columns=None) -> Path:
+    """Write ``rows`` as CSV (``columns``: default the first row's keys; floats to 5 decimals),
+    atomically (a killed run leaves the old file or the new one, never half of one)."""
+    columns = list(columns if columns is not None else (rows[0] if rows else {}))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(COUNT_COLUMNS), extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
     except OSError as exc:
         raise DataError(f"cannot write {path}: {exc.strerror or exc}. Choose a file in a folder "
                         "you can write to (--out).") from None
-    return path
+    return write_bytes(path, buf.getvalue().encode())
+
+
+def write_counts_csv(rows: list[dict], path) -> Path:
+    """Write count rows (:func:`count_files`) as CSV with the :data:`COUNT_COLUMNS` (atomically)."""
+    return write_rows_csv(rows, path, COUNT_COLUMNS)

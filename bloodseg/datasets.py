@@ -10,12 +10,14 @@ the test crops out *by source image*, so no test crop shares pixels with a train
 from __future__ import annotations
 
 import functools
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from .bccd import bccd_source, prepare_cached
 from .classes import WHITE_CELL
 from .errors import DataError
 from .io import Sample, load_folder, load_splits
@@ -24,18 +26,6 @@ from .preprocess import image_to_tensor
 from .recipe import PRESETS, DataRecipe, get_recipe
 from .stain import random_stain
 from .synthetic import make_smear
-
-
-
-# ----------------------------------------------------------------------------- samples and folders
-
-
-
-# ----------------------------------------------------------------------------- LabelMe
-
-
-
-# ----------------------------------------------------------------------------- BCCD
 
 
 
@@ -236,15 +226,69 @@ def _check_patch_fits(samples: list[Sample], d: DataRecipe, name: str, root: Pat
                             "images, or leave this image out")
 
 
+def resize_sample(s: Sample, scale: float) -> Sample:
+    """A sample resized by ``scale``: the image with area averaging (bilinear when enlarging), the
+    mask with nearest labels."""
+    if scale == 1.0:
+        return s
+    h, w = s.mask.shape
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return Sample(s.name, cv2.resize(s.image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR),
+                  cv2.resize(s.mask, size, interpolation=cv2.INTER_NEAREST), s.source)
+
+
+def is_photograph_data(data) -> bool:
+    """Whether ``data`` names real photographs with a split of their own: ``"bccd"``, a raw BCCD
+    folder (``images/`` + ``wbc_masks/``) or a prepared one (``train/ val/ test/``)."""
+    if str(data) == "bccd":
+        return True
+    root = Path(data)
+    return root.is_dir() and ((root / "wbc_masks").is_dir() or all((root / s).is_dir() for s in ("train", "val", "test")))
+
+
+def prepared_photographs(data) -> Path:
+    """The prepared folder (``train/ val/ test/``) of photograph data: ``"bccd"`` is
+    :func:`bloodseg.bccd.bccd_source`'s copy, a raw BCCD folder is prepared once
+    (:func:`bloodseg.bccd.prepare_cached`) into ``runs/prepared/`` under the current folder."""
+    if str(data) != "bccd" and all((Path(data) / s).is_dir() for s in ("train", "val", "test")):
+        return Path(data)
+    src = bccd_source()[0] if str(data) == "bccd" else bccd_source(data)[0]
+    out = Path("runs") / "prepared" / f"bccd-{zlib.crc32(str(src.resolve()).encode()):08x}"
+    prepare_cached(src, out)
+    return out
+
+
+def photograph_splits(data, recipe=None, seed: int = 0) -> dict[str, list[Sample]]:
+    """``{"train": patches, "val": patches, "test": whole photographs}`` of photograph data with a
+    split of its own (:func:`is_photograph_data`; BCCD's train/val/test).
+
+    Train: every training photograph resized by ``data.scale`` (the magnification the network
+    learns at, stored in its checkpoint as ``input_scale``), ``data.crops_per_image`` patches of
+    ``data.patch`` px each, augmented ``data.augment`` times (and stain-shifted by ``data.stain``).
+    Val: one patch from each of the first ``real.val_images`` validation photographs (all without a
+    ``real`` section), resized alike. Test: the first ``real.eval_images`` test photographs, whole
+    and at full size (sorted by name, so every profile scores a prefix of the same list).
+    """
+    r = get_recipe(recipe)
+    d, real = r.data, r.real
+    prepared = prepared_photographs(data)
+    raw = load_splits(prepared)
+    train = [resize_sample(s, d.scale) for s in raw["train"]]
+    val = [resize_sample(s, d.scale) for s in raw["val"][: real.val_images if real else None]]
+    _check_patch_fits(train + val, d, r.name, prepared)
+    return {"train": augment(extract_patches(train, d.patch, d.crops_per_image, seed), d.augment, seed, stain=d.stain),
+            "val": extract_patches(val, d.patch, 1, seed + 1),
+            "test": raw["test"][: real.eval_images if real else None]}
+
+
 def training_splits(data, recipe=None, seed: int = 0) -> dict[str, list[Sample]]:
     """``{"train", "val", "test"}`` sample lists for ``data``, sized by ``recipe`` (a preset name,
-    a :class:`~bloodseg.recipe.Recipe`, or None for ``$BLOODSEG_PROFILE``):
+    a :class:`~bloodseg.recipe.Recipe`, or None for ``$BLOODSEG_PROFILE``). The one split path of
+    ``bloodseg train``, ``train-bccd`` and the book:
 
     * ``"synthetic"`` – :func:`synthetic_splits` (the embedded default);
-    * a folder with ``train/ val/ test/`` (a :func:`prepare_bccd` output) – train and val images
-      are cut into ``crops_per_image`` patches of ``patch`` px (train augmented x``augment``,
-      and stain-shifted when the recipe's ``data.stain`` > 0; never val or test);
-      test images stay whole (cropped to a multiple of 16), as whole-image scores are wanted;
+    * ``"bccd"``, a raw BCCD folder or a prepared one (``train/ val/ test/``, :func:`prepare_bccd`) –
+      :func:`photograph_splits`: the data's own split, training at the recipe's ``data.scale``;
     * a folder with ``images/`` + ``masks/`` – patches, then :func:`make_splits` (test held out by
       source image, train/val 3:1, augmented);
     * a folder of LabelMe ``.json`` files – the same, after rasterising the shapes.
@@ -253,17 +297,12 @@ def training_splits(data, recipe=None, seed: int = 0) -> dict[str, list[Sample]]
     p = r.data
     if str(data) == "synthetic":
         return synthetic_splits(p)
+    if is_photograph_data(data):
+        return photograph_splits(data, r, seed)
     root = Path(data)
     if not root.is_dir():
-        raise DataError(f"data folder not found: {root.absolute()}. Pass 'synthetic', a folder with "
-                        "images/ and masks/, a prepare-bccd output (train/ val/ test/), or LabelMe files")
-    if all((root / s).is_dir() for s in ("train", "val", "test")):
-        raw = load_splits(root)
-        _check_patch_fits(raw["train"] + raw["val"], p, r.name, root)
-        return {"train": augment(extract_patches(raw["train"], p.patch, p.crops_per_image, seed), p.augment, seed,
-                                 stain=p.stain),
-                "val": extract_patches(raw["val"], p.patch, p.crops_per_image, seed + 1),
-                "test": [_crop16(s) for s in raw["test"]]}
+        raise DataError(f"data folder not found: {root.absolute()}. Pass 'synthetic', 'bccd', a folder with "
+                        "images/ and masks/, a BCCD folder (raw, or prepare-bccd's train/ val/ test/), or LabelMe files")
     if (root / "images").is_dir():
         samples = load_folder(root)
     elif any(root.glob("*.json")):
@@ -271,7 +310,38 @@ def training_splits(data, recipe=None, seed: int = 0) -> dict[str, list[Sample]]
     else:
         raise DataError(f"{root.absolute()} holds neither images/ + masks/, nor train/ val/ test/, "
                         "nor LabelMe .json files; see `bloodseg train --help`")
+    samples = [resize_sample(s, p.scale) for s in samples]
     _check_patch_fits(samples, p, r.name, root)
     patches = extract_patches(samples, p.patch, p.crops_per_image, seed)
     n_test = max(1, round(len(patches) * p.n_test / max(1, p.n_source * p.crops_per_image)))
     return make_splits(patches, n_test=n_test, seed=seed, factor=p.augment, stain=p.stain)
+
+
+def split_photographs(data, recipe, split: str = "test", names=None, seed: int = 0) -> list[Sample]:
+    """The WHOLE photographs of one split of ``data`` (what ``bloodseg evaluate`` scores): for
+    photograph data its own split at full size; for ``"synthetic"`` and folders the source images
+    whose patches :func:`training_splits` put in ``split`` (``names``: those sources, e.g. as a
+    checkpoint stored them, instead of recomputing the split)."""
+    r = get_recipe(recipe)
+    if is_photograph_data(data):
+        folder = load_folder(prepared_photographs(data) / split)
+        if names is not None:
+            by = {s.name: s for s in folder}
+            missing = [n for n in names if n not in by]
+            if missing:
+                raise DataError(f"{len(missing)} photograph(s) of the stored {split} split are not in {data}: "
+                                f"{', '.join(missing[:3])}; is it the data the checkpoint was trained on?")
+            return [by[n] for n in names]
+        return folder if split != "test" or r.real is None else folder[: r.real.eval_images]
+    if names is None:
+        names = sorted({s.source for s in training_splits(data, r, seed)[split]})
+    if str(data) == "synthetic":
+        out = []
+        for n in names:
+            image, mask = make_smear(int(n.rsplit("_", 1)[1]), size=tuple(r.data.image_size))
+            out.append(Sample(n, image, mask, n))
+        return out
+    root = Path(data)
+    samples = load_folder(root) if (root / "images").is_dir() else load_labelme_folder(root)
+    by = {s.source: s for s in samples}
+    return [by[n] for n in names if n in by]

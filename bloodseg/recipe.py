@@ -45,6 +45,7 @@ class DataRecipe:
     max_val: int | None = None      # ... and of validation patches
     scale: float = 1.0              # photographs are resized by this before the model sees them
     stain: float = 0.0              # 0-1: stain/camera shifts of training samples (bloodseg.stain.random_stain)
+    shift: float = 0.0              # 0-1: photographs: patches drawn afresh per epoch under domain shift (bloodseg.shift)
 
 
 @dataclasses.dataclass(frozen=True)

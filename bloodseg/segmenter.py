@@ -46,6 +46,17 @@ SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "cl
 
 
 @dataclasses.dataclass
+class Prediction:
+    """What :meth:`Segmenter.segment` gives for one photograph: the ``mask`` (``uint8 HxW``, 0/1/2,
+    after the cleanup), the resize ``factor`` the network saw it at, and when asked for, the class
+    ``probs`` (``float32 C x H x W``) and the ``raw`` argmax before the cleanup."""
+    mask: np.ndarray
+    factor: float
+    probs: torch.Tensor | None = None
+    raw: np.ndarray | None = None
+
+
+@dataclasses.dataclass
 class Segmenter:
     """A network and how to use it. ``model`` is in eval mode; the other fields are plain values.
 
@@ -209,31 +220,54 @@ class Segmenter:
             return self.input_scale
         return auto_scale(image_bgr, self.red_cell_diameter, self.input_scale)
 
+    def segment(self, image_bgr: np.ndarray, postprocess=None, tta: bool | None = None, *,
+                probabilities: bool = False, raw: bool = False, input_scale: float | None = None,
+                prepared: bool = False) -> "Prediction":
+        """The one path from a photograph to its mask, which every use of a Segmenter takes
+        (``predict``, ``count``, the batch runs, ``bloodseg evaluate`` and the book's records):
+
+        1. :meth:`prepare` — the colour rule (``colour``), unless ``prepared``;
+        2. :meth:`scale_for` — the resize factor (``scale``), unless ``input_scale`` is given;
+        3. the network on the resized photograph (tiled, CLAHE on the luma, flips with ``tta``),
+           probabilities back at full size, argmax;
+        4. the white-cell cleanup (``postprocess`` as in :meth:`predict`) at that factor.
+
+        Returns a :class:`Prediction`: ``mask``, ``factor``, and with ``probabilities`` the class
+        probabilities, with ``raw`` the argmax before the cleanup (one pass of the network for both).
+        """
+        image_bgr = image_bgr if prepared else self.prepare(image_bgr)
+        factor = float(self.scale_for(image_bgr) if input_scale is None else input_scale)
+        spec = self._postprocess(postprocess)
+        tta = self.tta if tta is None else tta
+        self._use_solver()
+        if not (probabilities or raw):
+            mask = predict_image(self.model, image_bgr, tile=self.tile, overlap=self.overlap, clahe=self.clahe,
+                                 tta=tta, input_scale=factor, postprocess=spec)
+            return Prediction(mask, factor)
+        probs = predict_probabilities(self.model, image_bgr, tile=self.tile, overlap=self.overlap,
+                                      clahe=self.clahe, tta=tta, input_scale=factor)
+        argmax = probs.argmax(0).numpy().astype(np.uint8)
+        mask = (clean_white_cells(argmax, probs, min_area_at(spec, factor), spec["fill_white_holes"])
+                if spec else argmax)
+        return Prediction(mask, factor, probs if probabilities else None, argmax if raw else None)
+
     def predict_proba(self, image_bgr: np.ndarray, tta: bool | None = None, *,
                       input_scale: float | None = None, prepared: bool = False) -> torch.Tensor:
-        """Class probabilities ``float32 C x H x W`` for a BGR ``uint8 HxWx3`` image of any size.
-        ``input_scale``: this factor instead of :meth:`scale_for`'s; ``prepared``: the image has
-        been through :meth:`prepare` already."""
-        image_bgr = image_bgr if prepared else self.prepare(image_bgr)
-        self._use_solver()
-        return predict_probabilities(self.model, image_bgr, tile=self.tile, overlap=self.overlap,
-                                     clahe=self.clahe, tta=self.tta if tta is None else tta,
-                                     input_scale=self.scale_for(image_bgr) if input_scale is None else input_scale)
+        """Class probabilities ``float32 C x H x W`` for a BGR ``uint8 HxWx3`` image of any size
+        (:meth:`segment`'s). ``input_scale``: this factor instead of :meth:`scale_for`'s;
+        ``prepared``: the image has been through :meth:`prepare` already."""
+        return self.segment(image_bgr, False, tta, probabilities=True, input_scale=input_scale,
+                            prepared=prepared).probs
 
     def predict(self, image_bgr: np.ndarray, postprocess=None, tta: bool | None = None, *,
                 input_scale: float | None = None, prepared: bool = False) -> np.ndarray:
-        """Mask ``uint8 HxW`` in {0 background, 1 white cell, 2 red cell}.
+        """Mask ``uint8 HxW`` in {0 background, 1 white cell, 2 red cell} (:meth:`segment`'s).
 
         ``postprocess``: None (default) applies this Segmenter's own cleanup (if any); False gives
         the network's argmax alone; a dict is used as given; True without a stored spec is an error.
         ``input_scale``, ``prepared``: as for :meth:`predict_proba`.
         """
-        image_bgr = image_bgr if prepared else self.prepare(image_bgr)
-        self._use_solver()
-        return predict_image(self.model, image_bgr, tile=self.tile, overlap=self.overlap, clahe=self.clahe,
-                             tta=self.tta if tta is None else tta,
-                             input_scale=self.scale_for(image_bgr) if input_scale is None else input_scale,
-                             postprocess=self._postprocess(postprocess))
+        return self.segment(image_bgr, postprocess, tta, input_scale=input_scale, prepared=prepared).mask
 
     def count(self, image_bgr: np.ndarray, red_radius: float | None = None, postprocess=None) -> dict:
         """White and red cells of one image (:func:`bloodseg.count.count_cells` on :meth:`predict`)."""
@@ -252,16 +286,8 @@ class Segmenter:
 
     # ------------------------------------------------------------------ many files (see bloodseg.batch)
     def _mask_and_probs(self, image, postprocess, need_probs: bool):
-        image = self.prepare(image)
-        factor = self.scale_for(image)
-        if not need_probs:
-            return self.predict(image, postprocess, input_scale=factor, prepared=True), None, factor
-        probs = self.predict_proba(image, input_scale=factor, prepared=True)
-        mask = probs.argmax(0).numpy().astype(np.uint8)
-        spec = self._postprocess(postprocess)
-        if spec:
-            mask = clean_white_cells(mask, probs, min_area_at(spec, factor), spec["fill_white_holes"])
-        return mask, probs, factor
+        p = self.segment(image, postprocess, probabilities=need_probs)
+        return p.mask, p.probs, p.factor
 
     def predict_files(self, paths, out_dir, overlays: bool = True, postprocess=None, *, skip_existing: bool = False,
                       progress: bool | None = None, instances=None, pixel_size_um=None,

@@ -230,6 +230,8 @@ def fit(model: torch.nn.Module, train_set: Dataset, val_set: Dataset, out_dir,
                 group["lr"] = epoch_lr(cfg, lr, epoch)
             model.train()
             t0 = time.perf_counter()
+            if hasattr(train_set, "set_epoch"):   # patches drawn afresh each epoch (bloodseg.shift)
+                train_set.set_epoch(epoch)
             order = epoch_order(len(train_set), cfg.seed, epoch, info)
             step0 = state.step if epoch == first else 0
             sums = torch.zeros(5, dtype=torch.float64)  # loss*n, n, nfe_fwd, nfe_bwd, ODE penalty

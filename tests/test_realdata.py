@@ -11,6 +11,7 @@ import torch
 from bloodseg.checkpoint import load_checkpoint
 from bloodseg.errors import CheckpointError
 from bloodseg.infer import predict_image
+from bloodseg.io import read_image
 from bloodseg.paper import bccd as rd
 from bloodseg.segmenter import Segmenter, shipped_checkpoint
 from bloodseg.synthetic import colour_threshold_baseline
@@ -161,7 +162,7 @@ def test_cli_train_bccd_trains_scores_and_continues(bccd_sample, tmp_path, capsy
     from bloodseg import cli
     small = ["--src", str(bccd_sample), "--width", "4", "--epochs", "1", "--crops", "1", "--patch", "64",
              "--val-images", "2", "--pretrain-smears", "2", "--pretrain-epochs", "1"]
-    assert cli.main(["train-bccd", "--out", str(tmp_path / "a"), "--schedule", "cosine"] + small) == 0
+    assert cli.main(["train-bccd", "--out", str(tmp_path / "a"), "--schedule", "cosine", "--tta"] + small) == 0
     ckpt = tmp_path / "a" / "bccd-nodes-unet-w4.pt"
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert ckpt.is_file() and metrics["epochs_run"] == 1 and metrics["pretrained"] is True
@@ -173,8 +174,18 @@ def test_cli_train_bccd_trains_scores_and_continues(bccd_sample, tmp_path, capsy
     # and bring each photograph's background to the training photographs' (all bright plasma)
     assert trained.colour == "background" and tuple(metrics["background"]["bgr"]) == trained.background
     assert all(150 < v <= 255 for v in trained.background)
+    # the finished settings, made from code alone: the red-cell size the automatic scale brings photographs
+    # to (the training photographs' median, in network pixels), the cleanup and the solver chosen on validation
+    measured = metrics["finish"]["measured"]
+    assert trained.scale == "auto" and trained.red_cell_diameter == pytest.approx(0.5 * measured["diameter_px_median"])
+    assert 20 < trained.red_cell_diameter < 60                      # BCCD's red cells: ~80 px at full size
+    assert trained.postprocess["chosen_on"] == "validation split, 2 photographs"
+    assert trained.solver == metrics["finish"]["solver"]["chosen"]
+    assert Segmenter.load(ckpt, device="cpu").predict(bccd_photo := read_image(next(
+        (bccd_sample / "images").iterdir()))).shape == bccd_photo.shape[:2]
 
-    assert cli.main(["train-bccd", "--out", str(tmp_path / "b"), "--init", str(ckpt)] + small) == 0
+    assert cli.main(["train-bccd", "--out", str(tmp_path / "b"), "--init", str(ckpt), "--steps", "background"]
+                    + small) == 0
     cont = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert cont["model"]["model"] == "nodes-unet (continued from bccd-nodes-unet-w4.pt)"
     assert cont["init"] == str(ckpt) and cont["pretrained"] is False

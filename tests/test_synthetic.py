@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from bloodseg.classes import PALETTE_BGR, colourise_mask, overlay
+from bloodseg.classes import OUTLINE_BGR, PALETTE_BGR, colourise_mask, overlay
 from bloodseg.errors import DataError
 from bloodseg.io import read_image, read_mask
 from bloodseg.synthetic import colour_threshold_baseline, make_smear, write_synthetic
@@ -122,5 +122,14 @@ def test_colourise_and_overlay():
     out = overlay(image, mask, alpha=0.5)
     assert np.array_equal(out[0, 0], image[0, 0])             # background untouched
     assert not np.array_equal(out[1, 0], image[1, 0])
+    # a cell is outlined in a colour that contrasts with its stain, and only faintly tinted inside
+    big = np.zeros((20, 20), np.uint8)
+    big[4:16, 4:16] = 1
+    purple = np.zeros((20, 20, 3), np.uint8)
+    purple[:] = (160, 60, 120)                                  # a purple-stained cell (BGR)
+    out = overlay(purple, big)
+    assert np.array_equal(out[4, 8], OUTLINE_BGR[1]) and np.array_equal(out[5, 8], OUTLINE_BGR[1])
+    assert np.abs(out[10, 10].astype(int) - purple[10, 10]).max() < 20      # inside: faint tint
+    assert np.array_equal(out[0, 0], purple[0, 0])
     with pytest.raises(DataError, match="mask value"):
         colourise_mask(np.array([[0, 7]], np.uint8))

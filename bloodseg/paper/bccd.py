@@ -51,22 +51,20 @@ import cv2
 import numpy as np
 import torch
 
-from ..recipe import REAL_PRESETS, Recipe, RealDataRecipe, real_recipe
-from ..bccd import bccd_source, prepare_cached, _voc_boxes
-from ..checkpoint import load_checkpoint, update_checkpoint
-from ..classes import WHITE_CELL
-from ..count import count_cells, count_errors
-from ..datasets import SegmentationDataset, augment, extract_patches, make_splits
-from ..errors import CheckpointError, DataError
-from ..io import Sample, load_folder, read_image
-from ..metrics import confusion_matrix, scores
-from ..models import build_model
-from ..postprocess import clean_white_cells
-from ..segmenter import Segmenter
-from ..stain import reference_background
+from ..bccd import _voc_boxes, bccd_source, prepare_cached
+from ..checkpoint import load_checkpoint
+from ..cleanup import WHITE_AREA_GRID, cleanup_rows, tune_white_cleanup, white_components
 from ..colour import colour_threshold_baseline
+from ..count import count_cells, count_errors
+from ..datasets import photograph_splits, resize_sample
+from ..errors import DataError
+from ..io import Sample, load_folder, read_image
+from ..recipe import REAL_PRESETS, Recipe, RealDataRecipe, real_recipe
+from ..scoring import evaluate_photos
+from ..segmenter import Segmenter
+from ..shipping import (FINISH_STEPS, TrainedModel, score_row, synthetic_pretraining_splits, train_model,
+                        train_segmenter, tune_checkpoint)
 from ..synthetic import make_smear
-from ..train import fit
 
 
 __all__ = ["bccd_source", "prepare_cached", "real_recipe", "PLAN_FIELDS", "recipe_from_plan", "stored_recipe",
@@ -75,13 +73,9 @@ __all__ = ["bccd_source", "prepare_cached", "real_recipe", "PLAN_FIELDS", "recip
            "plot_cleanup_tuning", "cleanup_rows", "cleanup_summary", "compare_cleanup", "plot_cleanup_comparison",
            "tune_checkpoint_cleanup", "failure_cases", "read_box_counts", "rbc_boxes_at_border", "count_vs_boxes",
            "synthetic_counting", "train_bccd_checkpoint", "gpu_runs_frame",
-           "plot_gpu_runs", "evaluate_raw_and_cleaned", "training_runs", "RECORD_TRAINING", "RECORD_SHIPPED",
+           "plot_gpu_runs", "evaluate_raw_and_cleaned", "FINISH_STEPS", "training_runs", "RECORD_TRAINING", "RECORD_SHIPPED",
            "RECORD_STAIN", "load_record", "provenance_line", "record_training", "record_shipped",
            "compare_per_image", "plot_instances", "stain_shift_frame", "plot_stain_shifts"]
-
-
-# ----------------------------------------------------------------------------- data
-
 
 
 #: Where each field of the ``plan`` dict that records and checkpoints stored before the recipe
@@ -108,121 +102,47 @@ def stored_recipe(stored: dict) -> Recipe:
     return recipe_from_plan(stored["plan"]).replace(**extra)
 
 
-def resize_sample(s: Sample, scale: float) -> Sample:
-    """A sample resized by ``scale``: the image with area averaging, the mask with nearest labels."""
-    if scale == 1.0:
-        return s
-    h, w = s.mask.shape
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return Sample(s.name, cv2.resize(s.image, size, interpolation=cv2.INTER_AREA),
-                  cv2.resize(s.mask, size, interpolation=cv2.INTER_NEAREST), s.source)
-
-
-def synthetic_pretraining_splits(recipe: Recipe, seed: int = 0) -> dict[str, list[Sample]]:
-    """Patches (``data.patch``, ``real.pretrain_crops`` per smear, ``data.augment`` copies) of
-    ``real.pretrain_smears`` synthetic smears (``real.pretrain_size``, seeds 0, 1, ...) split 3:1 by
-    smear. The synthetic cells have the size of BCCD's at ``data.scale`` = 0.5."""
-    d, r = recipe.data, recipe.real
-    smears = []
-    for i in range(r.pretrain_smears):
-        image, mask = make_smear(i, size=r.pretrain_size)
-        smears.append(Sample(f"smear_{i:04d}", image, mask, f"smear_{i:04d}"))
-    patches = extract_patches(smears, size=d.patch, per_image=r.pretrain_crops, seed=seed)
-    return make_splits(patches, n_test=0, val_ratio=0.25, seed=seed, factor=d.augment)
-
+# ----------------------------------------------------------------------------- the chapter's names for the core's
+# Training, scoring and the cleanup search are the product pipeline's (bloodseg.shipping, bloodseg.scoring,
+# bloodseg.cleanup); the chapter calls them by these names.
 
 def bccd_splits(prepared, recipe: Recipe, seed: int = 0) -> dict[str, list[Sample]]:
-    """``{"train": patches, "val": patches, "test": whole images}`` from a prepared BCCD folder.
+    """:func:`bloodseg.datasets.photograph_splits` of a prepared BCCD folder (the one split path)."""
+    return photograph_splits(prepared, recipe, seed)
 
-    Train: ``data.crops_per_image`` patches per training image (resized by ``data.scale``),
-    augmented ``data.augment`` times (and shifted in stain/camera by ``data.stain``). Val: one patch
-    from each of the first ``real.val_images`` validation images (resized). Test: the first
-    ``real.eval_images`` test images, whole and at full size (sorted by name, so every profile
-    scores a prefix of the same list).
-    """
-    prepared, d, r = Path(prepared), recipe.data, recipe.real
-    train = [resize_sample(s, d.scale) for s in load_folder(prepared / "train")]
-    val = [resize_sample(s, d.scale) for s in load_folder(prepared / "val")[: r.val_images]]
-    test = load_folder(prepared / "test")[: r.eval_images]
-    return {"train": augment(extract_patches(train, d.patch, d.crops_per_image, seed), d.augment, seed, stain=d.stain),
-            "val": extract_patches(val, d.patch, 1, seed + 1),
-            "test": test}
-
-
-# ----------------------------------------------------------------------------- training
-
-@dataclasses.dataclass
-class TrainedModel:
-    """A trained network with where it came from."""
-    name: str                # model name, e.g. "nodes-unet"
-    init: str                # "scratch" or "synthetic" (fine-tuned from a synthetic pretraining)
-    segmenter: Segmenter     # the best epoch (lowest validation loss), with its input_scale
-    history: list
-    seconds: float
-    checkpoint: Path
-
-    @property
-    def model(self) -> torch.nn.Module:
-        """The bare network (eval mode); use :attr:`segmenter` to predict on photographs."""
-        return self.segmenter.model
-
-    @property
-    def label(self) -> str:
-        how = {"synthetic": "synthetic-pretrained", "scratch": "from scratch"}.get(self.init, self.init)
-        return f"{self.name} ({how})"
-
-
-def train_model(name: str, splits: dict, out_dir, recipe: Recipe, init=None, epochs: int | None = None,
-                lr: float | None = None, seed: int | None = None, init_label: str | None = None,
-                input_scale: float = 1.0, train_options: dict | None = None,
-                on_epoch: Callable[[dict], None] | None = None) -> TrainedModel:
-    """Train ``name`` (width ``model.width``) on ``splits``; fine-tune from checkpoint ``init`` if given.
-
-    The recipe's ``train`` section, with ``epochs`` (default ``train.epochs``), ``lr`` (default
-    ``real.finetune_lr`` after ``init``, else ``train.lr``) and ``seed`` (default ``train.seed``).
-    ``input_scale``: the factor the training images were resized by (``data.scale`` for BCCD,
-    1 for synthetic smears); it is saved in the checkpoints (as the :class:`~bloodseg.Segmenter`
-    setting, and at the top level for older readers) so that prediction resizes alike.
-    ``train_options``: further :class:`~bloodseg.train.TrainRecipe` fields (e.g. ``schedule``,
-    ``max_minutes``, ``batch_size``); ``on_epoch`` gets each epoch's history record.
-    Writes ``out_dir/best.pt`` (lowest validation loss), ``last.pt`` and ``history.json``
-    (:func:`bloodseg.train.fit`, always a fresh run; the checkpoints store the recipe trained with).
-    Returns the best epoch's model as a :class:`~bloodseg.Segmenter` (``.segmenter``; ``.model`` is
-    the bare network).
-    """
-    t = recipe.train
-    seed = t.seed if seed is None else seed
-    torch.manual_seed(seed)
-    width = recipe.model.width
-    model = build_model(name, width=width)
-    settings = Segmenter(model, input_scale=input_scale).settings()   # checks input_scale
-    if init is not None:
-        state = load_checkpoint(init)
-        if state["model_name"] != model.name or state["model_options"].get("width") != width:
-            raise CheckpointError(f"{init} holds a '{state['model_name']}' of width "
-                                  f"{state['model_options'].get('width')}, not '{name}' of width {width}")
-        model.load_state_dict(state["model_state"])
-    cfg = dataclasses.replace(t, epochs=epochs or t.epochs, seed=seed, progress=False,
-                              lr=lr or (recipe.real.finetune_lr if init is not None else t.lr))
-    cfg = dataclasses.replace(cfg, **(train_options or {}))
-    t0 = time.perf_counter()
-    history = fit(model, SegmentationDataset(splits["train"]), SegmentationDataset(splits["val"]), out_dir,
-                  recipe.replace(**{"model.name": name}, train=cfg), resume=False, on_epoch=on_epoch)
-    seconds = time.perf_counter() - t0
-    best = Path(out_dir) / "best.pt"
-    old_keys = {"input_scale": float(input_scale)} if input_scale != 1.0 else {}
-    for path in (best, Path(out_dir) / "last.pt"):
-        update_checkpoint(path, segmenter=settings, **old_keys)
-    return TrainedModel(name, init_label or ("synthetic" if init is not None else "scratch"),
-                        Segmenter.load(best), history, seconds, best)
-
-
-# ----------------------------------------------------------------------------- evaluation
 
 def _segmenter(model) -> Segmenter:
-    """A :class:`~bloodseg.Segmenter` as it is; a bare network as a Segmenter with the default
-    settings (input_scale 1, no cleanup)."""
+    """A :class:`~bloodseg.Segmenter` as it is; a bare network as a Segmenter with the default settings."""
     return model if isinstance(model, Segmenter) else Segmenter(model)
+
+
+def evaluate_bccd(model_or_fn, samples: list[Sample], tile: int = 1024, keep_masks: bool = True,
+                  tta: bool = False, postprocess=None) -> dict:
+    """:func:`bloodseg.scoring.evaluate_photos` of a Segmenter (a bare network: default settings),
+    with ``tile`` and flip ``tta``, or of a function image -> mask; BCCD labels red cells (silver)."""
+    if isinstance(model_or_fn, (Segmenter, torch.nn.Module)):
+        model_or_fn = _segmenter(model_or_fn).replace(tile=tile, tta=tta)
+    return evaluate_photos(model_or_fn, samples, keep_masks=keep_masks, postprocess=postprocess)
+
+
+def evaluate_raw_and_cleaned(segmenter: Segmenter, samples: list[Sample], tile: int = 1024,
+                             keep_masks: bool = False) -> dict:
+    """``{"raw": ..., "cleaned": ...}`` as :func:`evaluate_bccd` returns each, the network alone and
+    with the Segmenter's own cleanup, from ONE pass of :meth:`~bloodseg.Segmenter.segment` per photograph."""
+    both = evaluate_photos(segmenter, samples, keep_masks=keep_masks, raw_too=True, tile=tile)
+    return {"raw": both.pop("raw"), "cleaned": both}
+
+
+def tune_checkpoint_cleanup(ckpt, src=None, out=None, log: Callable[[str], None] = print) -> dict:
+    """:func:`bloodseg.shipping.tune_checkpoint` with the cleanup step only (``bloodseg tune-cleanup``)."""
+    return tune_checkpoint(ckpt, "bccd" if src is None else src, out, steps=("cleanup",), log=log)
+
+
+def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", recipe: Recipe = REAL_PRESETS["ship"], src=None,
+                          pretrain: bool = True, log: Callable[[str], None] = print, init=None,
+                          tta: bool = True) -> dict:
+    """:func:`bloodseg.shipping.train_segmenter` (``bloodseg train-bccd``) on BCCD."""
+    return train_segmenter(out_dir, recipe, "bccd" if src is None else src, pretrain, log, init, tta)
 
 
 def _predictor(model_or_fn, tile: int, tta: bool = False, postprocess=None) -> Callable[[np.ndarray], np.ndarray]:
@@ -230,116 +150,6 @@ def _predictor(model_or_fn, tile: int, tta: bool = False, postprocess=None) -> C
         seg = _segmenter(model_or_fn).replace(tile=tile, tta=tta)
         return lambda image: seg.predict(image, postprocess=postprocess)
     return model_or_fn
-
-
-def _white_scores(tp: int, fp: int, fn: int) -> dict:
-    iou = tp / (tp + fp + fn) if tp + fp + fn else math.nan
-    dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
-    return {"iou": iou, "dice": dice, "precision": tp / (tp + fp) if tp + fp else math.nan,
-            "recall": tp / (tp + fn) if tp + fn else math.nan}
-
-
-def _white_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    pw, tw = pred == WHITE_CELL, truth == WHITE_CELL
-    return np.array([(pw & tw).sum(), (pw & ~tw).sum(), (~pw & tw).sum()], np.int64)
-
-
-def evaluate_bccd(model_or_fn, samples: list[Sample], tile: int = 1024, keep_masks: bool = True,
-                  tta: bool = False, postprocess=None) -> dict:
-    """Score whole images against the BCCD labels, gold and silver apart.
-
-    ``model_or_fn``: a :class:`~bloodseg.Segmenter` (or a bare network, taken as a Segmenter with
-    default settings), run with :meth:`~bloodseg.Segmenter.predict` on the whole image when it fits
-    ``tile``; ``tta``: flip test-time augmentation; ``postprocess``: as in ``Segmenter.predict``, so
-    ``None`` applies the Segmenter's own white-cell cleanup if it has one and ``False`` scores the
-    network's argmax alone; or a function image → mask (e.g. :func:`bloodseg.colour_threshold_baseline`).
-    Returns ``{"silver": scores() of ONE 3-class confusion matrix over all images (PA, CPA, IoU,
-    MIoU) against the silver masks, "gold": white cell vs the rest over all images (iou, dice,
-    precision, recall) against the human masks, "per_image": [{"name", "white_iou",
-    "white_dice", "silver_miou"}], "masks": predicted masks (``keep_masks``), "seconds"}``.
-    """
-    predict = _predictor(model_or_fn, tile, tta, postprocess)
-    scorer = _Scorer(keep_masks)
-    t0 = time.perf_counter()
-    for s in samples:
-        scorer.add(s, predict(s.image))
-    return scorer.result(time.perf_counter() - t0)
-
-
-class _Scorer:
-    """What :func:`evaluate_bccd` sums over photographs: one silver 3-class confusion matrix, the
-    gold white-cell counts, a row per photograph and (``keep_masks``) the masks."""
-
-    def __init__(self, keep_masks: bool):
-        self.cm = torch.zeros(3, 3, dtype=torch.long)
-        self.white = np.zeros(3, np.int64)
-        self.rows, self.masks, self.keep_masks = [], [], keep_masks
-
-    def add(self, s: Sample, pred: np.ndarray) -> None:
-        if pred.shape != s.mask.shape:
-            raise DataError(f"prediction for {s.name} is {pred.shape}, its mask {s.mask.shape}")
-        m = confusion_matrix(pred, s.mask, 3)
-        self.cm += m
-        counts = _white_counts(pred, s.mask)
-        self.white += counts
-        one = _white_scores(*map(int, counts))
-        self.rows.append({"name": s.name, "white_iou": one["iou"], "white_dice": one["dice"],
-                          "silver_miou": scores(m)["miou"]})
-        if self.keep_masks:
-            self.masks.append(pred)
-
-    def result(self, seconds: float) -> dict:
-        out = {"silver": scores(self.cm), "gold": _white_scores(*map(int, self.white)), "per_image": self.rows,
-               "n_images": len(self.rows), "seconds": seconds}
-        if self.keep_masks:
-            out["masks"] = self.masks
-        return out
-
-
-def evaluate_raw_and_cleaned(segmenter: Segmenter, samples: list[Sample], tile: int = 1024,
-                             keep_masks: bool = False) -> dict:
-    """``{"raw": ..., "cleaned": ...}``, each as :func:`evaluate_bccd` returns it: the network alone
-    (``postprocess=False``) and with the Segmenter's own white-cell cleanup (the default of
-    :meth:`~bloodseg.Segmenter.predict`), from ONE pass of the network per photograph.
-
-    Each photograph is resized by :meth:`~bloodseg.Segmenter.scale_for` (its automatic scale when the
-    Segmenter has one), its probabilities come back at full size, the raw mask is their argmax and
-    the cleaned one :func:`~bloodseg.postprocess.clean_white_cells` of them with the stored area
-    rescaled to that factor (:func:`~bloodseg.postprocess.min_area_at`), as ``Segmenter.predict``
-    does it. Same numbers as two calls of :func:`evaluate_bccd`, half the passes. ``seconds``: the
-    whole loop, in both. Without a stored cleanup, ``cleaned`` equals ``raw``.
-    """
-    from ..postprocess import min_area_at
-    seg = segmenter.replace(tile=tile)
-    spec = seg.postprocess
-    raw, cleaned = _Scorer(keep_masks), _Scorer(keep_masks)
-    t0 = time.perf_counter()
-    for s in samples:
-        factor = seg.scale_for(s.image)
-        probs = seg.predict_proba(s.image, input_scale=factor)
-        mask = probs.argmax(0).numpy().astype(np.uint8)
-        raw.add(s, mask)
-        cleaned.add(s, clean_white_cells(mask, probs, min_area_at(spec, factor), spec["fill_white_holes"])
-                    if spec else mask)
-    seconds = time.perf_counter() - t0
-    return {"raw": raw.result(seconds), "cleaned": cleaned.result(seconds)}
-
-
-#: Candidate ``white_min_area`` values (px of the photograph) :func:`tune_white_cleanup` tries.
-WHITE_AREA_GRID = (0, 100, 250, 500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 7000, 8000, 10000)
-
-
-def white_components(pred: np.ndarray, truth: np.ndarray) -> dict:
-    """The white components (8-connected) of a predicted mask and of its labels: ``{"predicted":
-    [[area px, touches a labelled white cell (0/1)], ...], "true_cells": [area px, ...]}``."""
-    from scipy import ndimage
-    eight = np.ones((3, 3), bool)
-    labels, n = ndimage.label(pred == WHITE_CELL, structure=eight)
-    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    hits = np.bincount(labels[truth == WHITE_CELL], minlength=n + 1)[1:] > 0
-    tl, tn = ndimage.label(truth == WHITE_CELL, structure=eight)
-    return {"predicted": [[int(a), int(h)] for a, h in zip(areas, hits)],
-            "true_cells": [int(a) for a in np.bincount(tl.ravel(), minlength=tn + 1)[1:]]}
 
 
 def plot_white_components(components: dict, chosen_area: float | None = None, title: str = ""):
@@ -360,55 +170,6 @@ def plot_white_components(components: dict, chosen_area: float | None = None, ti
     ax.set_title(title, fontsize=10); ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
-
-
-def tune_white_cleanup(model, samples: list[Sample], areas=WHITE_AREA_GRID,
-                       fills=(False, True), tile: int = 1024, tta: bool = False, chosen_on: str = "") -> dict:
-    """Choose the white-cell cleanup (:func:`bloodseg.postprocess.clean_white_cells`) of ``model``
-    (a :class:`~bloodseg.Segmenter`, or a bare network at input_scale 1) on ``samples``, which must
-    NOT be the photographs it will be scored on (use the validation split).
-
-    Every ``(white_min_area, fill_white_holes)`` of ``areas`` x ``fills`` is scored by the gold
-    white-cell IoU over all samples (one pooled count, as :func:`evaluate_bccd`). The rule: the
-    fill setting with the highest IoU; then, of the areas that reach that IoU exactly (a plateau:
-    every area between the largest false speck and the smallest true cell removes the same
-    pixels), the one nearest the plateau's geometric middle (the smaller of two equally near),
-    so the choice keeps the widest margin on both sides. Returns ``{"rows": [{"white_min_area", "fill_white_holes", "iou",
-    "dice", ...}], "raw": argmax scores, "chosen": postprocess dict, "plateau": [lo, hi],
-    "components": :func:`white_components` of the raw masks pooled, "n_images", "seconds"}``;
-    ``chosen`` can be stored in a checkpoint (:func:`tune_checkpoint_cleanup`).
-    """
-    if not samples:
-        raise DataError("tune_white_cleanup needs at least one labelled photograph")
-    areas = sorted({float(a) for a in areas})
-    seg = _segmenter(model).replace(tile=tile)
-    t0 = time.perf_counter()
-    totals = {(a, f): np.zeros(3, np.int64) for a in areas for f in fills}
-    raw = np.zeros(3, np.int64)
-    components = {"predicted": [], "true_cells": []}
-    for s in samples:
-        probs = seg.predict_proba(s.image, tta=tta)
-        mask = probs.argmax(0).numpy().astype(np.uint8)
-        raw += _white_counts(mask, s.mask)
-        for k, v in white_components(mask, s.mask).items():
-            components[k] += v
-        for a in areas:
-            for f in fills:
-                totals[(a, f)] += _white_counts(clean_white_cells(mask, probs, a, f), s.mask)
-    rows = []
-    for (a, f), (tp, fp, fn) in totals.items():
-        rows.append({"white_min_area": a, "fill_white_holes": f, **_white_scores(int(tp), int(fp), int(fn))})
-    best_iou = {f: max(r["iou"] for r in rows if r["fill_white_holes"] == f) for f in fills}
-    fill = max(fills, key=lambda f: (best_iou[f], f))
-    tied = [r["white_min_area"] for r in rows if r["fill_white_holes"] == fill and r["iou"] >= best_iou[fill] - 1e-12]
-    lo, hi = min(tied), max(tied)
-    middle = math.sqrt(max(lo, 1.0) * max(hi, 1.0))
-    area = min(tied, key=lambda a: (round(abs(math.log(max(a, 1.0) / middle)), 9), a))   # a tie: the smaller
-    chosen = {"white_min_area": area, "fill_white_holes": bool(fill),
-              "input_scale": seg.input_scale,
-              "chosen_on": chosen_on or f"{len(samples)} labelled photographs", "tuned_iou": round(best_iou[fill], 4)}
-    return {"rows": rows, "raw": _white_scores(*map(int, raw)), "chosen": chosen, "plateau": [lo, hi],
-            "components": components, "n_images": len(samples), "seconds": time.perf_counter() - t0}
 
 
 def plot_cleanup_tuning(tuning: dict, test_rows: list[dict] | None = None, goal: float | None = 0.90,
@@ -437,12 +198,6 @@ def plot_cleanup_tuning(tuning: dict, test_rows: list[dict] | None = None, goal:
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
-
-
-def cleanup_rows(model, samples: list[Sample], areas=WHITE_AREA_GRID, fills=(False, True),
-                 tile: int = 1024) -> list[dict]:
-    """The rows of :func:`tune_white_cleanup` for other photographs (to show, never to choose by)."""
-    return tune_white_cleanup(model, samples, areas, fills, tile)["rows"]
 
 
 def _row_for(rows: list[dict], area: float, fill: bool) -> dict:
@@ -502,57 +257,6 @@ def plot_cleanup_comparison(rows: list[dict], goal: float | None = 0.90):
     ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     fig.tight_layout()
     return fig
-
-
-def tune_checkpoint_cleanup(ckpt, src=None, out=None, work="runs/tune-cleanup", log: Callable[[str], None] = print,
-                            tile: int = 1024) -> dict:
-    """Choose a checkpoint's white-cell cleanup on BCCD's validation photographs, score the test
-    photographs with and without it, and write the checkpoint again (``out``, default in place)
-    with the chosen cleanup as its :class:`~bloodseg.Segmenter`'s ``postprocess`` (under
-    ``"segmenter"``, and at the top level with ``input_scale`` for older readers) and
-    ``metrics["cleanup"]`` recording the choice and the scores.
-
-    ``src``: a raw BCCD folder (default: :func:`bccd_source`), prepared into ``work/bccd`` (reused
-    when already there). The test photographs play no part
-    in the choice. Returns ``{"tuning", "test_raw", "test_cleaned", "checkpoint"}`` (score rows).
-    ``bloodseg tune-cleanup`` is the command-line form.
-    """
-    src = Path(src) if src is not None else bccd_source()[0]
-    prep_dir = Path(work) / "bccd"
-    prepare_cached(src, prep_dir)
-    seg = Segmenter.load(ckpt)
-    val = load_folder(prep_dir / "val")
-    test = load_folder(prep_dir / "test")
-    tuning = tune_white_cleanup(seg, val, tile=tile, chosen_on=f"BCCD validation split, {len(val)} photographs")
-    log(f"tuned on {len(val)} validation photographs in {tuning['seconds']:.0f} s: {tuning['chosen']} "
-        f"(raw val IoU {tuning['raw']['iou']:.4f})")
-    label = f"{seg.model.name} w{seg.model.options.get('width')}"
-    raw = score_row(label, evaluate_bccd(seg, test, tile=tile, keep_masks=False, postprocess=False))
-    cleaned = score_row(label + " + white cleanup",
-                        evaluate_bccd(seg, test, tile=tile, keep_masks=False, postprocess=tuning["chosen"]))
-    log(f"test ({len(test)} photographs): white IoU {raw['gold white IoU']:.4f} raw, "
-        f"{cleaned['gold white IoU']:.4f} cleaned")
-    state = load_checkpoint(ckpt)
-    metrics = dict(state.get("metrics") or {})
-    metrics["cleanup"] = {"chosen": tuning["chosen"], "plateau": tuning["plateau"], "val_raw": tuning["raw"],
-                          "val_rows": tuning["rows"],
-                          "val_components": tuning["components"], "test_raw": raw, "test_cleaned": cleaned,
-                          "test_images": len(test), "val_images": len(val), "torch": str(torch.__version__)}
-    metrics = json.loads(json.dumps(metrics, default=float))
-    settings = seg.replace(postprocess=tuning["chosen"]).settings()
-    old_keys = {"input_scale": seg.input_scale} if seg.input_scale != 1.0 else {}
-    target = update_checkpoint(ckpt, out=out, segmenter=settings, postprocess=settings["postprocess"],
-                               metrics=metrics, **old_keys)
-    return {"tuning": tuning, "test_raw": raw, "test_cleaned": cleaned, "checkpoint": str(target)}
-
-
-def score_row(label: str, result: dict) -> dict:
-    """One flat table row (rounded) from :func:`evaluate_bccd`'s result."""
-    s, g = result["silver"], result["gold"]
-    r = lambda v: round(float(v), 4)  # noqa: E731
-    return {"model": label, "gold white IoU": r(g["iou"]), "gold white Dice": r(g["dice"]),
-            "silver PA": r(s["pa"]), "silver CPA bg": r(s["cpa"][0]), "silver CPA white": r(s["cpa"][1]),
-            "silver CPA red": r(s["cpa"][2]), "silver MIoU": r(s["miou"]), "images": result["n_images"]}
 
 
 def failure_cases(result: dict, k: int = 4) -> list[int]:
@@ -647,81 +351,6 @@ def synthetic_counting(n: int, model=None, size=(480, 640),
 
 
 # ----------------------------------------------------------------------------- the shipped checkpoint
-
-
-
-def train_bccd_checkpoint(out_dir="runs/bccd_checkpoint", recipe: Recipe = REAL_PRESETS["ship"], src=None,
-                          pretrain: bool = True, log: Callable[[str], None] = print, init=None,
-                          tta: bool = True) -> dict:
-    """Reproduce the shipped checkpoint: pretrain on BCCD-like synthetic smears, fine-tune on BCCD.
-
-    ``src``: a raw BCCD folder (default: the full copy from :func:`bccd_source`). Trains
-    ``recipe.model`` (name and width) with ``recipe`` (default ``REAL_PRESETS["ship"]``;
-    ``bloodseg train-bccd`` maps its flags onto it), scores the best epoch on the WHOLE test split
-    (gold white-cell IoU/Dice, silver 3-class scores, and the colour baseline for reference),
-    and writes ``out_dir/<SHIPPED_NAME-like name>`` holding weights only (no optimizer state) plus
-    the recipe and metrics, and ``metrics.json``. Returns the metrics. About 10 minutes on two
-    CPU cores with the defaults. Shipping it = copying the .pt into ``bloodseg/data/checkpoints/``.
-    The recipe's ``train`` section (seed, schedule, ...) goes to both trainings, except
-    ``max_minutes``, which bounds the BCCD training only.
-    ``init``: a checkpoint of the same model and width to continue from (e.g. an earlier run's
-    ``.pt``) instead of the synthetic pretraining. ``tta``: also score with flip test-time
-    augmentation (``metrics["model_tta"]``).
-    """
-    model, seed = recipe.model.name, recipe.train.seed
-    epoch_log = lambda r: log(json.dumps({k: round(v, 4) if isinstance(v, float) else v  # noqa: E731
-                                          for k, v in r.items()}))
-    out_dir = Path(out_dir)
-    t0 = time.perf_counter()
-    if src is None:
-        src, kind = bccd_source()
-    else:
-        src, kind = Path(src), "given"
-    report = prepare_cached(src, out_dir / "bccd")
-    splits = bccd_splits(out_dir / "bccd", recipe.replace(**{"real.eval_images": None}), seed)
-    log(f"data {src} ({kind}): {len(splits['train'])} train / {len(splits['val'])} val patches, "
-        f"{len(splits['test'])} test images")
-    init_label = None
-    if init is not None:
-        init_label, pretrain = f"continued from {Path(init).name}", False
-    elif pretrain:
-        pre = train_model(model, synthetic_pretraining_splits(recipe, seed), out_dir / "pretrain", recipe,
-                          epochs=recipe.real.pretrain_epochs, lr=recipe.train.lr,
-                          train_options={"max_minutes": 0.0}, on_epoch=epoch_log)
-        init = pre.checkpoint
-        log(f"pretrained on synthetic in {pre.seconds:.0f} s")
-    tm = train_model(model, splits, out_dir / "finetune", recipe, init=init, input_scale=recipe.data.scale,
-                     on_epoch=epoch_log, init_label=init_label)
-    log(f"trained on BCCD in {tm.seconds:.0f} s: " + json.dumps(tm.history[-1]))
-    device = next(tm.model.parameters()).device
-    result = evaluate_bccd(tm.segmenter, splits["test"], keep_masks=False)
-    baseline = evaluate_bccd(colour_threshold_baseline, splits["test"], keep_masks=False)
-    metrics = {"model": score_row(tm.label, result), "colour_baseline": score_row("colour baseline", baseline),
-               "model_tta": (score_row(tm.label + " + flip TTA", evaluate_bccd(tm.segmenter, splits["test"],
-                                                                              keep_masks=False, tta=True))
-                             if tta else None),
-               "init": None if init is None else str(init),
-               "data": {"source": str(src), "kind": kind, "train_patches": len(splits["train"]),
-                        "val_patches": len(splits["val"]), "test_images": len(splits["test"]),
-                        "box_coverage": report.get("overall", {}).get("box_coverage")},
-               "recipe": recipe.to_dict(), "model_name": model,
-               "pretrained": pretrain, "seed": seed, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "epochs_run": len(tm.history), "best_epoch": int(np.argmin([h["val_loss"] for h in tm.history]) + 1),
-               "train_seconds": round(tm.seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
-               "torch": str(torch.__version__)}
-    target = out_dir / f"bccd-{model}-w{recipe.model.width}.pt"
-    # the training photographs' background colour: Segmenter(colour="background") brings every
-    # photograph it predicts to it (the test scores above are of the network on the photographs as they are)
-    background = reference_background(s.image for s in splits["train"])
-    metrics["background"] = {"bgr": list(background), "of": f"{len(splits['train'])} training patches"}
-    tm.segmenter.replace(recipe=recipe.to_dict(), metrics=json.loads(json.dumps(metrics, default=float)),
-                         background=background, colour="background").save(
-        target, **({"input_scale": tm.segmenter.input_scale} if tm.segmenter.input_scale != 1.0 else {}))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
-    metrics["checkpoint"] = str(target)
-    metrics["size_mb"] = round(target.stat().st_size / 2 ** 20, 2)
-    log(json.dumps(metrics["model"]))
-    return metrics
 
 
 # ----------------------------------------------------------------------------- recorded runs
