@@ -35,14 +35,13 @@ from ..datasets import prepared_photographs
 from ..domains import allidb2_dir, load_allidb2
 from ..errors import DataError
 from ..io import Sample, load_folder
-from ..scale import auto_scale, red_cell_diameter
 from ..scoring import evaluate_photos, pooled_iou_ci, white_counts
 from ..stain import background_colour, match_background
 from ..synthetic import make_smear
 from .records import load_record, provenance, write_record
 
 __all__ = ["CHOOSE", "REPORT", "SETTINGS", "FIXED", "ADOPTION_RULE", "domain_samples", "score", "domain_table",
-           "judge", "ATTEMPTS", "RETRAIN_PLANS", "COLOUR_SHIFTS", "mirror_factor", "floor_factor", "unsaturated_prepare", "choose_scores", "attempt_record", "table_frame", "plot_table", "attempts_frame", "plot_attempts", "load_attempts", "run_record"]
+           "judge", "ATTEMPTS", "RETRAIN_PLANS", "COLOUR_SHIFTS", "CROP_SIDE", "confident_factor", "crops_unmatched_prepare", "choose_scores", "attempt_record", "table_frame", "plot_table", "attempts_frame", "plot_attempts", "load_attempts", "run_record"]
 
 #: The choosing halves (the adoption rule reads these) and the reporting ones.
 CHOOSE = ("bccd-val", "allidb2-odd")
@@ -57,6 +56,11 @@ SETTINGS = {"default": {}, "scale fixed (trained)": {"scale": "fixed"}, "colour 
 
 ADOPTION_RULE = ("adopt only if the worst choosing domain's pooled white-cell IoU (BCCD validation, ALL-IDB2 odd "
                  "half) rises by >= 1 point and no choosing domain drops by more than 0.3 points")
+
+#: A photograph whose shorter side is below this many px is taken for a crop around a few cells
+#: (single-cell pictures are 120-360 px; microscope camera fields 480 px and more).
+CROP_SIDE = 384
+
 
 #: Held-out synthetic smears of the domain table (seeds 20000, 20001, ...).
 SYNTHETIC_SEEDS, SYNTHETIC_SIZE = 20_000, (480, 640)
@@ -234,15 +238,14 @@ def plot_attempts(attempts: list[dict]):
 #: changes, how the candidate pipeline is built from the incumbent Segmenter). ``retrain-*`` attempts
 #: take the new checkpoint from ``--ckpt`` and keep the incumbent's defaults.
 ATTEMPTS = {
-    "scale-mirror": ("automatic scale: red cells cut by the photograph's border are measured whole (the red-cell "
-                     "mask mirrored past each border) instead of as the pieces they are",
-                     lambda seg: {"seg": seg, "factor": mirror_factor(seg)}),
-    "scale-floor256": ("automatic scale as in scale-mirror, and a photograph is never shrunk below 256 px on its "
-                       "shorter side (a small crop keeps its pixels; never enlarged by this floor)",
-                       lambda seg: {"seg": seg, "factor": floor_factor(seg)}),
-    "colour-unsaturated": ("colour matching left out when the photograph's background is saturated in a channel "
-                           "(>= 250 grey levels: the gain cannot be measured there)",
-                           lambda seg: {"seg": seg, "prepare": unsaturated_prepare(seg)}),
+    "scale-crops-confidence": ("automatic scale: a whole field as shipped (red cells measured); a crop (shorter side "
+                               f"below {CROP_SIDE} px) at the factor among 1, 1.4 and 2 x the trained 0.5 at which the "
+                               "network is most confident (mean largest class probability)",
+                               lambda seg: {"seg": seg, "factor": confident_factor(seg)}),
+    "colour-fields-unsaturated": ("colour matching only on whole fields (shorter side at least "
+                                  f"{CROP_SIDE} px) whose background is not saturated in any channel (>= 250); "
+                                  "crops and saturated photographs keep their own colours",
+                                  lambda seg: {"seg": seg, "prepare": crops_unmatched_prepare(seg)}),
 }
 
 
@@ -314,27 +317,33 @@ def load_attempts() -> list[dict]:
 
 # ----------------------------------------------------------------------------- candidate defaults
 
-def mirror_factor(seg) -> Callable:
-    """Candidate scale rule: :func:`bloodseg.scale.auto_scale` with cut red cells measured whole
-    (``cut_cells="mirror"``), otherwise as shipped."""
+def confident_factor(seg, candidates=(1.0, 1.4, 2.0)) -> Callable:
+    """Candidate scale rule: a whole field as shipped (its red cells measured); a crop (shorter side
+    below :data:`CROP_SIDE`), where red cells are few and cut by the border, at the factor among
+    ``candidates`` x ``input_scale`` at which the network is most confident (the highest mean of its
+    largest class probability over the picture; a tie goes to the smaller factor)."""
     def factor(image):
-        return auto_scale(image, seg.red_cell_diameter, seg.input_scale,
-                          diameter=red_cell_diameter(image, cut_cells="mirror"))
+        if min(image.shape[:2]) >= CROP_SIDE:
+            return seg.scale_for(image)
+        best, best_conf = None, -1.0
+        for c in candidates:
+            f = c * seg.input_scale
+            conf = float(seg.segment(image, False, probabilities=True, input_scale=f, prepared=True)
+                         .probs.max(0).values.mean())
+            if conf > best_conf + 1e-9:
+                best, best_conf = f, conf
+        return best
     return factor
 
 
-def floor_factor(seg, side: int = 256) -> Callable:
-    """Candidate scale rule: :func:`mirror_factor`, but a photograph is never shrunk below ``side``
-    px on its shorter side (and never enlarged by this floor): a small crop keeps its pixels."""
-    mirror = mirror_factor(seg)
-    return lambda image: max(mirror(image), min(1.0, side / min(image.shape[:2])))
-
-
-def unsaturated_prepare(seg, level: float = 250.0) -> Callable:
-    """Candidate colour rule: the shipped background matching, except that a photograph whose
-    background is saturated in a channel (>= ``level``: the true colour is unknown there) is left as it is."""
+def crops_unmatched_prepare(seg, level: float = 250.0) -> Callable:
+    """Candidate colour rule: the background matching only where the background can be read: a whole
+    field (shorter side at least :data:`CROP_SIDE`; on a crop the brightest pixels are as often cell as
+    plasma) whose background is not saturated in any channel (>= ``level`` grey levels); otherwise
+    the photograph's own colours."""
     def prepare(image):
-        if seg.colour == "none" or np.any(background_colour(image) >= level):
+        if (seg.colour == "none" or min(image.shape[:2]) < CROP_SIDE
+                or np.any(background_colour(image) >= level)):
             return image
         return match_background(image, seg.background)
     return prepare
