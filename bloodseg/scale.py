@@ -31,7 +31,19 @@ from .errors import BloodsegError
 from .preprocess import _check_bgr
 from .colour import stain_masks
 
-__all__ = ["red_cell_diameter", "auto_scale", "SHIPPED_RED_DIAMETER", "RATIO"]
+__all__ = ["red_cell_diameter", "auto_scale", "is_crop", "CROP_SIDE", "CROP_FACTORS", "SHIPPED_RED_DIAMETER", "RATIO"]
+
+#: A photograph whose shorter side is below this many px is a crop around a few cells (single-cell
+#: pictures are 120-360 px; a microscope camera's field is 480 px or more): too few of its red cells
+#: are whole to measure them, and :meth:`bloodseg.Segmenter.scale_for` lets the network's confidence
+#: choose among :data:`CROP_FACTORS` x its trained scale instead.
+CROP_SIDE = 384
+CROP_FACTORS = (1.0, 1.4, 2.0)
+
+
+def is_crop(image_bgr: np.ndarray) -> bool:
+    """Whether a photograph is a crop (shorter side below :data:`CROP_SIDE` px), not a whole field."""
+    return min(image_bgr.shape[:2]) < CROP_SIDE
 
 #: Typical red-cell diameter (network pixels) of the shipped checkpoint's training photographs: the
 #: median :func:`red_cell_diameter` of the 208 BCCD training photographs (640x480; 77.97 px, None

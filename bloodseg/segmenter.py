@@ -37,7 +37,7 @@ from .distributed import default_device
 from .errors import BloodsegError, CheckpointError
 from .infer import predict_image, predict_probabilities
 from .postprocess import check_postprocess, clean_white_cells, min_area_at
-from .scale import auto_scale
+from .scale import CROP_FACTORS, auto_scale, is_crop
 from .stain import check_background, match_background
 
 #: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
@@ -71,10 +71,10 @@ class Segmenter:
       read from the network when a Segmenter is first built), not on the network;
     * ``red_cell_diameter`` — the typical red-cell diameter, in network pixels, of the photographs
       it was trained on (:mod:`bloodseg.scale`), or None when unknown;
-    * ``scale`` — ``"fixed"``: every photograph is resized by ``input_scale``; ``"auto"``: each
-      photograph by :func:`bloodseg.scale.auto_scale` (its red cells measured, and brought to
+    * ``scale`` — ``"fixed"``: every photograph is resized by ``input_scale``; ``"auto"``: a whole
+      field by :func:`bloodseg.scale.auto_scale` (its red cells measured, and brought to
       ``red_cell_diameter``; ``input_scale`` when they cannot be measured or are within 20% of
-      it). Default: ``"auto"`` when ``red_cell_diameter`` is known, else ``"fixed"``.
+      it), a crop (:func:`bloodseg.scale.is_crop`) at the factor the network is most confident at. Default: ``"auto"`` when ``red_cell_diameter`` is known, else ``"fixed"``.
       :meth:`scale_for` gives the factor used for one photograph.
     * ``background`` — the typical background colour (B, G, R) of the training photographs, or None;
     * ``colour`` — ``"background"``: each photograph's background is first brought to ``background``
@@ -215,10 +215,31 @@ class Segmenter:
 
     def scale_for(self, image_bgr: np.ndarray) -> float:
         """The factor ``image_bgr`` is resized by before the network sees it: ``input_scale``, or
-        with ``scale="auto"`` :func:`bloodseg.scale.auto_scale` of this photograph."""
+        with ``scale="auto"``: on a whole field :func:`bloodseg.scale.auto_scale` (its red cells
+        measured), on a crop (:func:`bloodseg.scale.is_crop`) the factor of :meth:`_crop_scale`."""
         if self.scale != "auto":
             return self.input_scale
-        return auto_scale(image_bgr, self.red_cell_diameter, self.input_scale)
+        crop = self._crop_scale(image_bgr, self.tta)
+        return crop[0] if crop else auto_scale(image_bgr, self.red_cell_diameter, self.input_scale)
+
+    def _crop_scale(self, image_bgr: np.ndarray, tta: bool):
+        """On a crop, ``(factor, probabilities)``: the factor among :data:`bloodseg.scale.CROP_FACTORS`
+        x ``input_scale`` at which the network is most confident (the highest mean, over the picture,
+        of its largest class probability; a tie goes to the smaller factor), with its probabilities.
+        None on a whole field. A crop has too few whole red cells to measure: the ones cut by its
+        border look small (adopted by the rule of book/results/domains/attempts/scale-crops-confidence.json)."""
+        if not is_crop(image_bgr):
+            return None
+        self._use_solver()
+        best = None
+        for c in CROP_FACTORS:
+            f = c * self.input_scale
+            probs = predict_probabilities(self.model, image_bgr, tile=self.tile, overlap=self.overlap,
+                                          clahe=self.clahe, tta=tta, input_scale=f)
+            conf = float(probs.max(0).values.mean())
+            if best is None or conf > best[2] + 1e-9:
+                best = (f, probs, conf)
+        return best[0], best[1]
 
     def segment(self, image_bgr: np.ndarray, postprocess=None, tta: bool | None = None, *,
                 probabilities: bool = False, raw: bool = False, input_scale: float | None = None,
@@ -236,16 +257,22 @@ class Segmenter:
         probabilities, with ``raw`` the argmax before the cleanup (one pass of the network for both).
         """
         image_bgr = image_bgr if prepared else self.prepare(image_bgr)
-        factor = float(self.scale_for(image_bgr) if input_scale is None else input_scale)
         spec = self._postprocess(postprocess)
         tta = self.tta if tta is None else tta
+        crop = self._crop_scale(image_bgr, tta) if input_scale is None and self.scale == "auto" else None
+        probs = None
+        if crop:
+            factor, probs = crop
+        else:
+            factor = float(self.scale_for(image_bgr) if input_scale is None else input_scale)
         self._use_solver()
-        if not (probabilities or raw):
+        if probs is None and not (probabilities or raw):
             mask = predict_image(self.model, image_bgr, tile=self.tile, overlap=self.overlap, clahe=self.clahe,
                                  tta=tta, input_scale=factor, postprocess=spec)
             return Prediction(mask, factor)
-        probs = predict_probabilities(self.model, image_bgr, tile=self.tile, overlap=self.overlap,
-                                      clahe=self.clahe, tta=tta, input_scale=factor)
+        if probs is None:
+            probs = predict_probabilities(self.model, image_bgr, tile=self.tile, overlap=self.overlap,
+                                          clahe=self.clahe, tta=tta, input_scale=factor)
         argmax = probs.argmax(0).numpy().astype(np.uint8)
         mask = (clean_white_cells(argmax, probs, min_area_at(spec, factor), spec["fill_white_holes"])
                 if spec else argmax)

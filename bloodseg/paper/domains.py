@@ -35,6 +35,7 @@ from ..datasets import prepared_photographs
 from ..domains import allidb2_dir, load_allidb2
 from ..errors import DataError
 from ..io import Sample, load_folder
+from ..scale import CROP_SIDE
 from ..scoring import evaluate_photos, pooled_iou_ci, white_counts
 from ..stain import background_colour, match_background
 from ..synthetic import make_smear
@@ -56,11 +57,6 @@ SETTINGS = {"default": {}, "scale fixed (trained)": {"scale": "fixed"}, "colour 
 
 ADOPTION_RULE = ("adopt only if the worst choosing domain's pooled white-cell IoU (BCCD validation, ALL-IDB2 odd "
                  "half) rises by >= 1 point and no choosing domain drops by more than 0.3 points")
-
-#: A photograph whose shorter side is below this many px is taken for a crop around a few cells
-#: (single-cell pictures are 120-360 px; microscope camera fields 480 px and more).
-CROP_SIDE = 384
-
 
 #: Held-out synthetic smears of the domain table (seeds 20000, 20001, ...).
 SYNTHETIC_SEEDS, SYNTHETIC_SIZE = 20_000, (480, 640)
