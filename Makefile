@@ -4,10 +4,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The "Try it on your own smear" page runs the shipped network in the reader's browser with these
+# two npm packages (exact versions; the tarballs' sha256 are checked). Only the files the page loads
+# are kept, in $(TRYIT_VENDOR) (git-ignored), the two large ones gzipped: the page unpacks them itself.
+TRYIT_ORT_VERSION := 1.23.2
+TRYIT_ORT_SHA := 0b8707d7efab9a2bea63564d66cad79e897cfd0bd627e5ae000488ffc1c45c7d
+TRYIT_CV_VERSION := 4.10.0-release.1
+TRYIT_CV_SHA := 00ef9ced104d7ad89063513691b2d37b8e5f8075ff30f360d271745a580fed7e
+TRYIT_VENDOR := $(VENV)/tryit_vendor
+TRYIT_PINS := $(TRYIT_VENDOR)/.pins-ort-$(TRYIT_ORT_VERSION)-cv-$(TRYIT_CV_VERSION)
 
 .PHONY: setup book test test-fast notebooks clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(TRYIT_PINS)
 
 # The venv is rebuilt when the pins change. On a CUDA host, install the CUDA build of the
 # pinned torch into .venv first (README) and this step keeps it.
@@ -26,17 +35,31 @@ $(STAMP): requirements.txt pyproject.toml
 	  echo "note: MathJax not fetched (no npm?); the book will load it from its CDN"
 	touch $(STAMP)
 
+# onnxruntime-web (WebAssembly build, MIT) and OpenCV.js (Apache-2.0) for book/try_it.md, fetched with
+# `npm pack`; without npm (or offline) the page builds and says that its runtime is missing.
+$(TRYIT_PINS): | $(STAMP)
+	-@command -v npm >/dev/null || { echo "note: npm not found: the 'Try it' page will have no runtime (install npm, then make setup)"; exit 0; }; \
+	  tmp=$$(mktemp -d) && cd $$tmp && npm pack -q onnxruntime-web@$(TRYIT_ORT_VERSION) @techstark/opencv-js@$(TRYIT_CV_VERSION) >/dev/null 2>&1 && \
+	  echo "$(TRYIT_ORT_SHA)  onnxruntime-web-$(TRYIT_ORT_VERSION).tgz" | sha256sum -c --quiet && echo "$(TRYIT_CV_SHA)  techstark-opencv-js-$(TRYIT_CV_VERSION).tgz" | sha256sum -c --quiet && \
+	  mkdir ort cv && tar -xzf onnxruntime-web-$(TRYIT_ORT_VERSION).tgz -C ort && tar -xzf techstark-opencv-js-$(TRYIT_CV_VERSION).tgz -C cv && \
+	  mkdir -p vendor && cp ort/package/dist/ort.wasm.min.js ort/package/dist/ort-wasm-simd-threaded.mjs vendor/ && \
+	  gzip -9nc ort/package/dist/ort-wasm-simd-threaded.wasm > vendor/ort-wasm-simd-threaded.wasm.gz && \
+	  gzip -9nc cv/package/dist/opencv.js > vendor/opencv.js.gz && \
+	  printf 'onnxruntime-web $(TRYIT_ORT_VERSION) (npm), MIT License: https://github.com/microsoft/onnxruntime/blob/main/LICENSE\nOpenCV.js: @techstark/opencv-js $(TRYIT_CV_VERSION) (npm), a build of OpenCV, Apache License 2.0: https://github.com/opencv/opencv/blob/4.x/LICENSE\n' > vendor/LICENSES.txt && \
+	  cd - >/dev/null && rm -rf $(TRYIT_VENDOR) && mv $$tmp/vendor $(TRYIT_VENDOR) && rm -rf $$tmp && touch $@ || \
+	  { rm -rf "$$tmp"; echo "note: onnxruntime-web / OpenCV.js not fetched (npm offline?): the 'Try it' page will say its runtime is missing"; }
+
 # Executes every chapter (profile: BLOODSEG_PROFILE, default quick on CPU, full on CUDA)
 # and builds the HTML into _build/html. Warnings are errors.
 # Chapter 8 uses the full BCCD named by $BLOODSEG_BCCD (`bloodseg download-bccd --out DIR` fetches it);
 # a project checkout with ../shared/data/bccd beside it uses that copy; otherwise the 16-photo sample.
-book: $(STAMP)
+book: $(STAMP) $(TRYIT_PINS)
 	BLOODSEG_BCCD=$${BLOODSEG_BCCD:-$(wildcard $(abspath ../shared/data/bccd))} \
 	  $(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 	@echo "open _build/html/index.html"
 
 # Unit tests, then the notebooks re-executed in the smoke profile under nbval.
-test: $(STAMP)
+test: $(STAMP) $(TRYIT_PINS)
 	BLOODSEG_PROFILE=smoke $(PY) -m pytest tests -q
 	BLOODSEG_PROFILE=smoke $(PY) -m pytest -q --nbval-lax -p no:cacheprovider book
 

@@ -1,0 +1,90 @@
+// One photograph, from pixels to mask and counts: the path of bloodseg.Segmenter.segment() with
+// the settings of the shipped checkpoint (what `bloodseg predict` and `bloodseg count` do without
+// options), step by step:
+//
+//   1. Segmenter.prepare     -> colour_rule.js  matchBackground  (bloodseg.stain.match_background)
+//   2. Segmenter.scale_for   -> scale_rule.js   autoScale        (bloodseg.scale.auto_scale)
+//   3. predict_probabilities -> network.js      predictProbabilities (bloodseg.infer)
+//   4. argmax, then clean_white_cells at min_area_at(spec, factor) -> count.js (bloodseg.postprocess)
+//   5. count_cells and instances -> count.js (bloodseg.count, bloodseg.instances)
+//
+// The settings (settings.json) are the ONNX file's own metadata, written when the book was built.
+
+import { matchBackground } from './colour_rule.js';
+import { autoScale } from './scale_rule.js';
+import { predictProbabilities } from './network.js';
+import { cleanWhiteCells, countCells, instances, minAreaAt } from './count.js';
+
+const now = () => performance.now();
+
+/** Segment and count one photograph. `rt`: {cv, ort, session, settings}; `bgr`: an OpenCV.js
+ *  Mat (8-bit BGR, not changed). `progress(text)`: called between the steps.
+ *  Returns the mask (Uint8Array, 0/1/2), the class probabilities, the counts, the per-cell rows,
+ *  the factor and what the colour and scale rules measured, and the time of each step (ms). */
+export async function segmentPhotograph(rt, bgr, progress = async () => {}) {
+  const { cv, ort, session, settings } = rt;
+  const seg = settings.segmenter;
+  const width = bgr.cols, height = bgr.rows, N = width * height;
+  const ms = {};
+  if (seg.tta) throw new Error('this network asks for test-time flips (tta), which the page does not do');
+
+  // 1. the colour rule (Segmenter.prepare)
+  let t = now();
+  await progress('colour: matching the background');
+  let colour = { image: bgr.clone(), background: null, gains: null };
+  if (seg.colour === 'background') colour = matchBackground(cv, bgr, seg.background, settings.rules.colour);
+  const prepared = colour.image;
+  ms.colour = now() - t;
+
+  // 2. the scale rule (Segmenter.scale_for)
+  t = now();
+  await progress('scale: measuring the red cells');
+  let scale = { factor: seg.input_scale, diameter: null };
+  if (seg.scale === 'auto') {
+    scale = autoScale(cv, prepared, seg.red_cell_diameter, seg.input_scale, settings.rules.scale, settings.rules.clahe);
+  }
+  const factor = scale.factor;
+  ms.scale = now() - t;
+
+  // 3. the network (bloodseg.infer.predict_probabilities at that factor)
+  t = now();
+  await progress('network: running');
+  let net;
+  try {
+    net = await predictProbabilities(cv, ort, session, prepared, factor, settings,
+      (done, total) => progress(`network: tile ${done} of ${total}`));
+  } finally {
+    prepared.delete();
+  }
+  const probs = net.probs;
+  ms.network = now() - t;
+
+  // 4. argmax over the classes (the first on a tie, as torch), then the white-cell cleanup
+  t = now();
+  await progress('cleanup');
+  const C = seg.class_names.length;
+  const raw = new Uint8Array(N);
+  for (let i = 0; i < N; i++) {
+    let best = 0, bestP = probs[i];
+    for (let c = 1; c < C; c++) if (probs[c * N + i] > bestP) { bestP = probs[c * N + i]; best = c; }
+    raw[i] = best;
+  }
+  const spec = seg.postprocess;
+  const mask = spec ? cleanWhiteCells(raw, probs, width, height, minAreaAt(spec, factor), spec.fill_white_holes) : raw;
+  ms.cleanup = now() - t;
+
+  // 5. counting (bloodseg.count.count_cells) and one row per cell (bloodseg.instances.instances)
+  t = now();
+  await progress('counting');
+  const counted = countCells(cv, mask, width, height);
+  const cells = instances(counted, probs, width, height);
+  ms.count = now() - t;
+  ms.total = ms.colour + ms.scale + ms.network + ms.cleanup + ms.count;
+
+  const { white_labels: _w, red_labels: _r, ...counts } = counted;
+  return {
+    mask, probs, width, height, factor, counts, rows: cells.rows, ms,
+    diameter: scale.diameter, background: colour.background, gains: colour.gains,
+    networkWidth: net.networkWidth, networkHeight: net.networkHeight, tiles: net.tiles,
+  };
+}

@@ -1,0 +1,250 @@
+"""The "Try it on your own smear" page (book/try_it.md) in headless Chromium, as a reader uses it.
+
+The page runs the shipped Segmenter in the browser (ONNX network in onnxruntime-web, OpenCV.js and
+the page's own JavaScript for the rest). Here it is served from a temporary folder laid out like the
+built book (:func:`bloodseg.paper.tryit.site`: the page's markup from book/try_it.md, its scripts,
+and the files the book build writes: the network exported now from the shipped checkpoint, the
+settings, the samples, the npm runtime), and checked against Python:
+
+* parity: every vendored BCCD photograph gives the mask of ``Segmenter.predict`` on >= 99.5 % of
+  the pixels, the same white-cell count and the same scale factor (the per-photo table is printed);
+* a photograph larger than a tile (tiling), the downloads (mask PNG, cells CSV) against bloodseg's;
+* bad input: not an image, a 16-bit TIFF, a 20-megapixel photograph, no WebAssembly, a page opened
+  from a file: each gives a clear message, never a blank page.
+
+Skips (saying why) when Chromium or the npm runtime (``make setup``) is missing.
+"""
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import time
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bloodseg import Segmenter, shipped_checkpoint
+from bloodseg.bccd import bccd_sample_dir
+from bloodseg.count import count_cells, write_counts_csv
+from bloodseg.instances import INSTANCE_COLUMNS, instances
+from bloodseg.io import read_image
+from bloodseg.paper import tryit
+
+PHOTOS = sorted((bccd_sample_dir() / "images").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    missing = [f for f in tryit.VENDOR_FILES.values() if not (tryit.VENDOR_DIR / f).is_file()]
+    if missing:
+        pytest.skip(f"the page's runtime is missing from {tryit.VENDOR_DIR} ({', '.join(missing)}): "
+                    "`make setup` fetches onnxruntime-web and OpenCV.js with npm")
+    driver = tryit.chromium()
+    if driver is None:
+        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install chromium "
+                    "chromium-driver; .ci/run installs them when it runs as root)")
+    root = tmp_path_factory.mktemp("tryit-site")
+    try:
+        settings = tryit.site(root)
+        with tryit.serve(root) as base:
+            driver.get(base + "book/try_it.html")
+            state = tryit.wait_ready(driver)
+            assert state == "ready", f"the page did not get ready ({state}): {_message(driver)} {_status(driver)}"
+            yield SimpleNamespace(driver=driver, base=base, root=root, settings=settings,
+                                  files=tmp_path_factory.mktemp("tryit-files"))
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return Segmenter.load(shipped_checkpoint(), device="cpu")
+
+
+def _status(driver) -> str:
+    return driver.execute_script("return (document.querySelector('.tryit-status') || {}).textContent || ''")
+
+
+def _message(driver) -> str:
+    """The visible message box's text ('' when none is shown)."""
+    return driver.execute_script(
+        "const m = document.querySelector('.tryit-message');"
+        "return m && !m.hidden && m.checkVisibility() ? m.textContent : '';")
+
+
+def _upload(p, path, timeout: float = 300) -> dict:
+    """Give the page a file through its file picker, as a reader does; wait for the outcome."""
+    d = p.driver
+    before = d.execute_script("return window.bloodsegTryIt.attempts")
+    d.find_element("css selector", "#tryit-file").send_keys(str(path))
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if d.execute_script("const a = window.bloodsegTryIt; return !a.busy && a.attempts > arguments[0];", before):
+            break
+        time.sleep(0.2)
+    return d.execute_script("const l = window.bloodsegTryIt.last; return {ok: l.ok, message: l.message, "
+                            "refusal: l.refusal, notes: l.notes, width: l.width, height: l.height, "
+                            "tiles: l.tiles, counts: l.counts, factor: l.factor};")
+
+
+def _page_mask(p) -> np.ndarray:
+    b64 = p.driver.execute_script(
+        "const m = window.bloodsegTryIt.last.mask; let s = '';"
+        "for (let i = 0; i < m.length; i += 0x8000) s += String.fromCharCode.apply(null, m.subarray(i, i + 0x8000));"
+        "return btoa(s);")
+    last = p.driver.execute_script("return [window.bloodsegTryIt.last.height, window.bloodsegTryIt.last.width]")
+    return np.frombuffer(base64.b64decode(b64), np.uint8).reshape(last)
+
+
+def test_the_page_is_ready_with_its_samples_and_within_its_weight(page):
+    d = page.driver
+    assert "Ready" in _status(d)
+    assert _message(d) == ""
+    n = d.execute_script("return document.querySelectorAll('.tryit-sample img').length")
+    assert n == len(PHOTOS) == 16
+    assert page.settings["onnx"]["solver"] == "euler-1"
+    weight = page.settings["weight"]["total_bytes"]
+    print(f"\npage weight: {weight / 1e6:.1f} MB in _static/tryit/ (target <= 30 MB)")
+    assert weight <= 30e6
+
+
+def test_parity_with_segmenter_predict_on_every_vendored_photograph(page, segmenter):
+    """The page, fed each vendored BCCD photograph, against Segmenter.predict (the Python side runs
+    on one torch thread in a worker thread at the same time as the browser)."""
+    def python(path):
+        torch.set_num_threads(1)
+        p = segmenter.segment(read_image(path))
+        return p, count_cells(p.mask)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        refs = [pool.submit(python, f) for f in PHOTOS]
+        pages = [tryit.run_in_page(page.driver, page.base + "_static/tryit/samples/" + f.name) for f in PHOTOS]
+        refs = [r.result() for r in refs]
+    print("\nphoto                 agreement   white page/python   red page/python   factor page/python   page ms")
+    bad = []
+    for f, got, (ref, counts) in zip(PHOTOS, pages, refs):
+        assert got["ok"], f"{f.name}: {got}"
+        agree = tryit.agreement(got["mask"], ref.mask)
+        print(f"{f.name:22s} {100 * agree:8.3f} %   {got['counts']['n_white']:5d} / {counts['n_white']:<5d}"
+              f"       {got['counts']['n_red']:5d} / {counts['n_red']:<5d}     {got['factor']:.4g} / {ref.factor:.4g}"
+              f"        {got['ms']['total']:7.0f}")
+        if agree < 0.995 or got["counts"]["n_white"] != counts["n_white"] or abs(got["factor"] - ref.factor) > 1e-9:
+            bad.append(f.name)
+    assert not bad, (f"the page differs from Segmenter.predict on {bad}: if bloodseg's colour or scale rule "
+                     "changed, update book/_static/tryit/colour_rule.js / scale_rule.js to match")
+
+
+def test_a_photograph_larger_than_a_tile_is_tiled_like_python(page, segmenter):
+    """Two photographs side by side (1280x480): at the trained scale 0.5 the network sees 640x240,
+    wider than one 512-pixel tile, so the page blends overlapping tiles as bloodseg.infer does."""
+    wide = np.hstack([read_image(f) for f in PHOTOS[:2]])
+    path = page.files / "two-photographs.png"
+    cv2.imwrite(str(path), wide)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        python = pool.submit(lambda: (torch.set_num_threads(1), segmenter.segment(wide))[1])
+        got = _upload(page, path)
+        ref = python.result()
+    assert got["ok"], got
+    assert got["tiles"] > 1 and got["factor"] == ref.factor
+    agree = tryit.agreement(_page_mask(page), ref.mask)
+    white = count_cells(ref.mask)["n_white"]
+    print(f"\n1280x480: {got['tiles']} tiles, agreement {100 * agree:.3f} %, white {got['counts']['n_white']} / {white}")
+    assert agree >= 0.995
+    assert got["counts"]["n_white"] == white
+
+
+def test_the_downloads_are_the_files_bloodseg_writes(page, tmp_path):
+    """The mask PNG decodes (cv2) to the page's mask, one grey channel of 0/1/2; the cells CSV has
+    bloodseg count --instances's columns and, mean probability aside, its rows for that mask; the
+    counts CSV is what bloodseg count --out writes for that mask."""
+    d = page.driver
+    tryit.run_in_page(d, page.base + "_static/tryit/samples/" + PHOTOS[1].name)
+    mask = _page_mask(page)
+    png = d.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const l = window.bloodsegTryIt.last;
+        import(new URL('../_static/tryit/png.js', location.href).href)
+          .then((m) => m.encodeGreyPng(l.mask, l.width, l.height)).then((b) => b.arrayBuffer())
+          .then((buf) => { const u = new Uint8Array(buf); let s = '';
+                           for (let i = 0; i < u.length; i += 0x8000) s += String.fromCharCode.apply(null, u.subarray(i, i + 0x8000));
+                           done(btoa(s)); });""")
+    decoded = cv2.imdecode(np.frombuffer(base64.b64decode(png), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded.dtype == np.uint8 and decoded.ndim == 2
+    assert np.array_equal(decoded, mask)
+    csv_text = d.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        import(new URL('../_static/tryit/count.js', location.href).href)
+          .then((m) => done(m.cellsCsv(window.bloodsegTryIt.last.rows)));""")
+    lines = csv_text.strip().split("\n")
+    assert lines[0].split(",") == list(INSTANCE_COLUMNS)
+    _, rows = instances(mask)
+    assert len(lines) - 1 == len(rows)
+    skip = INSTANCE_COLUMNS.index("mean_probability")
+    for line, row in zip(lines[1:], rows):
+        ours = line.split(",")
+        theirs = [str(row.get(c, "")) for c in INSTANCE_COLUMNS]
+        assert ours[:skip] + ours[skip + 1:] == theirs[:skip] + theirs[skip + 1:]
+        assert 0 < float(ours[skip]) <= 1
+    counts_csv = d.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const l = window.bloodsegTryIt.last;
+        import(new URL('../_static/tryit/count.js', location.href).href)
+          .then((m) => done(m.countsCsv(l.name, l.counts)));""")
+    written = write_counts_csv([{"image": PHOTOS[1].name, **count_cells(mask)}], tmp_path / "counts.csv")
+    assert counts_csv == written.read_text().replace("\r\n", "\n")
+
+
+def test_not_an_image_is_refused_with_a_message(page):
+    path = page.files / "notes.jpg"
+    path.write_text("this is a shopping list, not a photograph\n")
+    got = _upload(page, path)
+    assert not got["ok"] and got["refusal"]
+    text = _message(page.driver)
+    assert "not an image" in text and "JPEG or PNG" in text, text
+    assert page.driver.execute_script("return document.querySelector('.tryit-result').hidden")
+
+
+def test_a_16_bit_tiff_is_refused_with_what_to_do(page):
+    path = page.files / "smear16.tif"
+    cv2.imwrite(str(path), read_image(PHOTOS[0]).astype(np.uint16) * 257)
+    got = _upload(page, path)
+    assert not got["ok"] and got["refusal"]
+    text = _message(page.driver)
+    assert "TIFF" in text and "8-bit PNG or JPEG" in text, text
+
+
+def test_a_20_megapixel_photograph_is_shrunk_with_a_message(page):
+    path = page.files / "big.jpg"
+    big = cv2.resize(read_image(PHOTOS[2]), (5477, 3652), interpolation=cv2.INTER_LINEAR)   # 20.0 MP
+    cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    got = _upload(page, path)
+    assert got["ok"], got
+    limit = page.settings["limits"]["max_pixels"]
+    assert got["width"] * got["height"] <= limit
+    text = _message(page.driver)
+    assert "5477×3652" in text and "shrank" in text, text
+    assert got["counts"]["n_white"] >= 1
+    print(f"\n20 MP photograph: shrunk to {got['width']}x{got['height']}, factor {got['factor']:.3f}, "
+          f"{got['counts']['n_white']} white and {got['counts']['n_red']} red cells")
+
+
+def test_a_browser_without_webassembly_gets_a_message(page):
+    d = page.driver
+    script = d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": "delete window.WebAssembly;"})
+    try:
+        d.get(page.base + "book/try_it.html")
+        assert tryit.wait_ready(d, 30) == "unavailable"
+        assert "no WebAssembly" in _message(d)
+    finally:
+        d.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+
+
+def test_a_page_opened_from_a_file_says_to_serve_it(page):
+    d = page.driver
+    d.get((page.root / "book" / "try_it.html").as_uri())
+    assert tryit.wait_ready(d, 30) == "unavailable"
+    text = _message(d)
+    assert "web server" in text and "http.server" in text, text
