@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import BloodsegError, SolverError
-from .measure import sync
+from .measure import interleaved_times
 from .metrics import ConfusionMatrix
 from .ode import ADAPTIVE_METHODS, FIXED_GRID_METHODS, ode_blocks
 
@@ -144,39 +144,31 @@ def white_iou_score(preds: Sequence[np.ndarray], samples) -> float:
 
 
 def _run(seg, samples, postprocess, warmup: int) -> tuple[list, float, dict]:
-    """Masks of every sample, seconds per image (after ``warmup`` untimed images), mean NFE per block."""
+    """Masks of every sample, seconds per image (after ``warmup`` untimed images), mean NFE per block
+    (one round of :func:`~bloodseg.measure.interleaved_times`)."""
     device = next(seg.model.parameters()).device
-    for s in samples[:warmup]:
-        seg.predict(s.image, postprocess=postprocess)
-    preds, nfe, elapsed = [], {}, 0.0
-    for s in samples:
-        sync(device)
-        t0 = time.perf_counter()
-        preds.append(seg.predict(s.image, postprocess=postprocess))
-        sync(device)
-        elapsed += time.perf_counter() - t0
+    preds, nfe = [], {}
+
+    def count(label, r, s):
         for b in ode_blocks(seg.model):   # the last forward of this image (one, unless it was tiled)
             key = b.name or "ODE-block"
             nfe[key] = nfe.get(key, 0) + int(b.nfe_forward)
+
+    predict = lambda s: preds.append(seg.predict(s.image, postprocess=postprocess))   # noqa: E731
+    elapsed = interleaved_times({"run": predict}, samples, 1, warmup, device=device, after=count)["run"][0]
+    del preds[:min(warmup, len(samples))]      # the warm-up's masks
     n = max(len(samples), 1)
     return preds, elapsed / n, {k: v / n for k, v in nfe.items()}
 
 
 def _interleaved_times(segs: dict, samples, postprocess) -> dict:
     """Seconds per image of each Segmenter in ``segs`` ({label: seg}), timed round-robin image by
-    image (the order rotating), so that load from other processes falls on all of them alike."""
-    labels = list(segs)
+    image (:func:`~bloodseg.measure.interleaved_times`, one image a round, the order rotating), so
+    that load from other processes falls on all of them alike."""
     device = next(next(iter(segs.values())).model.parameters()).device
-    total = dict.fromkeys(labels, 0.0)
-    for i, s in enumerate(samples):
-        k = i % len(labels)
-        for label in labels[k:] + labels[:k]:
-            sync(device)
-            t0 = time.perf_counter()
-            segs[label].predict(s.image, postprocess=postprocess)
-            sync(device)
-            total[label] += time.perf_counter() - t0
-    return {label: t / max(len(samples), 1) for label, t in total.items()}
+    fns = {label: (lambda s, seg=seg: seg.predict(s.image, postprocess=postprocess)) for label, seg in segs.items()}
+    times = interleaved_times(fns, lambda r: [samples[r]], len(samples), device=device)
+    return {label: sum(t) / max(len(samples), 1) for label, t in times.items()}
 
 
 def calibrate(segmenter, samples, max_drop_pp: float = 0.3, score: Callable | None = None,

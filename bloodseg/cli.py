@@ -1,4 +1,4 @@
-"""The ``bloodseg`` command line: the parser, and the one place where flags become a recipe.
+"""The ``bloodseg`` command line: the parser (flags become a recipe in :mod:`bloodseg.flags`).
 
 What each command does is :mod:`bloodseg.commands` (the library's) or :mod:`bloodseg.paper.commands`
 (the paper's experiments), each a thin layer over a library function; ``main`` dispatches to it.
@@ -17,91 +17,27 @@ import torch
 
 from . import __version__, commands
 from .errors import BloodsegError
+from .flags import BCCD_FLAGS, bccd_recipe_from_args, recipe_from_args
 from .models import MODEL_NAMES
-from .ode import check_regularise
-from .recipe import REAL_PRESETS, Recipe, get_recipe
+from .recipe import REAL_PRESETS
+from .registry import variant, variant_names
 
 
-def _ode_reg_arg(text: str) -> dict:
-    """``kinetic=0.01,jacobian=0.01`` (either term optional) as ``{"kinetic": 0.01, "jacobian": 0.01}``."""
-    weights = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, eq, value = item.partition("=")
-        try:
-            weights[key.strip().lower()] = float(value) if eq else None
-        except ValueError:
-            weights[key.strip().lower()] = value.strip()
-    if not weights or any(not isinstance(w, float) for w in weights.values()):
-        raise BloodsegError(f"--ode-reg {text!r}: give NAME=WEIGHT pairs separated by commas, e.g. "
-                            "kinetic=0.01,jacobian=0.01 (weights are numbers >= 0)")
-    return check_regularise(weights)
+def _model_arg(text: str) -> str:
+    """``--model``: a label of :mod:`bloodseg.registry` (checked; its canonical spelling)."""
+    try:
+        return variant(text).label
+    except BloodsegError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def recipe_from_args(args) -> Recipe:
-    """The one place where ``train``'s flags become a :class:`~bloodseg.recipe.Recipe`: the
-    profile's preset with every flag the user gave applied (0 or a negative number is kept, not
-    replaced by the profile's value, so that validation reports it)."""
-    base = get_recipe(getattr(args, "profile", None))
-    if args.width is not None and args.width < 1:
-        raise BloodsegError(f"--width must be a positive number of channels; got {args.width}")
-    options = {}
-    if args.rtol is not None:
-        options["rtol"] = args.rtol
-    if args.adjoint:
-        options["adjoint"] = True
-    given = {"model.width": args.width, "train.epochs": args.epochs, "train.batch_size": args.batch_size,
-             "train.lr": args.lr}
-    r = base.replace(**{k: v for k, v in given.items() if v is not None}, **{
-        "model.name": args.model, "model.options": options, "train.optimizer": args.optimizer,
-        "train.weight_decay": args.weight_decay, "train.seed": args.seed,
-        "train.checkpoint_every": args.checkpoint_every, "train.bf16": args.bf16,
-        "train.scale_lr": args.scale_lr, "train.sync_bn": not args.no_sync_bn,
-        "train.schedule": args.schedule, "train.max_minutes": args.max_minutes,
-        "train.ode_reg": _ode_reg_arg(args.ode_reg) if args.ode_reg else {}})
-    r.train.validate()  # before any data is built: a bad number fails at once
-    return r
-
-
-#: ``train-bccd``'s flags that change a field of the ``ship`` recipe (:data:`~bloodseg.recipe.REAL_PRESETS`):
-#: flag -> (recipe field, type, help; ``{}`` is the ship recipe's value, the default).
-BCCD_FLAGS = {
-    "--width": ("model.width", int, "first-level channels (default: {})"),
-    "--scale": ("data.scale", float, "resize factor of the photographs (default: {})"),
-    "--patch": ("data.patch", int, "training patch side in px (default: {})"),
-    "--crops": ("data.crops_per_image", int, "patches per training photograph (default: {})"),
-    "--augment": ("data.augment", int, "flip/rotate/colour copies per patch (default: {})"),
-    "--val-images": ("real.val_images", int, "validation photographs; 0 = all (default: {})"),
-    "--stain": ("data.stain", float, "stain/camera shifts of the training patches, strength 0-1 "
-                                     "(bloodseg.stain.random_stain; default: {}, none)"),
-    "--epochs": ("train.epochs", int, "epochs on BCCD (default: {})"),
-    "--batch-size": ("train.batch_size", int, "(default: {})"),
-    "--lr": ("train.lr", float, "learning rate of the synthetic pretraining (default: {})"),
-    "--finetune-lr": ("real.finetune_lr", float, "learning rate on BCCD (default: {})"),
-    "--pretrain-smears": ("real.pretrain_smears", int, "synthetic smears to pretrain on (default: {})"),
-    "--pretrain-epochs": ("real.pretrain_epochs", int, "(default: {})"),
-}
-
-
-def bccd_recipe_from_args(args) -> Recipe:
-    """The one place where ``train-bccd``'s flags become a :class:`~bloodseg.recipe.Recipe` (named
-    ``cli``): the ``ship`` recipe with the model, seed, schedule, time limit and every
-    :data:`BCCD_FLAGS` flag the user gave (numbers > 0; --stain 0-1; --val-images 0 = all)."""
-    changes = {"model.name": args.model, "train.seed": args.seed, "train.schedule": args.schedule,
-               "train.max_minutes": args.max_minutes}
-    for flag, (field, _, _) in BCCD_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is None:
-            continue
-        if flag == "--stain" and not 0 <= value <= 1:
-            raise BloodsegError(f"--stain must be a strength from 0 (off) to 1; got {value}")
-        if flag == "--val-images" and value < 0:
-            raise BloodsegError(f"--val-images must be 0 (all) or positive; got {value}")
-        if flag not in ("--stain", "--val-images") and not value > 0:
-            raise BloodsegError(f"{flag} must be positive; got {value}")
-        changes[field] = None if flag == "--val-images" and value == 0 else value
-    r = REAL_PRESETS["ship"].replace("cli", **changes)
-    r.train.validate()
-    return r
+def _add_model_flags(s, required: bool, default=None) -> None:
+    s.add_argument("--model", required=required, default=default, type=_model_arg, metavar="LABEL",
+                   help=f"the network: {', '.join(variant_names())}, or nodes-unet-hN (bloodseg.registry)"
+                        + (f"; default {default}" if default else ""))
+    s.add_argument("--model-option", action="append", metavar="KEY=VALUE",
+                   help="a build option of the network on top of the label's, e.g. ode_hidden=16 or method=euler "
+                        "(repeatable)")
 
 
 def _scale_arg(text: str):
@@ -127,8 +63,10 @@ def _paper(name: str):
 
 
 #: ``bloodseg record WHAT``: the chapters' records beyond ``reproduce``, and the paper module that writes each.
-RECORDS = {"bccd-training": "bccd", "bccd-shipped": "bccd", "ddp-throughput": "ddp_scaling", "stain": "robustness", "crops": "crops",
-           "cheap-bench": "cheap", "cheap-blocks": "cheap", "cheap-solvers": "cheap"}
+RECORDS = {"bccd-training": "bccd_records", "bccd-shipped": "bccd_records", "ddp-throughput": "ddp_scaling", "stain": "robustness", "crops": "crops",
+           "cheap-bench": "speed", "cheap-blocks": "blocks", "cheap-solvers": "solvers", "scale-resized": "scale_records",
+           "scale-calibration": "scale_records", "calibration-shipped": "scale_records", "domains": "domains",
+           "domain-attempt": "domains"}
 
 
 def cmd_record(args) -> int:
@@ -169,10 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="Several processes (GPUs, machines): torchrun --nproc-per-node=N -m "
                               "bloodseg.cli train ... (or torchrun ... --no-python bloodseg train ...); "
                               "--batch-size is per process.")
-    s.add_argument("--model", required=True, choices=MODEL_NAMES)
+    _add_model_flags(s, required=True)
     s.add_argument("--data", default="synthetic",
-                   help="'synthetic' (default), a folder with images/ + masks/, a prepare-bccd "
-                        "output (train/ val/ test/), or a folder of LabelMe .json files")
+                   help="'synthetic' (default), 'bccd' (the BCCD copy of $BLOODSEG_BCCD, else the vendored "
+                        "sample), a BCCD folder (raw, or a prepare-bccd output), a folder with images/ + masks/, "
+                        "or a folder of LabelMe .json files")
     s.add_argument("--out", required=True, help="run folder (resumes if it holds last.pt)")
     s.add_argument("--profile", choices=("smoke", "quick", "full"))
     s.add_argument("--epochs", type=int)
@@ -201,14 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train-bccd", help="train a model on BCCD photographs and score it on the whole "
                                           "test split (the recipe of the shipped checkpoint)",
-                       description="Pretrain on BCCD-like synthetic smears, fine-tune on BCCD training "
-                                   "patches, keep the epoch with the lowest validation loss, and score it "
-                                   "on every BCCD test photograph (gold white-cell IoU/Dice, silver "
-                                   "3-class scores). Writes OUT/bccd-MODEL-wWIDTH.pt and OUT/metrics.json. "
-                                   "Options left out take the shipped checkpoint's recipe.")
-    s.add_argument("--src", required=True, help="raw BCCD folder (images/, wbc_masks/, annotations/, splits/)")
+                       description="The product pipeline (bloodseg.shipping): pretrain on BCCD-like synthetic "
+                                   "smears, fine-tune on BCCD training patches, keep the epoch with the lowest "
+                                   "validation loss; then measure the training photographs' background colour and "
+                                   "red-cell size, choose the white-cell cleanup and the ODE solver on the "
+                                   "validation photographs, and score every BCCD test photograph (gold white-cell "
+                                   "IoU/Dice, silver 3-class scores). Writes OUT/bccd-MODEL-wWIDTH.pt (a complete "
+                                   "Segmenter, like the shipped one) and OUT/metrics.json. Options left out take "
+                                   "the shipped checkpoint's recipe.")
+    s.add_argument("--src", default="bccd", help="raw BCCD folder (images/, wbc_masks/, annotations/, splits/) or "
+                                                 "a prepared one; default 'bccd': $BLOODSEG_BCCD, else the vendored sample")
     s.add_argument("--out", required=True, help="run folder")
-    s.add_argument("--model", choices=MODEL_NAMES, default="nodes-unet")
+    s.add_argument("--profile", choices=("smoke", "quick", "full"),
+                   help="start from this profile's photograph recipe instead of the shipped checkpoint's ('ship')")
+    _add_model_flags(s, required=False, default="nodes-unet")
     ship = REAL_PRESETS["ship"].to_dict()
     for flag, (field, kind, text) in BCCD_FLAGS.items():
         section, _, name = field.partition(".")
@@ -218,19 +163,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     s.add_argument("--max-minutes", type=float, default=0.0, help="time limit of the BCCD training (0: none)")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_paper("cmd_train_bccd"), recipe_of=bccd_recipe_from_args)
+    s.add_argument("--steps", help="settings made after training on the training and validation photographs, "
+                                   "comma-separated (default: background,scale,cleanup,solver: all)")
+    s.add_argument("--tta", action="store_true", help="also score the network with flip test-time augmentation")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted training from OUT/finetune/last.pt")
+    s.set_defaults(func=commands.cmd_train_bccd, recipe_of=bccd_recipe_from_args)
 
-    s = sub.add_parser("tune-cleanup", help="choose a BCCD checkpoint's white-cell cleanup on the validation "
-                                            "photographs and store it in the checkpoint",
-                       description="Try removing white components below N px (and filling holes in white "
-                                   "cells) on BCCD's validation photographs, keep the best setting, score the "
-                                   "test photographs with and without it, and write the checkpoint with "
-                                   "'postprocess' set; predict and count then apply it (unless --raw).")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("--src", required=True, help="raw BCCD folder (images/, wbc_masks/, annotations/, splits/)")
-    s.add_argument("--out", help="write the checkpoint here (default: in place)")
-    s.add_argument("--work", default="runs/tune-cleanup", help="folder for the prepared BCCD masks")
-    s.set_defaults(func=_paper("cmd_tune_cleanup"))
+    for name in ("tune", "tune-cleanup"):
+        cleanup_only = name == "tune-cleanup"
+        s = sub.add_parser(name, help=("choose a checkpoint's white-cell cleanup on the validation photographs and "
+                                       "store it in the checkpoint" if cleanup_only else
+                                       "make a checkpoint's use settings (background colour, red-cell size, cleanup, "
+                                       "solver) on its training and validation photographs and store them"),
+                           description=("bloodseg tune --steps cleanup: try removing white components below N px "
+                                        "(and filling holes) on the validation photographs, keep the best, score the "
+                                        "test photographs before and after, write the checkpoint." if cleanup_only else
+                                        "Measure the training photographs' background colour and red-cell diameter, "
+                                        "choose the white-cell cleanup and the ODE solver on the validation "
+                                        "photographs (bloodseg.shipping.finish_segmenter), score the test photographs "
+                                        "before and after, and write the checkpoint (weights unchanged)."))
+        s.add_argument("--ckpt", required=True)
+        s.add_argument("--src", default="bccd", help="raw or prepared BCCD folder (default 'bccd': $BLOODSEG_BCCD, "
+                                                     "else the vendored sample)")
+        s.add_argument("--out", help="write the checkpoint here (default: in place)")
+        if not cleanup_only:
+            s.add_argument("--steps", help="comma-separated, of background,scale,cleanup,solver (default: all)")
+        s.set_defaults(func=commands.cmd_tune)
 
     s = sub.add_parser("calibrate", help="choose a cheaper ODE solver on validation images and store it in "
                                          "a copy of the checkpoint",
@@ -252,19 +210,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed-grid ODE solver, e.g. euler:1 or rk4:2 (default: the checkpoint's calibrated one)")
     s.set_defaults(func=commands.cmd_export)
 
-    s = sub.add_parser("evaluate", help="PA / CPA / MIoU and time of a checkpoint on a split")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("--data", default="synthetic")
+    s = sub.add_parser("evaluate", help="score a checkpoint as predict runs it on whole labelled images: its "
+                                        "stored test split, or your own --images/--masks",
+                       description=commands.cmd_evaluate.__doc__ + " Writes white-cell IoU (pooled, with a 95% "
+                                   "interval over images, and per image) and, where red cells are labelled, "
+                                   "PA / IoU / MIoU.")
+    s.add_argument("--ckpt", help="checkpoint (default: the BCCD checkpoint shipped with bloodseg)")
+    s.add_argument("--images", help="a folder of your own labelled images ...")
+    s.add_argument("--masks", help="... and their masks (same file names)")
+    s.add_argument("--mask-colours", metavar="SPEC",
+                   help="how the masks' colours map to classes: 'R,G,B=CLASS; V=CLASS; ...' (CLASS: background, "
+                        "white, red) or a preset: allidb2, binary (0/255), bccd-wbc. Default: masks hold 0/1/2 or "
+                        "the class palette. Without a red class, only white cells are scored")
+    s.add_argument("--data", help="score a split of this data instead (default: the data stored in the checkpoint)")
     s.add_argument("--split", default="test", choices=("train", "val", "test"))
-    s.add_argument("--profile", choices=("smoke", "quick", "full"))
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--profile", choices=("smoke", "quick", "full"),
+                   help="only for old checkpoints without a stored recipe; the split is never re-made from it")
+    s.add_argument("--seed", type=int, default=0, help="only for old checkpoints without a stored split")
     s.add_argument("--rtol", type=float, help="test-time ODE tolerance")
-    s.add_argument("--per-image", action="store_true")
-    s.add_argument("--json", help="also write the metrics to this file")
+    s.add_argument("--per-image", action="store_true", help="per-image scores in the JSON too")
+    s.add_argument("--csv", help="write per-image scores (name, white_iou, white_dice, factor, silver_miou) here")
+    s.add_argument("--json", help="also write the scores to this file")
+    _add_batch_flags(s, batch=False)
     s.set_defaults(func=commands.cmd_evaluate)
 
     s = sub.add_parser("predict", help="masks and overlays for images of any size")
-    s.add_argument("--ckpt", required=True)
+    s.add_argument("--ckpt", help="checkpoint (default: the BCCD checkpoint shipped with bloodseg)")
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--out", required=True)
     s.add_argument("--no-overlay", action="store_true")
@@ -284,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="parameters, memory, inference time, NFE and training-step cost "
                                      "of every model (paper Tables 1-2)")
     s.add_argument("--models", default=",".join(MODEL_NAMES),
-                   help="comma-separated model names (default: all; unet is always added as the reference)")
+                   help="comma-separated labels of bloodseg.registry (default: the paper's models; unet is added)")
+    s.add_argument("--model-option", action="append", metavar="KEY=VALUE",
+                   help="a build option of every network, e.g. method=euler or ode_hidden=16 (repeatable)")
     s.add_argument("--width", type=int, default=32, help="channels of the first level (paper: 32)")
     s.add_argument("--size", type=int, default=256, help="image side, a multiple of 16 (paper: 256)")
     s.add_argument("--n-images", type=int, default=20, help="images timed one at a time (paper: 20)")
@@ -301,10 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=sorted(RECORDS))
     s.add_argument("--out", help="the JSON record (default: its place under book/results/)")
     s.add_argument("--work", help="prepared data, runs and scratch files (default: per record, under runs/)")
-    s.add_argument("--bccd-src", help="raw BCCD folder (bccd-*, stain, crops; default $BLOODSEG_BCCD)")
+    s.add_argument("--bccd-src", help="raw BCCD folder of the BCCD records (default $BLOODSEG_BCCD)")
     s.add_argument("--profile", default="quick", help="bccd-training: the chapter's recipe (quick or full)")
     s.add_argument("--repeats", type=int, default=3, help="ddp-throughput: interleaved rounds")
-    s.add_argument("--limit", type=int, help="stain, crops: the first N test photographs only (a quick check)")
+    s.add_argument("--limit", type=int, help="BCCD records: the first N photographs of each split only (a check)")
     s.add_argument("--study-root", help="cheap-*: the study's work tree (default $BLOODSEG_STUDY_ROOT, else .)")
     s.add_argument("--scale", default="study", help="cheap-*: the reproduce scale whose trained units are used")
     s.add_argument("--seeds", default="0", help="cheap-*: comma-separated seeds")
@@ -312,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, help="cheap-bench/-blocks: images (default 20 / 4)")
     s.add_argument("--epochs", type=int, help="cheap-solvers: shorten the recipe (the record says so)")
     s.add_argument("--notes", default="", help="cheap-solvers: a note stored in the record")
+    s.add_argument("--ckpt", help="domains, domain-attempt: the checkpoint (default: the shipped one)")
+    s.add_argument("--name", help="domain-attempt: which attempt (bloodseg.paper.domains.ATTEMPTS)")
     s.set_defaults(func=cmd_record)
 
     s = sub.add_parser("reproduce", help="train every model of a paper experiment on several seeds; one "
@@ -353,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_batch_flags(s) -> None:
-    """Flags shared by predict and count (see Segmenter.predict_files)."""
+def _add_batch_flags(s, batch: bool = True) -> None:
+    """Flags shared by predict and count (see Segmenter.predict_files); ``batch=False``: only those
+    that choose the pipeline (evaluate)."""
     s.add_argument("--tile", type=int, default=512)
     s.add_argument("--overlap", type=int, default=64)
     s.add_argument("--raw", action="store_true",
@@ -367,6 +343,9 @@ def _add_batch_flags(s) -> None:
                         "on (the default when the checkpoint knows it); X: resize every photograph by X")
     s.add_argument("--colour", choices=("background", "none"), help="background (the default when the checkpoint "
                    "knows the training photographs' background): undo a colour cast; none: colours as they are")
+    s.add_argument("--tta", action="store_true", help="average the predictions over flips (slower)")
+    if not batch:
+        return
     s.add_argument("--skip-existing", action="store_true",
                    help="keep images whose outputs are already there and decode (continue an interrupted run)")
     s.add_argument("--instances", metavar="DIR",
@@ -375,7 +354,6 @@ def _add_batch_flags(s) -> None:
                    help="side of one pixel in micrometres: cell areas in µm² in the --instances tables")
     s.add_argument("--save-probabilities", action="store_true",
                    help="also write <stem>_probs.npz (class probabilities, float16, compressed)")
-    s.add_argument("--tta", action="store_true", help="average the predictions over flips (slower)")
     s.add_argument("--progress", action="store_true",
                    help="show the progress bar even when stderr is not a terminal")
     s.epilog = ("An image that cannot be read or predicted is reported and skipped; the others are written. Exit "

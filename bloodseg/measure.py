@@ -1,7 +1,9 @@
 """Measuring cost: time, memory, and a fresh process to measure in. One harness for the package.
 
-* :func:`sync` waits for CUDA (the one place that does); :func:`time_inference` times a model on
-  images passed one at a time, after warm-up, with its NFE per ODE-block.
+* :func:`sync` waits for CUDA (the one place that does); :func:`interleaved_times` is the one
+  timing loop: rounds in which several functions take turns on the same items, the order rotating,
+  so that load from other processes falls on all of them alike; :func:`time_inference` times a
+  model on images passed one at a time, after warm-up, with its NFE per ODE-block.
 * :class:`PeakMemory` measures the peak memory of a block of work: CUDA's allocator peak, or on a
   CPU the kernel's peak resident set size of this process (see below).
 * :func:`run_isolated` runs a function in a fresh Python process and returns its JSON result, so
@@ -23,6 +25,7 @@ import sys
 import time
 from contextlib import contextmanager
 from importlib import import_module
+from typing import Callable
 
 import torch
 
@@ -101,9 +104,53 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def interleaved_times(fns: dict, items, rounds: int = 1, warmup: int = 0, *, device=None,
+                      order: Callable[[int, list], list] | None = None, warmup_each_round: bool = False,
+                      after: Callable[[str, int, object], None] | None = None) -> dict[str, list[float]]:
+    """The package's one timing loop: seconds of each function of ``fns`` (``{label: fn(item)}``) on
+    ``items``, in ``rounds`` rounds. Returns ``{label: [seconds of each round]}``.
+
+    Every round calls every function once on every item of the round (``items``, or ``items(r)``
+    when it is a callable), each call timed alone (CUDA synchronised around it when ``device`` is
+    a CUDA device) and the times summed. The functions take turns in an order that rotates by one
+    each round (``order(r, labels)`` for another), so that a burst of load from another process
+    falls on all of them alike. ``warmup``: untimed calls on the first items of a round, for every
+    function before the first round (``warmup_each_round``: before each of its timed runs).
+    ``after(label, r, item)`` runs after each timed call, outside the time (e.g. to read NFE)."""
+    labels = list(fns)
+    device = torch.device(device) if device is not None else None
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    round_items = (lambda r: list(items(r))) if callable(items) else (lambda r, fixed=list(items): fixed)
+    if warmup and not warmup_each_round and rounds:
+        for label in labels:
+            for x in round_items(0)[:warmup]:
+                fns[label](x)
+    for r in range(rounds):
+        now = round_items(r)
+        k = r % max(len(labels), 1)
+        for label in (order(r, labels) if order is not None else labels[k:] + labels[:k]):
+            fn, spent = fns[label], 0.0
+            if warmup_each_round:
+                for x in now[:warmup]:
+                    fn(x)
+            for x in now:
+                if device is not None:
+                    sync(device)
+                t0 = time.perf_counter()
+                fn(x)
+                if device is not None:
+                    sync(device)
+                spent += time.perf_counter() - t0
+                if after is not None:
+                    after(label, r, x)
+            times[label].append(spent)
+    return times
+
+
 def time_inference(model: torch.nn.Module, images: list[torch.Tensor], warmup: int = 2,
                    device=None) -> dict:
-    """Time ``model`` on ``images`` passed one at a time (after ``warmup`` untimed passes).
+    """Time ``model`` on ``images`` passed one at a time (after ``warmup`` untimed passes): one round
+    of :func:`interleaved_times`.
 
     Returns ``dict(time_s, time_per_image_s, n_images, nfe_forward)`` where ``nfe_forward`` maps each
     ODE-block to its mean forward NFE over the timed images (empty for models without blocks).
@@ -112,17 +159,13 @@ def time_inference(model: torch.nn.Module, images: list[torch.Tensor], warmup: i
     model = model.to(device).eval()
     images = [im.to(device) for im in images]
     nfe_sum: dict[str, float] = {}
+
+    def count(label, r, x):
+        for block, (fwd, _) in nfe_report(model).items():
+            nfe_sum[block] = nfe_sum.get(block, 0) + fwd
+
     with torch.inference_mode():
-        for i in range(min(warmup, len(images))):
-            model(images[i])
-        sync(device)
-        start = time.perf_counter()
-        for im in images:
-            model(im)
-            for block, (fwd, _) in nfe_report(model).items():
-                nfe_sum[block] = nfe_sum.get(block, 0) + fwd
-        sync(device)
-        elapsed = time.perf_counter() - start
+        elapsed = interleaved_times({"model": model}, images, 1, warmup, device=device, after=count)["model"][0]
     n = max(len(images), 1)
     return dict(time_s=elapsed, time_per_image_s=elapsed / n, n_images=len(images),
                 nfe_forward={k: v / n for k, v in nfe_sum.items()})

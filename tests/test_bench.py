@@ -106,6 +106,24 @@ def test_cli_bench_bad_model_is_one_clear_line(capsys):
     assert "unknown model" in err and "Traceback" not in err
 
 
+def test_bench_takes_any_registry_label_and_model_options(capsys, tmp_path):
+    """``nodes-unet-h16`` (a variant with an option) reaches the bench, and ``--model-option`` builds
+    every network with it: NODEs-UNet solved by one Euler step has 1 evaluation of f per block."""
+    r = run_bench(models="nodes-unet-h16", width=4, size=32, n_images=1, train=False, device="cpu",
+                  options={"method": "euler"})
+    rows = {row["model"]: row for row in r["models"]}
+    assert list(rows) == ["unet", "nodes-unet-h16"] and r["config"]["model_options"] == {"method": "euler"}
+    assert set(rows["nodes-unet-h16"]["nfe_forward"].values()) == {1}
+    wide = run_bench(models="nodes-unet", width=4, size=32, n_images=1, train=False, device="cpu")
+    assert rows["nodes-unet-h16"]["params"] < {x["model"]: x for x in wide["models"]}["nodes-unet"]["params"]
+    out = tmp_path / "b.json"
+    assert main(["bench", "--models", "nodes-unet-h16", "--model-option", "method=euler", "--no-train", "--width", "4",
+                 "--size", "32", "--n-images", "1", "--device", "cpu", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["config"]["model_options"] == {"method": "euler"}
+    assert [m["model"] for m in saved["models"]] == ["unet", "nodes-unet-h16"]
+
+
 def test_plot_time_ratios_draws_the_paper_and_each_result():
     import matplotlib
     matplotlib.use("Agg")

@@ -1,10 +1,15 @@
-"""bloodseg.paper.cheap: the side-by-side bench, what the ODE-blocks learned, the solver experiment.
+"""The speed records of the chapter "Making ODE-blocks cheap": bloodseg.paper.speed (the side-by-side
+bench), bloodseg.paper.blocks (what the ODE-blocks learned), bloodseg.paper.solvers (the solver
+experiment), bloodseg.paper.units (what they share) and bloodseg.paper.figures_speed.
 
 The flow measures are checked on blocks whose f is known (zero, a scalar and a matrix linear
 field, solved exactly by the matrix exponential); the three record functions on a smoke setup
-(width 4, the smoke recipe, random or briefly trained weights) for the fields they document."""
+(width 4, the smoke recipe, random or briefly trained weights) for the fields they document; the
+tables, prose and figures of the committed records against what they were before the split of
+bloodseg.paper.cheap (tests/data/speed_views_before_split.json)."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +19,7 @@ import torch.nn as nn
 from bloodseg.checkpoint import save_checkpoint
 from bloodseg.models import build_model
 from bloodseg.ode import ODEBlock, ode_blocks
-from bloodseg.paper import cheap
+from bloodseg.paper import blocks, figures_speed, solvers, speed, units
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +56,7 @@ def _block(func, channels=3, rtol=1e-7):
 
 def test_flow_of_a_zero_field_is_still():
     h0 = torch.randn(2, 3, 4, 4)
-    m = cheap.flow_measures(_block(Zero()), h0)
+    m = blocks.flow_measures(_block(Zero()), h0)
     assert set(m["f_ratio"]) == {"0", "0.25", "0.5", "0.75", "1"}
     assert all(v == 0 for v in m["f_ratio"].values())
     # h stays h0 up to the rounding of dopri5's interpolation at the requested times
@@ -64,7 +69,7 @@ def test_flow_of_a_zero_field_is_still():
 @pytest.mark.parametrize("a", [0.3, -0.5, 1.0])
 def test_flow_of_a_scalar_linear_field_matches_the_exponential(a):
     h0 = torch.randn(1, 3, 5, 5, dtype=torch.float64)
-    m = cheap.flow_measures(_block(Scalar(a)).double(), h0)
+    m = blocks.flow_measures(_block(Scalar(a)).double(), h0)
     for v in m["f_ratio"].values():          # ||a h|| / ||h|| = |a| everywhere on the trajectory
         assert v == pytest.approx(abs(a), rel=1e-9)
     assert m["change"] == pytest.approx(abs(math.exp(a) - 1), rel=1e-5)
@@ -78,7 +83,7 @@ def test_flow_of_a_matrix_linear_field_matches_the_matrix_exponential():
     g = torch.Generator().manual_seed(0)
     A = 0.6 * torch.randn(3, 3, generator=g, dtype=torch.float64)
     h0 = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
-    m = cheap.flow_measures(_block(Matrix(A)), h0)
+    m = blocks.flow_measures(_block(Matrix(A)), h0)
     E = torch.linalg.matrix_exp(A)
     exact = torch.einsum("ij,njhw->nihw", E, h0)
     euler = h0 + torch.einsum("ij,njhw->nihw", A, h0)
@@ -91,14 +96,14 @@ def test_flow_of_a_matrix_linear_field_matches_the_matrix_exponential():
 def test_flow_measures_need_the_times_they_report():
     from bloodseg.errors import BloodsegError
     with pytest.raises(BloodsegError, match="0.5"):
-        cheap.flow_measures(_block(Zero()), torch.zeros(1, 3, 2, 2), times=(0.0, 1.0))
+        blocks.flow_measures(_block(Zero()), torch.zeros(1, 3, 2, 2), times=(0.0, 1.0))
 
 
 def test_count_macs_separates_nfe_times_the_cost_of_f():
     torch.manual_seed(0)
     model = build_model("nodes-unet", width=4, method="euler").eval()
     x = torch.rand(1, 3, 64, 64)
-    macs = cheap.count_macs(model, x)
+    macs = units.count_macs(model, x)
     assert set(macs["blocks"]) == {b.name for b in ode_blocks(model)}
     for b in ode_blocks(model):
         row = macs["blocks"][b.name]
@@ -110,12 +115,12 @@ def test_count_macs_separates_nfe_times_the_cost_of_f():
     assert macs["total_mmacs"] == pytest.approx(macs["backbone_mmacs"] + inside)
     # the same network without blocks costs the backbone
     unet = build_model("unet", width=4).eval()
-    assert cheap.count_macs(unet, x)["total_mmacs"] == pytest.approx(macs["backbone_mmacs"])
+    assert units.count_macs(unet, x)["total_mmacs"] == pytest.approx(macs["backbone_mmacs"])
 
 
 def test_ratio_summary_is_per_round_and_has_an_interval():
     times = {"unet": [1.0, 2.0, 1.0, 1.0, 1.0], "slow": [3.0, 6.0, 3.0, 3.3, 2.7]}
-    s = cheap.ratio_summary(times, "unet", n_images=20)
+    s = units.ratio_summary(times, "unet", n_images=20)
     assert s["unet"]["ratio_median"] == 1.0 and s["unet"]["ratio_ci"] == [1.0, 1.0]
     assert s["slow"]["ratio_median"] == pytest.approx(3.0)       # the slow round 2 is slow for both
     lo, hi = s["slow"]["ratio_ci"]
@@ -126,7 +131,7 @@ def test_ratio_summary_is_per_round_and_has_an_interval():
 # ----------------------------------------------------------------------------- the records, smoke-sized
 
 @pytest.fixture(scope="module")
-def units(tmp_path_factory):
+def ckpts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("units")
     out = {}
     for label, name, opts in [("unet", "unet", {}), ("resunet", "resunet", {}), ("nodes-unet", "nodes-unet", {}),
@@ -136,10 +141,10 @@ def units(tmp_path_factory):
     return out
 
 
-def test_bench_options_smoke(units, tmp_path):
+def test_bench_options_smoke(ckpts, tmp_path):
     out = tmp_path / "bench.json"
     # compile_backend="eager": dynamo traces (graph breaks counted) without inductor's minutes of C++
-    r = cheap.bench_options(units, scale="smoke", width=4, n_images=2, rounds=2, regularise_work=None, out=out,
+    r = speed.bench_options(ckpts, scale="smoke", width=4, n_images=2, rounds=2, regularise_work=None, out=out,
                             compile_backend="eager", command="test", log=lambda m: None)
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(r["rows"], default=float))
     for key in ("git_commit", "command", "device", "torch", "date", "wall_s"):
@@ -174,7 +179,7 @@ def test_bench_options_smoke(units, tmp_path):
     eligible = [x for x in cal["rows"][1:] if x["ok"] and x["drop_pp"] <= cal["max_drop_pp"] + 1e-9]
     assert cal["pick_label"] == min(eligible, key=lambda x: x["nominal_nfe_per_block"])["label"]
     assert "nodes-unet-h16" in rows and "ode-unet-5" in rows and "resunet" in rows
-    frame = cheap.bench_frame(r)
+    frame = speed.bench_frame(r)
     assert list(frame.index) == list(rows)
     # the variants: the same weights run another way, each held against its base in the same rounds
     pick = f"nodes-unet {cal['pick_label']}"
@@ -185,7 +190,7 @@ def test_bench_options_smoke(units, tmp_path):
         base = rows[row["base"]]
         assert row["params"] == base["params"] and row["mmacs"] == base["mmacs"], label
         assert row["ratio_to_base_ci"][0] <= row["ratio_to_base"] <= row["ratio_to_base_ci"][1]
-        assert row["pays"] == cheap._pays(row["ratio_to_base_ci"])
+        assert row["pays"] == speed._pays(row["ratio_to_base_ci"])
         assert abs(row["test_miou"] - base["test_miou"]) < 0.01, label
     assert all(v.get("ratio_to_base") is None for k, v in rows.items() if k not in variants)
     tode = rows["nodes-unet torchode"]
@@ -205,26 +210,26 @@ def test_bench_options_smoke(units, tmp_path):
     assert rows[f"{pick} unrolled"]["ratio_same_runtime"] == rows[f"{pick} unrolled"]["ratio_to_unet"]
     assert r["compile_backend"] == "eager"
     # the chapter's text is made from the record
-    text = cheap.variants_findings(r)
+    text = speed.variants_findings(r)
     assert "**torchode**" in text and "**The unrolled loop**" in text and "the same masks, bit for bit" in text
     assert f"{100 * tode['test_miou']:.2f}%" in text and "Kept, because they pay:" in text
-    assert len(cheap.variants_frame(r)) == len(variants)
-    findings = cheap.bench_findings(r)
+    assert len(speed.variants_frame(r)) == len(variants)
+    findings = speed.bench_findings(r)
     assert f"{rows['nodes-unet']['ratio_to_unet']:.2f}x" in findings and "variant" not in findings
-    summary = cheap.bench_summary(r)
+    summary = speed.bench_summary(r)
     assert summary.count("\n- ") == 1 and f"{calibrated['ratio_to_unet']:.2f}x" in summary
-    assert list(cheap.study_units_frame(r).index) == ["unet", "resunet", "ode-unet-5", "nodes-unet", "nodes-unet-h16"]
+    assert list(speed.study_units_frame(r).index) == ["unet", "resunet", "ode-unet-5", "nodes-unet", "nodes-unet-h16"]
     # a repeat run: kept only what pays in both
     a, b = json.loads(json.dumps(r, default=float)), json.loads(json.dumps(r, default=float))
     for row in a["rows"]:
         row["pays"] = "yes" if row.get("variant") else None
     for row in b["rows"]:
         row["pays"] = ("yes" if row["option"] == "nodes-unet torchode" else "no") if row.get("variant") else None
-    kept, once, rest = cheap._kept(a, b)
+    kept, once, rest = speed._kept(a, b)
     assert [k["option"] for k in kept] == ["nodes-unet torchode"] and len(once) == 5 and rest == []
-    assert "pay in both runs: `nodes-unet torchode`." in cheap.variants_findings(a, b)
-    assert "pay in both runs: `nodes-unet torchode` (" in cheap.bench_summary(a, b)
-    frame = cheap.variants_repeat_frame(a, b)
+    assert "pay in both runs: `nodes-unet torchode`." in speed.variants_findings(a, b)
+    assert "pay in both runs: `nodes-unet torchode` (" in speed.bench_summary(a, b)
+    frame = speed.variants_repeat_frame(a, b)
     assert len(frame) == 6 and (frame["pays, repeat"] == "yes").sum() == 1
     if not torch.cuda.is_available():
         assert "no CUDA" in r["variant_notes"]["bf16 on CUDA"]
@@ -236,12 +241,12 @@ def test_a_variant_that_cannot_run_is_a_note_with_its_error():
         return build_model(name, width=4).eval()
 
     fresh = {"unet": lambda: make("unet"), "nodes-unet": lambda: make("nodes-unet")}
-    found, notes = cheap.variant_options(fresh, {"method": "heun3", "steps": 1}, "heun3-1", torch.rand(1, 3, 32, 32),
+    found, notes = speed.variant_options(fresh, {"method": "heun3", "steps": 1}, "heun3-1", torch.rand(1, 3, 32, 32),
                                          compile_backend="no-such-backend", log=lambda m: None)
     assert set(found) == {"nodes-unet torchode", "unet channels_last", "nodes-unet heun3-1 channels_last"}
     assert "no-such-backend" in notes["unet compiled"] and "no-such-backend" in notes["nodes-unet heun3-1 compiled"]
     assert "euler, midpoint, rk4 only" in notes["nodes-unet heun3-1 unrolled"]
-    found, notes = cheap.variant_options({"unet": fresh["unet"]}, None, "trained", torch.rand(1, 3, 32, 32),
+    found, notes = speed.variant_options({"unet": fresh["unet"]}, None, "trained", torch.rand(1, 3, 32, 32),
                                          compile_backend=None, log=lambda m: None)
     assert set(found) == {"unet channels_last"} and notes == {}
     with torch.inference_mode():             # channels_last changes the layout, not the numbers (to rounding)
@@ -253,17 +258,17 @@ def test_a_variant_that_cannot_run_is_a_note_with_its_error():
 
 
 def test_pays_reads_the_interval_of_the_ratio_to_the_base():
-    assert cheap._pays([0.8, 0.95]) == "yes" and cheap._pays([1.02, 1.3]) == "no"
-    assert cheap._pays([0.9, 1.1]) == "no difference measured"
+    assert speed._pays([0.8, 0.95]) == "yes" and speed._pays([1.02, 1.3]) == "no"
+    assert speed._pays([0.9, 1.1]) == "no difference measured"
 
 
-def test_blocks_learned_smoke(units):
-    ode_units = {k: v for k, v in units.items() if k in ("nodes-unet", "ode-unet-5")}
-    r = cheap.blocks_learned(ode_units, scale="smoke", width=4, n_images=2, shipped_images=1, log=lambda m: None)
+def test_blocks_learned_smoke(ckpts):
+    ode_units = {k: v for k, v in ckpts.items() if k in ("nodes-unet", "ode-unet-5")}
+    r = blocks.blocks_learned(ode_units, scale="smoke", width=4, n_images=2, shipped_images=1, log=lambda m: None)
     labels = [m["label"] for m in r["models"]]
     assert labels[0] == "nodes-unet untrained (control)" and labels[-1].startswith("shipped")
     assert "nodes-unet" in labels and "ode-unet-5" in labels
-    assert "provenance" in r and r["times"] == list(cheap.FLOW_TIMES)
+    assert "provenance" in r and r["times"] == list(blocks.FLOW_TIMES)
     for m in r["models"]:
         assert "calibration" in m and "pick_label" in m["calibration"]
         for b in m["blocks"]:
@@ -272,11 +277,11 @@ def test_blocks_learned_smoke(units):
                 assert key in b
             assert set(b["f_ratio"]) == {"0", "0.25", "0.5", "0.75", "1"}
             assert b["nfe_forward"] >= 8 and b["euler_diff"] >= 0
-    assert len(cheap.blocks_frame(r)) == sum(len(m["blocks"]) for m in r["models"])
+    assert len(blocks.blocks_frame(r)) == sum(len(m["blocks"]) for m in r["models"])
 
 
 def test_solver_experiment_smoke(tmp_path):
-    r = cheap.solver_experiment(scale="smoke", width=4, seeds=(0,), reference="train", work=tmp_path / "work",
+    r = solvers.solver_experiment(scale="smoke", width=4, seeds=(0,), reference="train", work=tmp_path / "work",
                                 n_images=2, rounds=2, log=lambda m: None)
     assert r["arms"] == ["dopri5", "euler-1", "rk4-2"] and r["epochs"] == 1 and not r["epochs_reduced"]
     rows = {row["arm"]: row for row in r["rows"]}
@@ -292,10 +297,10 @@ def test_solver_experiment_smoke(tmp_path):
     assert len(r["cross"]) == 9 and {c["solved"] for c in r["cross"]} == {"dopri5", "euler-1", "rk4-2"}
     assert set(r["miou_diff_to_dopri5"]) == {"euler-1", "rk4-2"}
     # a second call reuses the trained units
-    again = cheap.solver_experiment(scale="smoke", width=4, seeds=(0,), reference="train", work=tmp_path / "work",
+    again = solvers.solver_experiment(scale="smoke", width=4, seeds=(0,), reference="train", work=tmp_path / "work",
                                     n_images=1, rounds=1, cross=False, log=lambda m: None)
     assert [x["train_s"] for x in again["rows"]] == [x["train_s"] for x in r["rows"]]
-    assert len(cheap.solvers_frame(r)) == 3
+    assert len(solvers.solvers_frame(r)) == 3
 
 
 def test_units_are_read_only_when_their_record_exists(tmp_path):
@@ -308,9 +313,9 @@ def test_units_are_read_only_when_their_record_exists(tmp_path):
     rec = root / "book/results/table2/study/nodes-unet-seed0.json"
     rec.parent.mkdir(parents=True)
     rec.write_text(json.dumps({"test": {"miou": 0.8}, "train_s": 10, "per_image": [{"miou": 0.8}]}))
-    found = cheap.find_units(["nodes-unet"], (0, 1), root)
+    found = units.find_units(["nodes-unet"], (0, 1), root)
     assert list(found) == ["nodes-unet-seed0"] and found["nodes-unet-seed0"]["test_miou"] == 0.8
-    copied = cheap.copy_units(found, tmp_path / "copy")
+    copied = units.copy_units(found, tmp_path / "copy")
     assert copied["nodes-unet-seed0"]["source"] == str(ckpt)
     assert np.frombuffer(open(copied["nodes-unet-seed0"]["ckpt"], "rb").read(), np.uint8).tolist() == [ord("x")]
 
@@ -322,3 +327,79 @@ def test_command_line_lists_the_three_records(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "cheap-bench" in out and "cheap-blocks" in out and "cheap-solvers" in out
+
+
+# ----------------------------------------------------------------------------- one timing loop
+
+def test_interleaved_times_rotates_the_order_and_warms_up_once():
+    from bloodseg.measure import interleaved_times
+    calls = []
+    fns = {k: (lambda x, k=k: calls.append((k, x))) for k in "abc"}
+    times = interleaved_times(fns, [1, 2], rounds=3, warmup=1)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls[:3] == [("a", 1), ("b", 1), ("c", 1)]                       # the warm-up, before the rounds
+    order = [k for k, x in calls[3:] if x == 1]
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]            # rotating by one each round
+    calls.clear()
+    seen = []
+    interleaved_times(fns, lambda r: [10 * r], rounds=2, warmup=1, warmup_each_round=True,
+                      order=lambda r, labels: labels[::-1], after=lambda label, r, x: seen.append((label, r)))
+    assert calls == [(k, 10 * r) for r in range(2) for k in "cba" for _ in range(2)]   # a warm-up call before each
+    assert seen == [(k, r) for r in range(2) for k in "cba"]
+
+
+def test_network_times_reads_nfe_in_the_first_round():
+    torch.manual_seed(0)
+    net = build_model("nodes-unet", width=4, method="euler").eval()
+    r = units.network_times({"n": net, "u": build_model("unet", width=4).eval()}, [torch.rand(1, 3, 32, 32)] * 2,
+                            rounds=2)
+    assert len(r["times"]["n"]) == len(r["times"]["u"]) == 2
+    assert r["nfe"]["u"] == {} and set(r["nfe"]["n"].values()) == {1.0}
+
+
+# ----------------------------------------------------------------------------- the committed records, before and after
+
+BEFORE = Path(__file__).parent / "data" / "speed_views_before_split.json"
+
+
+def test_tables_prose_and_floor_of_the_committed_records_are_unchanged_by_the_split():
+    """What chapter 9 shows from the committed speed records is, to the character, what
+    bloodseg.paper.cheap gave before it was split into speed, blocks, solvers, units and
+    figures_speed (saved from that code: tests/data/speed_views_before_split.json)."""
+    from bloodseg.paper.records import load_record, results_path
+    if not results_path("speed/bench.json").is_file():
+        pytest.skip("the committed records are not under the results folder")
+    before = json.loads(BEFORE.read_text())
+    bench, repeat = load_record("speed/bench.json"), load_record("speed/bench-repeat.json")
+    blocks_rec, solvers_rec = load_record("speed/blocks_learned.json"), load_record("speed/solvers.json")
+    fr = lambda df: None if df is None else df.to_json(orient="split", default_handler=str)   # noqa: E731
+    now = {"bench_frame": fr(speed.bench_frame(bench)), "variants_frame": fr(speed.variants_frame(bench)),
+           "variants_repeat_frame": fr(speed.variants_repeat_frame(bench, repeat)),
+           "study_units_frame": fr(speed.study_units_frame(bench)), "bench_findings": speed.bench_findings(bench),
+           "variants_findings": speed.variants_findings(bench, repeat), "variants_findings_1": speed.variants_findings(bench),
+           "bench_summary": speed.bench_summary(bench, repeat), "bench_summary_1": speed.bench_summary(bench),
+           "blocks_frame": fr(blocks.blocks_frame(blocks_rec)),
+           "blocks_summary_frame": fr(blocks.blocks_summary_frame(blocks_rec)),
+           "solvers_frame": fr(solvers.solvers_frame(solvers_rec)), "cross_frame": fr(solvers.cross_frame(solvers_rec)),
+           "calibration_rule": units.calibration_rule(0.3),
+           "ratio_summary": units.ratio_summary({"a": [1.0, 2.0, 3.0, 2.5], "b": [2.0, 2.0, 7.0, 3.0],
+                                                 "c": [0.5, 1.5, 1.0, 2.0]}, "a", 20, n_boot=500),
+           "floor_table": speed.floor_table(width=4, size=32), "floor_table_default": speed.floor_table(width=8, size=128)}
+    assert json.loads(json.dumps(now, sort_keys=True, default=str)) == before
+
+
+def test_the_figures_draw_from_the_committed_records():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from bloodseg.paper.records import load_record, results_path
+    if not results_path("speed/bench.json").is_file():
+        pytest.skip("the committed records are not under the results folder")
+    bench, solvers_rec = load_record("speed/bench.json"), load_record("speed/solvers.json")
+    figs = [figures_speed.plot_frontier(bench), figures_speed.plot_macs(bench["rows"]),
+            figures_speed.plot_calibration(bench["calibration"]["nodes-unet"]),
+            figures_speed.plot_floor(speed.floor_table(width=8, size=64), bench),
+            figures_speed.plot_flow(load_record("speed/blocks_learned.json")), figures_speed.plot_solvers(solvers_rec),
+            figures_speed.plot_cross(solvers_rec), figures_speed.plot_regularisation(load_record("speed/regularisation.json"))]
+    assert all(f.axes for f in figs)
+    plt.close("all")

@@ -64,12 +64,22 @@ def test_cli_train_evaluate_predict_as_a_user_types_them(tmp_path):
     assert train.returncode == 0, train.stderr
     assert {"best.pt", "last.pt", "history.json", "metrics.json"} <= {p.name for p in run.iterdir()}
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0 <= metrics["miou"] <= 1 and len(metrics["cpa"]) == 3 and metrics["nfe_forward"] > 0
+    assert 0 <= metrics["miou"] <= 1 and len(metrics["cpa"]) == 3 and 0 <= metrics["white_iou"] <= 1
+    assert metrics["scored"].startswith(f"{metrics['n_images']} whole test images through the Segmenter")
 
-    ev = env_run("evaluate", "--ckpt", str(run / "best.pt"), "--data", str(tmp_path / "data"),
-                 "--rtol", "1e-2", "--json", str(tmp_path / "ev.json"))
+    # evaluate reads the split stored in the checkpoint: the profile it runs under changes nothing
+    ev = env_run("evaluate", "--ckpt", str(run / "best.pt"), "--rtol", "1e-2", "--json", str(tmp_path / "ev.json"))
     assert ev.returncode == 0, ev.stderr
-    assert json.loads((tmp_path / "ev.json").read_text())["split"] == "test"
+    first = json.loads((tmp_path / "ev.json").read_text())
+    assert "the split stored in the checkpoint" in first["images"] and "the split stored" in ev.stderr
+    full = env_run("evaluate", "--ckpt", str(run / "best.pt"), "--rtol", "1e-2", "--profile", "full",
+                   "--per-image", "--json", str(tmp_path / "ev_full.json"))
+    assert full.returncode == 0, full.stderr
+    again = json.loads((tmp_path / "ev_full.json").read_text())
+    assert again["images"] == first["images"] and again["miou"] == first["miou"]
+    assert again["white_iou"] == first["white_iou"] and again["settings"] == first["settings"]
+    stored = torch.load(run / "best.pt", weights_only=True)["split"]
+    assert [r["name"] for r in again["per_image"]] == stored["test"]          # whole source images, by name
 
     pred = env_run("predict", "--ckpt", str(run / "best.pt"), str(images[0]), "--out", str(tmp_path / "pred"))
     assert pred.returncode == 0, pred.stderr

@@ -122,11 +122,22 @@ def test_public_api_is_small_and_importable():
 
 
 def test_one_argparse_and_no_machine_paths():
+    """One command line (cli.py), and no path of one machine in the package: no /work/, /home/ or
+    /tmp/ default (scratch goes under runs/, or to tempfile's folder)."""
     for path in CORE + PAPER:
         text = path.read_text()
         if path.name != "cli.py":
             assert "argparse" not in text, f"{path} builds its own command line"
-        assert "/work/" not in text and "/home/" not in text, f"{path} holds a machine path"
+        for machine in ("/work/", "/home/", "/tmp/"):
+            assert machine not in text, f"{path} holds a machine path ({machine})"
+
+
+@pytest.mark.parametrize("folder,limit", [(ROOT, 400), (ROOT / "paper", 700)])
+def test_modules_stay_small(folder, limit):
+    """A core module (bloodseg/*.py) stays under 400 lines, a paper module (bloodseg/paper/*.py)
+    under 700: a module that grows past that holds more than one job (issue 26)."""
+    sizes = {p.name: len(p.read_text().splitlines()) for p in sorted(folder.glob("*.py"))}
+    assert {name: n for name, n in sizes.items() if n > limit} == {}
 
 
 def _mask_hashes(folder: Path) -> dict[str, str]:

@@ -182,19 +182,21 @@ def test_cli_tune_cleanup_then_predict_with_and_without_it(bccd_sample, tmp_path
     from bloodseg.io import read_image, read_mask
     shipped = shipped_checkpoint()
     out = tmp_path / "tuned.pt"
-    assert cli.main(["tune-cleanup", "--ckpt", str(shipped), "--src", str(bccd_sample), "--out", str(out),
-                     "--work", str(tmp_path / "work")]) == 0
+    assert cli.main(["tune-cleanup", "--ckpt", str(shipped), "--src", str(bccd_sample), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "tuned on 4 validation photographs" in printed and f"wrote {out}" in printed
+    assert "cleanup chosen on 4 validation photographs" in printed and f"wrote {out} (cleanup)" in printed
     ckpt = load_checkpoint(out)
-    cleanup = ckpt["metrics"]["cleanup"]
-    assert ckpt["postprocess"]["chosen_on"] == "BCCD validation split, 4 photographs"
+    tune = ckpt["metrics"]["tune"]
+    assert ckpt["postprocess"]["chosen_on"] == "validation split, 4 photographs"
     assert ckpt["postprocess"]["white_min_area"] in rd.WHITE_AREA_GRID
-    assert cleanup["val_images"] == 4 and cleanup["test_images"] == 4
-    assert len(cleanup["val_rows"]) == 2 * len(rd.WHITE_AREA_GRID)
-    assert 0 < cleanup["test_raw"]["gold white IoU"] <= 1 and 0 < cleanup["test_cleaned"]["gold white IoU"] <= 1
+    assert tune["steps"] == ["cleanup"] and tune["val_images"] == 4 and tune["test_images"] == 4
+    assert len(tune["cleanup"]["rows"]) == 2 * len(rd.WHITE_AREA_GRID)
+    assert 0 < tune["test_before"]["gold white IoU"] <= 1 and 0 < tune["test_after"]["gold white IoU"] <= 1
     for a, b in zip(load_checkpoint(shipped)["model_state"].values(), ckpt["model_state"].values()):
-        assert torch.equal(a, b)                                     # same weights, only the cleanup added
+        assert torch.equal(a, b)                                     # same weights, only the cleanup changed
+    # the settings it did not touch stay as they were (solver, scale, colour)
+    before, after = Segmenter.load(shipped).settings(), Segmenter.load(out).settings()
+    assert {k: v for k, v in before.items() if k != "postprocess"} == {k: v for k, v in after.items() if k != "postprocess"}
 
     model = Segmenter.load(out, device="cpu")
     photo = sorted((bccd_sample / "images").iterdir())[0]

@@ -222,3 +222,27 @@ def test_gpu_runs_frame_and_figure():
     assert set(curves) == {"a > b", "u"}                       # a is drawn inside the run that continues it
     assert list(curves["a > b"].get_xdata()) == [1, 2, 3, 4]   # the epoch count carries on
     assert any(t.get_text() == "goal 0.90" for t in fig.axes[0].get_legend().get_texts())
+
+
+def test_train_on_bccd_and_train_bccd_share_the_split_and_the_magnification(bccd_sample, tmp_path):
+    """`bloodseg train --data BCCD` and `bloodseg train-bccd` go through the one split path: the same
+    training patches, validation and test photographs, and the same magnification in the checkpoint."""
+    from bloodseg import cli
+    from bloodseg.datasets import training_splits
+    from bloodseg.recipe import real_recipe
+    assert cli.main(["train", "--model", "unet", "--data", str(bccd_sample), "--profile", "smoke", "--width", "4",
+                     "--out", str(tmp_path / "train")]) == 0
+    assert cli.main(["train-bccd", "--src", str(bccd_sample), "--profile", "smoke", "--model", "unet", "--width", "4",
+                     "--no-pretrain", "--steps", "background", "--out", str(tmp_path / "bccd")]) == 0
+    a = load_checkpoint(tmp_path / "train" / "best.pt")
+    b = load_checkpoint(tmp_path / "bccd" / "bccd-unet-w4.pt")
+    assert a["split"]["test"] == b["split"]["test"] and len(a["split"]["test"]) == 4     # the whole test split
+    assert a["split"]["val"] == b["split"]["val"] == b["metrics"]["split"]["val"]
+    assert a["segmenter"]["input_scale"] == b["segmenter"]["input_scale"] == real_recipe("smoke").data.scale == 0.5
+    # and the training patches are one function's: the raw folder and its prepared copy give the same arrays
+    raw = training_splits(bccd_sample, real_recipe("smoke"))["train"]
+    from bloodseg.datasets import prepared_photographs
+    prepared = training_splits(prepared_photographs(bccd_sample), real_recipe("smoke"))["train"]
+    assert [s.name for s in raw] == [s.name for s in prepared]
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(raw, prepared))
+    assert raw[0].image.shape[:2] == (64, 64) and raw[0].source.startswith("BloodImage_")

@@ -1,4 +1,5 @@
-"""The measurements behind chapters 1-3 (bloodseg.paper.foundations): they must measure what they claim."""
+"""The measurements behind chapters 1-3 (bloodseg.paper.foundations, bloodseg.paper.data_study): they must
+measure what they claim."""
 import math
 import time
 
@@ -10,6 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from bloodseg.paper import data_study  # noqa: E402
 from bloodseg.paper import foundations as studies  # noqa: E402
 from bloodseg.datasets import synthetic_splits  # noqa: E402
 from bloodseg.errors import BloodsegError, SolverError  # noqa: E402
@@ -119,9 +121,9 @@ def test_nfe_during_training_logs_every_step():
 
 def test_clahe_histograms_and_figures():
     image, mask = make_smear(0, size=(96, 128))
-    hist = studies.luma_histogram(image)
+    hist = data_study.luma_histogram(image)
     assert hist.shape == (256,) and hist.sum() == pytest.approx(1.0)
-    fig = studies.plot_clahe(image, clip_limit=3.0, tile_grid=(4, 4))
+    fig = data_study.plot_clahe(image, clip_limit=3.0, tile_grid=(4, 4))
     assert len(fig.axes) == 3
     # CLAHE spreads the luma: the histogram after it is wider
     from bloodseg.preprocess import clahe_on_luma
@@ -130,10 +132,10 @@ def test_clahe_histograms_and_figures():
     def spread(h):
         mean = (bins * h).sum()
         return math.sqrt(((bins - mean) ** 2 * h).sum())
-    assert spread(studies.luma_histogram(clahe_on_luma(image, 3.0))) > spread(hist)
-    fig2 = studies.plot_pairs([(image, mask)], titles=["s"], overlay_alpha=0.4)
+    assert spread(data_study.luma_histogram(clahe_on_luma(image, 3.0))) > spread(hist)
+    fig2 = data_study.plot_pairs([(image, mask)], titles=["s"], overlay_alpha=0.4)
     assert len(fig2.axes) == 3
-    fig3 = studies.plot_gallery([(image, mask)] * 3, titles=["a", "b", "c"])
+    fig3 = data_study.plot_gallery([(image, mask)] * 3, titles=["a", "b", "c"])
     assert len(fig3.axes) == 6
     import matplotlib.pyplot as plt
     plt.close("all")
@@ -141,36 +143,36 @@ def test_clahe_histograms_and_figures():
 
 def test_luma_contrast_is_the_std_of_the_luma_and_clahe_raises_it():
     flat = np.full((32, 48, 3), 200, np.uint8)
-    assert studies.luma_contrast(flat) == 0.0
+    assert data_study.luma_contrast(flat) == 0.0
     halves = flat.copy()
     halves[:, 24:] = 100                       # grey: luma = the grey level; two equal halves 100 apart
-    assert studies.luma_contrast(halves) == pytest.approx(50.0)
+    assert data_study.luma_contrast(halves) == pytest.approx(50.0)
     smear = make_smear(0, size=(96, 128))[0]
-    out = studies.clahe_contrast({"smear": smear, "halves": halves}, clip_limit=3.0, tile_grid=(4, 4))
+    out = data_study.clahe_contrast({"smear": smear, "halves": halves}, clip_limit=3.0, tile_grid=(4, 4))
     smear_row = out["images"][0]
     assert [r["image"] for r in out["images"]] == ["smear", "halves"]
-    assert smear_row["contrast_before"] == pytest.approx(studies.luma_contrast(smear))
+    assert smear_row["contrast_before"] == pytest.approx(data_study.luma_contrast(smear))
     assert smear_row["contrast_after"] > smear_row["contrast_before"]     # a smear's narrow luma spreads
     assert smear_row["ratio"] == pytest.approx(smear_row["contrast_after"] / smear_row["contrast_before"])
     assert out["contrast_before"] == pytest.approx(np.mean([r["contrast_before"] for r in out["images"]]))
     assert out["contrast_after"] == pytest.approx(np.mean([r["contrast_after"] for r in out["images"]]))
     assert (out["clip_limit"], out["tile_grid"]) == (3.0, [4, 4])
     with pytest.raises(BloodsegError):
-        studies.clahe_contrast({})
+        data_study.clahe_contrast({})
 
 
 def test_class_balance_of_splits_and_baseline_scores():
     splits = synthetic_splits("smoke")
-    rows = studies.split_balance(splits)
+    rows = data_study.split_balance(splits)
     assert [r["split"] for r in rows] == ["train", "val", "test"]
     for r in rows:
         assert r["samples"] == len(splits[r["split"]])
         assert r["background"] + r["white cell"] + r["red cell"] == pytest.approx(1.0)
-    fractions = studies.class_fractions([np.array([[0, 1], [2, 2]])])
+    fractions = data_study.class_fractions([np.array([[0, 1], [2, 2]])])
     assert fractions.tolist() == [0.25, 0.25, 0.5]
-    fig = studies.plot_split_balance(rows)
+    fig = data_study.plot_split_balance(rows)
     assert fig.axes
     import matplotlib.pyplot as plt
     plt.close("all")
-    out = studies.baseline_scores([make_smear(s, size=(160, 240)) for s in range(2)])
+    out = data_study.baseline_scores([make_smear(s, size=(160, 240)) for s in range(2)])
     assert 0.3 < out["miou"] < 1.0 and len(out["per_image_miou"]) == 2

@@ -42,8 +42,9 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint
 from ..errors import BloodsegError
-from ..measure import PeakMemory, count_saved_bytes, run_isolated, sync, time_inference
-from ..models import MODEL_NAMES, build_model, count_parameters, parameter_memory_mb
+from ..measure import PeakMemory, count_saved_bytes, interleaved_times, run_isolated, sync, time_inference
+from ..models import MODEL_NAMES, count_parameters, parameter_memory_mb
+from ..registry import build_variant, variant, variant_names
 from ..ode import nfe_report, ode_blocks
 from ..preprocess import image_to_tensor
 from ..checkpoint import model_from_checkpoint
@@ -86,12 +87,14 @@ def _bench_masks(n: int, size: int, seed: int = 2000) -> tuple[torch.Tensor, tor
 
 def _build_for_bench(name: str, width: int, adjoint: bool | None, ckpt: str | None,
                      options: dict | None = None) -> torch.nn.Module:
+    """The network of the label ``name`` (:func:`bloodseg.registry.build_variant`) with ``options``
+    on top, or ``ckpt``'s network with ``options`` overriding its solver settings."""
     extra = dict(options or {})
     if adjoint is not None:
         extra["adjoint"] = bool(adjoint)
     if ckpt:
         return model_from_checkpoint(load_checkpoint(ckpt), ckpt, **extra)
-    return build_model(name, width=width, **extra)
+    return build_variant(name, width=width, **extra)
 
 
 def _train_steps(cfg: dict) -> dict:
@@ -146,7 +149,7 @@ def training_step_cost(model: str, width: int = 32, size: int = 256, batch: int 
                        subprocess_on_cpu: bool = True, timeout: float = 1800) -> dict:
     """Time and peak memory of one training step of ``model`` (``adjoint`` None: no ODE-blocks).
 
-    ``options`` go to :func:`~bloodseg.build_model` (or override a checkpoint's solver settings,
+    ``options`` go to :func:`bloodseg.registry.build_variant` (or override a checkpoint's solver settings,
     e.g. ``dict(rtol=1e-6)``).
     On a CPU the steps run in a fresh Python process (:func:`bloodseg.measure.run_isolated`, see
     the module docstring), on CUDA in this one; peak memory is :class:`bloodseg.measure.PeakMemory`. Returns ``dict(step_s, peak_mb, saved_mb, nfe_forward, nfe_backward, memory_how)``, or
@@ -183,8 +186,11 @@ def _device_label(device: torch.device) -> str:
 
 def run_bench(models=MODEL_NAMES, width: int = 32, size: int = 256, n_images: int = 20,
               batch: int = 2, device=None, ckpt_dir=None, train: bool = True, adjoint: bool = True,
-              warmup: int = 2, repeats: int = 1, progress=None) -> dict:
-    """Measure every model of ``models`` (see the module docstring); returns a JSON-able dict.
+              warmup: int = 2, repeats: int = 1, progress=None, options: dict | None = None) -> dict:
+    """Measure every model of ``models`` (labels of :data:`bloodseg.registry.VARIANTS`, e.g.
+    ``nodes-unet-h16``; see the module docstring); returns a JSON-able dict. ``options``: build
+    options of every network on top of its label's (``--model-option``; the ODE options are
+    ignored by ``unet`` and ``resunet``).
 
     ``{"config": {...}, "models": [row, ...]}``: each row has ``model, weights, width, params,
     param_mb, time_s, time_per_image_s, time_20_s, ratio_to_unet, paper_time_20_s,
@@ -193,11 +199,11 @@ def run_bench(models=MODEL_NAMES, width: int = 32, size: int = 256, n_images: in
     ODE-blocks; ``train`` is None with ``train=False``). The U-Net is always measured, as the
     reference of the ratios, and added first if ``models`` lacks it.
     """
-    models = [m.strip().lower() for m in (models.split(",") if isinstance(models, str) else models)]
-    unknown = [m for m in models if m not in MODEL_NAMES]
-    if unknown or not models:
-        raise BloodsegError(f"unknown model(s) {', '.join(unknown) or '(none)'}: choose from "
-                            f"{', '.join(MODEL_NAMES)}")
+    models = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
+    if not models:
+        raise BloodsegError(f"no model to bench: choose from {', '.join(variant_names())} (or nodes-unet-hN)")
+    models = [variant(m).label for m in models]      # an unknown label is an error that names them all
+    options = dict(options or {})
     if "unet" not in models:
         models = ["unet"] + models
     for what, v in (("size", size), ("width", width), ("n_images", n_images), ("batch", batch)):
@@ -216,7 +222,7 @@ def run_bench(models=MODEL_NAMES, width: int = 32, size: int = 256, n_images: in
     for name in models:
         ckpt = checkpoint_for(name, ckpt_dir)
         torch.manual_seed(0)
-        model = _build_for_bench(name, width, None, ckpt)
+        model = _build_for_bench(name, width, None, ckpt, options)
         has_ode = bool(ode_blocks(model))
         row = dict(model=name, weights=ckpt or "random", width=int(model.options.get("width", width)),
                    params=count_parameters(model), param_mb=parameter_memory_mb(model))
@@ -230,9 +236,10 @@ def run_bench(models=MODEL_NAMES, width: int = 32, size: int = 256, n_images: in
             say(f"{name}: training step(s), batch {batch} ...")
             row["train"] = {"direct": training_step_cost(
                 name, width, size, batch, adjoint=False if has_ode else None, device=device, ckpt=ckpt,
-                repeats=repeats)}
+                options=options, repeats=repeats)}
             row["train"]["adjoint"] = (training_step_cost(
-                name, width, size, batch, adjoint=True, device=device, ckpt=ckpt, repeats=repeats)
+                name, width, size, batch, adjoint=True, device=device, ckpt=ckpt, options=options,
+                repeats=repeats)
                 if has_ode and adjoint else None)
         else:
             row["train"] = None
@@ -247,7 +254,7 @@ def run_bench(models=MODEL_NAMES, width: int = 32, size: int = 256, n_images: in
     config = dict(width=width, size=size, n_images=n_images, batch=batch, device=str(device),
                   device_name=_device_label(device), torch=str(torch.__version__),
                   threads=torch.get_num_threads(), ckpt_dir=str(ckpt_dir) if ckpt_dir else None,
-                  warmup=warmup, repeats=repeats, memory_how=how,
+                  warmup=warmup, repeats=repeats, memory_how=how, model_options=options,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   paper_reference="Li et al. 2021, Table 1: time for 20 images, GTX 1080 Ti, 256x256")
     return dict(config=config, models=rows)
@@ -332,12 +339,7 @@ def export_bench(out=None, ckpt=None, solver=None, repeats: int = 3, threads: in
     each is kept. Returns the record, also written to ``out`` (JSON) when given, with provenance.
     ``n_images``: the first n photographs only (tests).
     """
-    import datetime
-    import json
-    import os
     import statistics
-    import subprocess
-    import sys
     import tempfile
 
     import onnxruntime
@@ -345,13 +347,11 @@ def export_bench(out=None, ckpt=None, solver=None, repeats: int = 3, threads: in
     from ..bccd import bccd_sample_dir
     from ..calibrate import solver_label
     from ..export import export_onnx, load_onnx
-    from ..io import read_image, write_bytes
+    from ..io import read_image
     from ..segmenter import Segmenter, shipped_checkpoint
+    from .records import provenance, write_record
 
     t_all, old_threads = time.perf_counter(), torch.get_num_threads()
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,   # noqa: E731
-                                    cwd=Path(__file__).resolve().parent).stdout.strip()
-    commit, dirty = git("rev-parse", "HEAD") or "unknown", bool(git("status", "--porcelain", ":/bloodseg"))
     torch.set_num_threads(threads)
     try:
         seg = Segmenter.load(ckpt or shipped_checkpoint(), device="cpu")
@@ -375,16 +375,12 @@ def export_bench(out=None, ckpt=None, solver=None, repeats: int = 3, threads: in
             x = seen[0]
             with torch.inference_mode():
                 diff = float((seg.model(x) - onnx_seg.model(x)).abs().max())
-            jobs = {"eager": lambda: seg.model(x), "onnx": lambda: onnx_seg.model(x),
-                    "predict_eager": lambda: seg.predict(image), "predict_onnx": lambda: onnx_seg.predict(image)}
-            times = {k: [] for k in jobs}
-            for r in range(repeats):
-                for pair in (("eager", "onnx"), ("predict_eager", "predict_onnx")):
-                    for k in (pair if r % 2 == 0 else pair[::-1]):
-                        t0 = time.perf_counter()
-                        with torch.inference_mode():
-                            jobs[k]()
-                        times[k].append(time.perf_counter() - t0)
+            jobs = {"eager": lambda _: seg.model(x), "onnx": lambda _: onnx_seg.model(x),
+                    "predict_eager": lambda _: seg.predict(image), "predict_onnx": lambda _: onnx_seg.predict(image)}
+            # each round: the networks alone, then the whole predict, each pair taking turns (the first alternating)
+            turns = lambda r, k: k if r % 2 == 0 else [k[1], k[0], k[3], k[2]]   # noqa: E731
+            with torch.inference_mode():
+                times = interleaved_times(jobs, [None], repeats, order=turns)
             ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
             rows.append(dict(image=f.name, size=list(image.shape[:2]), network_input=list(x.shape),
                              eager_ms=ms["eager"], onnx_ms=ms["onnx"], ratio_onnx_to_eager=ms["onnx"] / ms["eager"],
@@ -408,18 +404,9 @@ def export_bench(out=None, ckpt=None, solver=None, repeats: int = 3, threads: in
                 "'predict_*' the whole Segmenter.predict (scale, CLAHE, network, cleanup)",
         "checkpoint": str(Path(ckpt or shipped_checkpoint()).name), "solver": seg.solver,
         "summary": summary, "images": rows,
-        "provenance": {
-            "git_commit": commit, "git_dirty": dirty,
-            "command": command or " ".join([Path(sys.executable).name] + sys.argv),
-            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                      f"{threads} thread(s) each for torch and onnxruntime, shared with other jobs; load "
-                      f"average {os.getloadavg()[0]:.1f} at the end)",
-            "torch": str(torch.__version__), "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "wall_s": round(time.perf_counter() - t_all, 1)},
+        "provenance": provenance(command, t_all, threads_note=f"{threads} thread(s) each for torch and onnxruntime",
+                                 threads=threads, onnxruntime=onnxruntime.__version__),
     }
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(out, (json.dumps(record, indent=1, default=float) + "\n").encode())
+        write_record(record, Path(out))
     return record

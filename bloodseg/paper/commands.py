@@ -1,4 +1,4 @@
-"""What the paper's ``bloodseg`` commands do: ``train-bccd``, ``tune-cleanup``, ``bench``,
+"""What the paper's ``bloodseg`` commands do: ``bench``,
 ``reproduce`` and the ``ddp-bench`` / ``ddp-gradcheck`` workers that :mod:`.ddp_scaling` launches
 under torchrun. :mod:`bloodseg.cli` parses the command line and calls these; each imports the
 experiment module it runs when it runs (they pull in pandas and the plotting code, which
@@ -8,23 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ..commands import dump_json, write_json
-
-
-def cmd_train_bccd(args) -> int:
-    """:func:`.bccd.train_bccd_checkpoint` with the recipe :func:`bloodseg.cli.bccd_recipe_from_args` made."""
-    from .bccd import train_bccd_checkpoint
-    dump_json(train_bccd_checkpoint(args.out, args.recipe, src=args.src, pretrain=not args.no_pretrain,
-                                    init=args.init, log=lambda m: print(m, flush=True)))
-    return 0
-
-
-def cmd_tune_cleanup(args) -> int:
-    from .bccd import tune_checkpoint_cleanup
-    result = tune_checkpoint_cleanup(args.ckpt, src=args.src, out=args.out, work=args.work,
-                                     log=lambda m: print(m, flush=True))
-    print(f"wrote {result['checkpoint']} with postprocess {result['tuning']['chosen']}")
-    return 0
+from ..commands import write_json
 
 
 def cmd_reproduce(args) -> int:
@@ -35,11 +19,13 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from ..registry import parse_model_options
     from .bench import format_bench, run_bench
     result = run_bench(models=args.models, width=args.width, size=args.size, n_images=args.n_images,
                        batch=args.batch, device=args.device, ckpt_dir=args.ckpt_dir,
                        train=not args.no_train, adjoint=not args.no_adjoint, repeats=args.repeats,
-                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                       progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                       options=parse_model_options(getattr(args, "model_option", None)))
     print(format_bench(result))
     if args.json:
         write_json(result, args.json)

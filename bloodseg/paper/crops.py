@@ -15,7 +15,6 @@ intervals over crops for the differences. ``bloodseg record crops`` writes
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import numpy as np
 from scipy import ndimage
 
 from ..classes import WHITE_CELL
-from ..io import write_bytes
-from .robustness import _git, _pooled_drop_ci, record_provenance, score_photo
+from .records import provenance, results_path, write_record
+from .robustness import _pooled_drop_ci, score_photo
 from .stats import N_BOOT
 
 __all__ = ["SETTINGS", "VARIANTS", "crop_around_white_cell", "make_crops", "crop_scores", "crops_frame",
@@ -160,7 +159,7 @@ def run_record(args, command: str) -> dict:
     from ..segmenter import Segmenter, shipped_checkpoint
 
     work = Path(args.work or "runs/robustness")
-    out = Path(args.out or "book/results/robustness/crops.json")
+    out = Path(args.out) if args.out else results_path("robustness/crops.json")
     t_all = time.perf_counter()
     src, kind = bccd_source(args.bccd_src)
     prepare_cached(src, work / "bccd")
@@ -175,9 +174,7 @@ def run_record(args, command: str) -> dict:
                 f"95 % bootstrap intervals over crops ({N_BOOT} resamples)",
         "checkpoint": shipped_checkpoint().name, "n_photographs": len(test), "bccd": f"{src} ({kind})",
         "settings": [list(s) for s in SETTINGS], "variants": VARIANTS, "rows": rows,
-        "provenance": record_provenance(command, t_all, _git("rev-parse", "HEAD"),
-                                        bool(_git("status", "--porcelain", "bloodseg"))),
+        "provenance": provenance(command, t_all),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(out, (json.dumps(record, indent=1) + "\n").encode())
+    write_record(record, out)
     return record

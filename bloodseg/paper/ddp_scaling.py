@@ -21,7 +21,7 @@ this module holds what goes around it, in reading order:
 * :func:`batch_and_lr` and the ``plot_*`` helpers of the book's chapter "Multi-GPU training".
 * :func:`record_throughput` — the CPU throughput the chapter reads instead of measuring it at every
   build (``python -m bloodseg.paper.ddp_scaling record-throughput``, a JSON record with provenance:
-  commit, command, device, load average, torch, date, wall time); :func:`load_record` reads it back.
+  commit, command, device, load average, torch, date, wall time); :func:`~bloodseg.paper.records.load_record` reads it back.
 
 Effective batch and learning rate: ``TrainConfig.batch_size`` is per process, so ``N`` processes
 train with a global batch of ``batch_size * N``, and one epoch takes ``N`` times fewer steps. With
@@ -57,6 +57,7 @@ from ..errors import BloodsegError
 from ..measure import sync
 from ..models import build_model
 from ..ode import nfe_report
+from .records import load_record, provenance, provenance_line, write_record
 
 __all__ = [
     "torchrun_command",
@@ -604,18 +605,6 @@ CPU_BENCH = dict(model="nodes-unet", width=8, patch=64, batch_size=4, steps=5, w
 THROUGHPUT_RECORD = "07_multi_gpu/record_throughput.json"
 
 
-def _provenance(t0: float, command: str, threads: str) -> dict:
-    import datetime
-    import platform
-    from .reproduce import git_commit
-    return {"git_commit": git_commit(), "command": command,
-            "device": f"cpu ({platform.processor() or platform.machine()}, {cpu_cores()} cores, {threads}; "
-                      f"shared with other jobs, load average {os.getloadavg()[0]:.1f} at the end)",
-            "torch": str(torch.__version__), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "wall_s": round(time.perf_counter() - t0, 1)}
-
-
 def record_throughput(out=None, settings=CPU_SETTINGS, repeats: int = 3, out_dir="runs/throughput-record",
                       command: str | None = None, log=print, **bench) -> dict:
     """Measure :func:`measure_throughput` ``repeats`` times and write a JSON record to ``out``
@@ -661,34 +650,11 @@ def record_throughput(out=None, settings=CPU_SETTINGS, repeats: int = 3, out_dir
                  f"process); {repeats} rounds, settings interleaved; rows: medians over the rounds"),
         "data": {"settings": [list(s) for s in settings], "bench": cfg, "repeats": repeats, "rounds": rounds,
                  "rows": summary},
-        "provenance": _provenance(t0, command or "python -m bloodseg.paper.ddp_scaling record-throughput",
-                                  "threads per setting as in the rows"),
+        "provenance": provenance(command, t0,
+                                 threads_note="threads per setting as in the rows"),
     }
-    if out is None:
-        from .report import RESULTS_DIR
-        out = Path(RESULTS_DIR) / THROUGHPUT_RECORD
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(record, Path(out) if out is not None else THROUGHPUT_RECORD)
     return record
-
-
-def load_record(name: str = THROUGHPUT_RECORD) -> dict | None:
-    """A record under the results folder (``book/results`` from a clone's root, ``results`` from
-    ``book/``), or None when it is not there."""
-    from .report import RESULTS_DIR
-    path = Path(RESULTS_DIR) / name
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def provenance_line(record: dict) -> str:
-    """One line saying where a record came from: commit, date, device, torch, wall time, command."""
-    p = record.get("provenance") or {}
-    commit = str(p.get("git_commit", "?"))
-    commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")   # -dirty: files differed from it
-    return (f"recorded {str(p.get('date', '?'))[:16].replace('T', ' ')} UTC at commit {commit} "
-            f"on {p.get('device', '?')}, torch {p.get('torch', '?')}, in {p.get('wall_s', '?')} s by "
-            f"`{p.get('command', '?')}`")
 
 
 def run_record(args, command: str) -> None:

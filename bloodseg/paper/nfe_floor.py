@@ -26,9 +26,6 @@ NFE that a regulariser can save on this solver is trained / constant.
 """
 from __future__ import annotations
 
-import datetime
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -38,15 +35,18 @@ from torchdiffeq import odeint
 
 from ..bccd import bccd_sample_dir
 from ..checkpoint import load_model
-from ..io import read_image, write_bytes
-from ..models import build_model
+from ..io import read_image
 from ..ode import ode_blocks
 from ..preprocess import image_to_tensor
+from ..registry import build_variant
 from ..segmenter import Segmenter, shipped_checkpoint
-from .cheap import REGULARISE_WORK, block_inputs, regularise_units
-from .reproduce import git_commit, prepare_data, scale_recipe
+from .blocks import block_inputs
+from .records import provenance, write_record
+from .reproduce import prepare_data, scale_recipe
+from .units import REGULARISE_WORK, regularise_units
 
-RECORD = Path("book/results/speed/nfe_floor.json")
+#: The record, by its name under the results folder (``book/results``).
+RECORD = "speed/nfe_floor.json"
 #: Factors on the block's initial velocity for the constant-flow curve: how small would f have to be
 #: for dopri5 to need fewer evaluations?
 VELOCITY_SCALES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
@@ -96,8 +96,9 @@ def summarise(rows: list[dict]) -> dict:
                 saving_by_first_step=tot["trained"] / tot["first_step"])
 
 
-def floor_record(models: dict, out=RECORD, command: str = "", git_commit: str = "") -> dict:
-    """``models``: ``{label: (model, images, what)}``; measures each and writes the record to ``out``."""
+def floor_record(models: dict, out=RECORD, command: str | None = None) -> dict:
+    """``models``: ``{label: (model, images, what)}``; measures each and writes the record to ``out``
+    (a path, or the default :data:`RECORD` under the results folder; None: not written)."""
     t0 = time.perf_counter()
     result = {}
     for label, (model, images, what) in models.items():
@@ -107,17 +108,13 @@ def floor_record(models: dict, out=RECORD, command: str = "", git_commit: str = 
         what="dopri5 (torchdiffeq) evaluations of f per ODE-block on real activations: the trained flow, "
              "the constant flow v = f(0, x) (the controller's floor), f = 0, and the trained flow with "
              "first_step = t1; the same rtol/atol as the block",
-        models=result, git_commit=git_commit, command=command, torch=torch.__version__,
-        device=f"cpu ({platform.machine()}, {torch.get_num_threads()} torch thread(s))",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        wall_s=round(time.perf_counter() - t0, 1))
+        models=result, **provenance(command, t0))
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(Path(out), (json.dumps(record, indent=1) + "\n").encode())
+        write_record(record, RECORD if out == RECORD else Path(out))
     return record
 
 
-def record_default(out=RECORD, scale: str = "study", n_images: int = 2, command: str = "",
+def record_default(out=RECORD, scale: str = "study", n_images: int = 2, command: str | None = None,
                    regularise_work=None, log=print) -> dict:
     """The record the book reads: an untrained NODEs-UNet (control), the regularisation pair of
     :mod:`bloodseg.paper.regularise` (seed 0, where trained) on the first ``n_images`` test patches
@@ -126,7 +123,7 @@ def record_default(out=RECORD, scale: str = "study", n_images: int = 2, command:
     test = prepare_data(recipe)["test"]
     x = torch.stack([test[i][0] for i in range(n_images)])
     torch.manual_seed(0)
-    models = {"untrained": (build_model("nodes-unet", width=recipe.model.width).eval(), x,
+    models = {"untrained": (build_variant("nodes-unet", width=recipe.model.width).eval(), x,
                             f"NODEs-UNet, width {recipe.model.width}, untrained (seed 0): the control")}
     for name, u in regularise_units(regularise_work or REGULARISE_WORK, (0,)).items():
         models[name] = (load_model(u["ckpt"]).eval(), x,
@@ -141,7 +138,7 @@ def record_default(out=RECORD, scale: str = "study", n_images: int = 2, command:
                          f"scale {seg.input_scale}: " + ", ".join(p.name for p in photos))
     for label in models:
         log(f"{label} ...")
-    return floor_record(models, out=out, command=command, git_commit=git_commit())
+    return floor_record(models, out=out, command=command)
 
 
 def plot_floor(record: dict):

@@ -15,11 +15,8 @@ missing units.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -27,12 +24,12 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model
-from ..io import write_bytes
-from ..models import build_model
 from ..ode import check_regularise
+from ..registry import build_variant
 from ..train import evaluate, fit
 from . import stats
-from .reproduce import git_commit, prepare_data, scale_recipe
+from .records import provenance, write_record
+from .reproduce import prepare_data, scale_recipe
 
 #: The weights of the record. A pilot (seed 0, 2 epochs of the study recipe) found test MIoU 0.798
 #: unregularised, 0.804 with 0.01/0.01 and 0.821 with 0.1/0.1, and the NFE per step 66 in all three:
@@ -42,7 +39,8 @@ REGULARISE = {"kinetic": 0.1, "jacobian": 0.1}
 PILOT = ("pilot, seed 0, study recipe with 2 epochs (cosine over 2): plain NFE/step 66.0, test NFE 66, test "
          "MIoU 0.7982, epochs 21/19 s; kinetic=jacobian=0.01: 66.0, 66, 0.8040, reg_loss 0.0178, 102/68 s; "
          "kinetic=jacobian=0.1: 66.0, 66, 0.8206, reg_loss 0.1631, 87/95 s (1 thread on a shared 2-core CPU)")
-RECORD = Path("book/results/speed/regularisation.json")
+#: The record, by its name under the results folder (``book/results``).
+RECORD = "speed/regularisation.json"
 WORK = Path("runs/regularise")
 MODEL = "nodes-unet"
 
@@ -70,7 +68,7 @@ def train_unit(recipe, data: dict, work: Path, log=print) -> dict:
     (work / "recipe.json").write_text(json.dumps(fingerprint, indent=1))
     seed = recipe.train.seed
     torch.manual_seed(seed)
-    model = build_model(MODEL, width=recipe.model.width, **recipe.model.options)
+    model = build_variant(MODEL, width=recipe.model.width, **recipe.model.options)
     t0 = time.perf_counter()
     history = fit(model, data["train"], data["val"], work, recipe, device=_device(),
                   on_epoch=lambda r: log(f"  {work.name} epoch {r['epoch']}: loss {r['loss']:.4f} "
@@ -99,8 +97,8 @@ def regularisation_study(out=RECORD, work=WORK, seeds=(0, 1, 2), regularise: dic
                          epochs: int | None = None, scale: str = "study", command: str | None = None,
                          notes: str = PILOT, log=print) -> dict:
     """NODEs-UNet with and without ``regularise`` (default :data:`REGULARISE`) on ``seeds``; the
-    record (also written to ``out`` unless it is None). ``epochs`` shortens the scale's recipe (the
-    cosine schedule follows it)."""
+    record (also written to ``out``, a path or the default :data:`RECORD` under the results folder,
+    unless it is None). ``epochs`` shortens the scale's recipe (the cosine schedule follows it)."""
     started = time.perf_counter()
     regularise = check_regularise(REGULARISE if regularise is None else regularise)
     base = scale_recipe(scale)
@@ -130,10 +128,7 @@ def regularisation_study(out=RECORD, work=WORK, seeds=(0, 1, 2), regularise: dic
         what="NODEs-UNet trained with and without RNODE regularisation (Finlay et al. 2020): kinetic energy "
              "and Hutchinson Jacobian Frobenius norm, both integrated alongside each ODE-block's solve",
         model=MODEL, regularise=regularise, seeds=list(seeds), epochs=base.train.epochs,
-        git_commit=git_commit(), command=command or shlex.join(sys.argv), recipe=base.to_dict(),
-        device=_device(), threads=torch.get_num_threads(), torch=torch.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        wall_s=time.perf_counter() - started, notes=notes,
+        recipe=base.to_dict(), **{**provenance(command, started), "device": _device()}, notes=notes,
         summary=summary,
         nfe_train_ratio=summary["regularised"]["nfe_train_step"] / summary["plain"]["nfe_train_step"],
         test_nfe_ratio=summary["regularised"]["test_nfe"] / summary["plain"]["test_nfe"],
@@ -141,7 +136,6 @@ def regularisation_study(out=RECORD, work=WORK, seeds=(0, 1, 2), regularise: dic
                           n_images=diff["n_images"], of="regularised - plain, per-image test MIoU"),
         units=units)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(Path(out), (json.dumps(record, indent=1, default=float) + "\n").encode())
+        write_record(record, RECORD if out == RECORD else Path(out))
     return record
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import write_bytes
 from ..recipe import Recipe, get_recipe
 from .notebooks import setup_figures
 
@@ -57,16 +58,12 @@ class Run:
         Results are kept per profile: a smoke run (CI) never overwrites what a quick or full run
         saved for the book; it writes ``<name>.smoke.json`` instead.
         """
-        folder = RESULTS_DIR / self.chapter
-        folder.mkdir(parents=True, exist_ok=True)
         suffix = "" if self.profile.name != "smoke" else ".smoke"
-        path = folder / f"{name}{suffix}.json"
+        path = Path(RESULTS_DIR) / self.chapter / f"{name}{suffix}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"provenance": {**self.info(), "wall_s_so_far": round(time.perf_counter() - self.started, 1)},
                    "data": data}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_bytes(path, (json.dumps(payload, indent=1, default=_jsonable) + "\n").encode())
 
     def finish(self) -> float:
         wall = time.perf_counter() - self.started

@@ -22,14 +22,9 @@ and test set; the seed only changes the initial weights and the order of the bat
 """
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import platform
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,17 +34,19 @@ import torch
 from ..checkpoint import load_model
 from ..datasets import SegmentationDataset, extract_patches, synthetic_splits
 from ..errors import BloodsegError
-from ..io import write_bytes
-from ..measure import time_inference
-from ..models import build_model, count_parameters
+from ..measure import interleaved_times
+from ..models import POSITIONS, build_model, count_parameters
+from ..ode import nfe_report
 from ..recipe import Recipe
+from ..registry import variant
 from ..train import evaluate, fit
 from . import stats
+from .records import REQUIRED, command_line, cpu_model, git_commit, provenance, write_record  # noqa: F401
 from .runs import _subset, ablation_budget
 
 RECORD_FORMAT = 1
 #: Fields every record must carry; :func:`load_records` refuses a record without them.
-PROVENANCE = ("git_commit", "command", "recipe", "device", "torch", "date", "wall_s")
+PROVENANCE = (*REQUIRED[:2], "recipe", *REQUIRED[2:])   # the order of the error message
 EXPERIMENTS = ("table2", "tolerance", "adjoint-memory", "table1", "timing")   # `all` runs them in this order
 #: Timing rounds of the ``timing`` experiment: every model once per round, in the same order.
 TIMING_ROUNDS = 5
@@ -90,17 +87,21 @@ def scale_recipe(scale: str) -> Recipe:
     raise BloodsegError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
 
 
+def _spec(label: str) -> dict:
+    """A unit's model: the label, model name and options of :func:`bloodseg.registry.variant`."""
+    v = variant(label)
+    return dict(label=v.label, model=v.model, options=dict(v.options))
+
+
 def experiment_specs(experiment: str, recipe: Recipe) -> list[dict]:
-    """The models of an experiment: ``dict(label, model, options)``."""
-    plain = lambda name: dict(label=name, model=name, options={})   # noqa: E731
+    """The models of an experiment: ``dict(label, model, options)``, read from :mod:`bloodseg.registry`."""
     if experiment == "table1":
-        return [plain("unet")] + [plain(f"ode-unet-{p}") for p in range(1, 10)]
+        return [_spec("unet")] + [_spec(f"ode-unet-{p}") for p in POSITIONS]
     if experiment == "table2":
         hidden = 2 * recipe.model.width                  # chapter 6: runs.nodes_settings()["hidden"]
-        return [plain("unet"), plain("resunet"), plain("nodes-unet"),
-                dict(label=f"nodes-unet-h{hidden}", model="nodes-unet", options=dict(ode_hidden=hidden))]
+        return [_spec("unet"), _spec("resunet"), _spec("nodes-unet"), _spec(f"nodes-unet-h{hidden}")]
     if experiment == "tolerance":
-        return [plain("nodes-unet")]
+        return [_spec("nodes-unet")]
     if experiment == "adjoint-memory":
         return [dict(label="adjoint-memory", model="nodes-unet", options={})]
     if experiment == "timing":                      # one unit per seed: every trained model, timed side by side
@@ -119,43 +120,6 @@ def prepare_data(recipe: Recipe) -> dict:
     val = _subset(val, recipe.data.max_val, DATA_SEED + 1)
     return dict(train=SegmentationDataset(train), val=SegmentationDataset(val),
                 test=SegmentationDataset(splits["test"]))
-
-
-def git_commit() -> str:
-    """HEAD's hash, with ``-dirty`` when tracked files differ from it (the record then says so)."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
-        head = out.stdout.strip()
-        if out.returncode != 0 or not head:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=here).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def command_line() -> str:
-    """This process's command as a user would type it: ``bloodseg ...`` for the CLI (run as
-    ``bloodseg`` or ``python -m bloodseg.cli``), else the arguments as given, without machine paths."""
-    argv = list(sys.argv)
-    if argv and Path(argv[0]).name in ("bloodseg", "cli.py", "__main__.py"):
-        return shlex.join(["bloodseg", *argv[1:]])
-    return shlex.join([Path(argv[0]).name if argv else "python", *argv[1:]])
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its vector extensions that change float rounding in PyTorch's kernels
-    (a unit trained again on another CPU or thread count need not match its record bit for bit)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    isa = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma") if f in flags]
-    return f"{name or platform.machine()} ({', '.join(isa) or 'no AVX'})"
 
 
 def record_path(out, experiment: str, scale: str, label: str, seed: int) -> Path:
@@ -232,14 +196,18 @@ def _timing_unit(recipe: Recipe, seed: int, data: dict, train_dir: Path) -> dict
     specs = list({s["label"]: s for name in ("table1", "table2") for s in experiment_specs(name, recipe)}.values())
     models = {s["label"]: _train_unit(s, recipe, seed, data, train_dir / f"{s['label']}-seed{seed}")[0]
               for s in specs}
-    images = [data["test"][i][0][None] for i in range(min(recipe.measure.n_timed, len(data["test"])))]
-    times = {label: [] for label in models}
-    nfe = {}
-    for _ in range(TIMING_ROUNDS):
-        for label, model in models.items():
-            t = time_inference(model, images, warmup=1)
-            times[label].append(t["time_per_image_s"])
-            nfe[label] = float(sum(t["nfe_forward"].values()))
+    device = next(next(iter(models.values())).parameters()).device
+    images = [data["test"][i][0][None].to(device) for i in range(min(recipe.measure.n_timed, len(data["test"])))]
+    nfe = {label: 0.0 for label in models}
+
+    def count(label, r, x):              # mean forward NFE per image, all blocks (the first round)
+        if r == 0:
+            nfe[label] += sum(f for f, _ in nfe_report(models[label]).values()) / len(images)
+
+    with torch.inference_mode():         # every model once a round, in the same order, one warm-up image each time
+        rounds = interleaved_times(models, images, TIMING_ROUNDS, 1, device=device, order=lambda r, labels: labels,
+                                   warmup_each_round=True, after=count)
+    times = {label: [t / max(len(images), 1) for t in ts] for label, ts in rounds.items()}
     return dict(timing=dict(n_images=len(images), rounds=TIMING_ROUNDS, time_per_image_s=times, nfe_forward=nfe,
                             threads=torch.get_num_threads()))
 
@@ -322,13 +290,9 @@ def run_experiment(experiment: str, scale: str = "quick", seeds: int = 3, max_mi
                                work / "train" / scale / f"{spec['label']}-seed{seed}")
         wall = time.perf_counter() - t0
         record = dict(format=RECORD_FORMAT, experiment=experiment, scale=scale, label=spec["label"],
-                      model=spec["model"], options=spec["options"], seed=seed, git_commit=git_commit(),
-                      command=command, recipe=recipe.to_dict(), device=device, torch=torch.__version__,
-                      threads=torch.get_num_threads(), cpu=cpu_model(),
-                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      wall_s=wall, **result)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(path, (json.dumps(record, indent=1, default=float) + "\n").encode())
+                      model=spec["model"], options=spec["options"], seed=seed, recipe=recipe.to_dict(),
+                      **{**provenance(command, t0), "device": device, "wall_s": wall}, **result)
+        write_record(record, path)
         walls.append(wall)
         ran.append(path)
     bar.close()
@@ -415,7 +379,6 @@ def rescore(experiment: str, scale: str, out="book/results", work=None, command:
     one (same weights, same data), else the record is left alone. The record gains ``rescored``
     (commit, command, date); its original provenance stays."""
     work = Path(work) if work is not None else Path("runs") / "reproduce"
-    command = command or shlex.join(sys.argv)
     done, data = [], None
     for path in sorted((Path(out) / experiment / scale).glob("*.json")):
         rec = _read(path)
@@ -434,9 +397,9 @@ def rescore(experiment: str, scale: str, out="book/results", work=None, command:
             continue
         for p, q in zip(rec["per_image"], s["per_image"]):
             p["cm"] = q["cm"]
-        rec["rescored"] = dict(git_commit=git_commit(), command=command,
-                               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        write_bytes(path, (json.dumps(rec, indent=1, default=float) + "\n").encode())
+        rec["rescored"] = {k: v for k, v in provenance(command, time.perf_counter()).items()
+                           if k in ("git_commit", "command", "date")}
+        write_record(rec, path)
         done.append(path)
     return done
 

@@ -28,25 +28,19 @@ writes ``book/results/robustness/stain.json`` on the 72 BCCD test photographs.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from .. import stain as S
 from ..classes import WHITE_CELL
-from ..io import write_bytes
+from .records import provenance, results_path, write_record
 from .stats import LEVEL, N_BOOT, paired_bootstrap, verdict
 
-__all__ = ["SHIFTS", "STRONG_SHIFTS", "apply_shift", "score_photo", "stain_shift_scores", "record_provenance", "GOAL_PP", "run_record"]
+__all__ = ["SHIFTS", "STRONG_SHIFTS", "apply_shift", "score_photo", "stain_shift_scores", "GOAL_PP", "run_record"]
 
 #: The issue's goal: white-cell IoU within this many percentage points of unshifted, per shift.
 GOAL_PP = 2.0
@@ -94,9 +88,8 @@ def _counts(pred: np.ndarray, truth: np.ndarray) -> list[int]:
 def score_photo(segmenter, image: np.ndarray, truth: np.ndarray) -> tuple[float, list[int]]:
     """``(scale factor, [tp, fp, fn] of the white cells)`` of ``segmenter.predict`` on one image, run
     as ``bloodseg predict`` runs it: colour matched and scale measured once, then predicted."""
-    image = segmenter.prepare(image)
-    factor = float(segmenter.scale_for(image))
-    return factor, _counts(segmenter.predict(image, input_scale=factor, prepared=True), truth)
+    p = segmenter.segment(image)
+    return p.factor, _counts(p.mask, truth)
 
 
 def _pooled_drop_ci(base: np.ndarray, shifted: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
@@ -157,21 +150,6 @@ def stain_shift_scores(segmenter, samples, shifts=None, log: Callable[[str], Non
     return out
 
 
-def _git(*args) -> str:
-    return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
-
-
-def record_provenance(command: str, started: float, commit: str, dirty: bool) -> dict:
-    """The provenance of a CPU record: commit (``dirty`` when ``bloodseg/`` had changes), command,
-    device, versions, date, and the wall time since ``started`` (a ``time.perf_counter()``)."""
-    return {"git_commit": commit, "git_dirty": dirty, "command": command,
-            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-                      f"{torch.get_num_threads()}, shared with other jobs; load average {os.getloadavg()[0]:.1f} at the end)",
-            "torch": str(torch.__version__), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "wall_s": round(time.perf_counter() - started, 1)}
-
-
 def run_record(args, command: str) -> dict:
     """``bloodseg record stain``: score the shipped checkpoint on the BCCD test photographs under
     the shifts; write the JSON record."""
@@ -180,9 +158,8 @@ def run_record(args, command: str) -> dict:
     from ..segmenter import Segmenter, shipped_checkpoint
 
     args.work = args.work or "runs/robustness"
-    args.json = args.out or "book/results/robustness/stain.json"
+    args.json = args.out or results_path("robustness/stain.json")
     t_all = time.perf_counter()
-    commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "bloodseg"))
     src, kind = bccd_source(args.bccd_src)
     prepare_cached(src, Path(args.work) / "bccd")
     test = load_folder(Path(args.work) / "bccd" / "test")[: args.limit]
@@ -222,10 +199,9 @@ def run_record(args, command: str) -> dict:
             "summary": {k: {"white_iou_pooled": round(r["white_iou_pooled"], 4),
                             **({"drop_pp": round(r["drop_pp"], 2)} if k != "none" else {})} for k, r in compare.items()},
             "rows": compare},
-        "provenance": record_provenance(command, t_all, commit, dirty),
+        "provenance": provenance(command, t_all),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(Path(args.json), (json.dumps(record, indent=1) + "\n").encode())
+    write_record(record, Path(args.json))
     print(json.dumps(summary, indent=1))
     return record
 

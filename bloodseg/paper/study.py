@@ -21,13 +21,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import BloodsegError
+from ..registry import VARIANTS, variant
 from . import stats
 from .claims import source_line
 from .reference import PAPER_TABLE1, PAPER_TABLE2
 from .report import RESULTS_DIR
 from .reproduce import convergence, load_records, summarize
 
-ORDER = ["unet", "resunet", *[f"ode-unet-{p}" for p in range(1, 10)], "nodes-unet"]
+#: The tables' order of the models: the two baselines, then the networks with ODE-blocks, by their
+#: model names in :data:`bloodseg.registry.VARIANTS` (a variant such as ``nodes-unet-h16`` sorts
+#: after its model, by label).
+ORDER = ["unet", "resunet", *[k for k, v in VARIANTS.items() if v.model == k and k not in ("unet", "resunet")]]
 
 
 def scales_recorded(experiment: str) -> list[str]:
@@ -51,7 +56,10 @@ def provenance(experiment: str, scale: str) -> str:
 
 
 def _key(label: str):
-    base = label.split("-h")[0] if label.startswith("nodes-unet-h") else label
+    try:
+        base = variant(label).model
+    except BloodsegError:         # not a network (e.g. the timing unit)
+        base = label
     return (ORDER.index(base) if base in ORDER else len(ORDER), label)
 
 

@@ -16,7 +16,7 @@ from ..measure import time_inference
 from ..models import build_model, parameter_memory_mb
 from ..ode import ode_blocks, set_tolerance
 from ..train import evaluate
-from .cheap import calibration_pick
+from .units import calibration_pick
 from .reference import PAPER_TABLE2
 from .runs import measure_time, paper_row, scores_row, timed_images
 
@@ -74,7 +74,7 @@ def inference_levers(nodes, unet, dataset, n_timed: int = 20, loose_rtol: float 
     every f (only with ``try_compile``, the compile time is reported); a narrower f (``narrow`` =
     ``(label, trained model)``, e.g. trained with ``ode_hidden``), alone and with ``loose_rtol``;
     with ``val`` (validation samples, never the test ones) the calibrated solver
-    (:func:`bloodseg.paper.cheap.calibration_pick`: the cheapest fixed grid within 0.3 pp of the
+    (:func:`bloodseg.paper.units.calibration_pick`: the cheapest fixed grid within 0.3 pp of the
     trained solver's validation MIoU). The U-Net is timed right before and after each lever, so a
     busy machine affects both alike.
     """

@@ -9,6 +9,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..measure import interleaved_times
 from ..ode import ode_blocks, set_tolerance
 from ..train import evaluate
 from .runs import measure_time, timed_images
@@ -54,10 +55,7 @@ def ode_time_share(model, dataset, n: int = 5) -> dict:
         with torch.inference_mode():
             model(images[0])                       # warm-up
             spent[0] = 0.0
-            t0 = time.perf_counter()
-            for im in images:
-                model(im)
-            total = time.perf_counter() - t0
+            total = interleaved_times({"model": model}, images)["model"][0]
     finally:
         for h in handles:
             h.remove()
