@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 from bloodseg.io import load_folder  # noqa: E402
 from bloodseg.models import build_model  # noqa: E402
 from bloodseg.paper import bccd as rd  # noqa: E402
+from bloodseg.paper import bccd_records as rr  # noqa: E402
 from bloodseg.paper import ddp_scaling  # noqa: E402
 from bloodseg.segmenter import Segmenter  # noqa: E402
 
@@ -52,10 +53,10 @@ def test_raw_and_cleaned_in_one_pass_equals_evaluate_bccd_twice(prepared_bccd, t
 def test_record_shipped_on_the_sample_has_what_the_chapter_reads(bccd_sample, tmp_path, monkeypatch,
                                                                 tiny_segmenter):
     monkeypatch.setattr(Segmenter, "load", classmethod(lambda cls, path, device=None, **kw: tiny_segmenter))
-    monkeypatch.setattr(rd, "load_checkpoint", lambda path: {"metrics": {
+    monkeypatch.setattr(rr, "load_checkpoint", lambda path: {"metrics": {
         "model": {"gold white IoU": 0.5}, "colour_baseline": {}, "data": {"test_images": 2}}})
     out = tmp_path / "rs.json"
-    record = rd.record_shipped(out, bccd_sample, tmp_path / "work", command="test", log=lambda m: None)
+    record = rr.record_shipped(out, bccd_sample, tmp_path / "work", command="test", log=lambda m: None)
     assert json.loads(out.read_text()) == json.loads(json.dumps(record, default=float))
     assert PROVENANCE <= set(record["provenance"]) and record["provenance"]["command"] == "test"
     d = record["data"]
@@ -73,7 +74,7 @@ def test_record_shipped_on_the_sample_has_what_the_chapter_reads(bccd_sample, tm
 
 def test_record_training_smoke_on_the_sample(bccd_sample, tmp_path):
     out = tmp_path / "rt.json"
-    record = rd.record_training(out, bccd_sample, tmp_path / "work", profile="smoke", command="t",
+    record = rr.record_training(out, bccd_sample, tmp_path / "work", profile="smoke", command="t",
                                 log=lambda m: None)
     d = json.loads(out.read_text())["data"]
     labels = [r["label"] for r in d["runs"]]
