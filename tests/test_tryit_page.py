@@ -8,6 +8,9 @@ settings, the samples, the npm runtime), and checked against Python:
 
 * parity: every vendored BCCD photograph gives the mask of ``Segmenter.predict`` on >= 99.5 % of
   the pixels, the same white-cell count and the same scale factor (the per-photo table is printed);
+* crop parity: four crops around a white cell (170-344 px, shorter side below
+  ``bloodseg.scale.CROP_SIDE``), where the network's confidence chooses the scale
+  (``Segmenter._crop_scale``), get the factor of ``Segmenter.segment``, its mask and its count;
 * a photograph larger than a tile (tiling), the downloads (mask PNG, cells CSV) against bloodseg's;
 * bad input: not an image, a 16-bit TIFF, a 20-megapixel photograph, no WebAssembly, a page opened
   from a file: each gives a clear message, never a blank page.
@@ -27,13 +30,41 @@ import pytest
 import torch
 
 from bloodseg import Segmenter, shipped_checkpoint
+from bloodseg import segmenter as segmenter_module
 from bloodseg.bccd import bccd_sample_dir
 from bloodseg.count import count_cells, write_counts_csv
 from bloodseg.instances import INSTANCE_COLUMNS, instances
 from bloodseg.io import read_image
 from bloodseg.paper import tryit
+from bloodseg.paper.crops import crop_around_white_cell
+from bloodseg.scale import CROP_FACTORS, CROP_SIDE, is_crop
 
 PHOTOS = sorted((bccd_sample_dir() / "images").glob("*.jpg"))
+
+#: Crops fed to the page: (photograph, how it is cut, zoom). ("white", k): a square of k x the gold
+#: white cell's box around it (bloodseg.paper.crops.crop_around_white_cell on the vendored gold mask,
+#: grey > 100 as bloodseg.bccd reads it); ("box", y, x, h, w): a fixed box. Zoom 2 enlarges the crop
+#: (bilinear), as a picture taken at twice BCCD's magnification. Chosen so that each of the three
+#: crop factors wins once at least, each by a margin of >= 0.004 in mean confidence on the Python
+#: side (1.0 x, 2.0 x and 1.4 x the trained scale 0.5, in this order).
+CROPS = (("BloodImage_00058.jpg", ("white", 1.5), 1.0),        # 170 x 170
+         ("BloodImage_00020.jpg", ("white", 1.0), 2.0),        # 232 x 232
+         ("BloodImage_00017.jpg", ("white", 1.0), 2.0),        # 344 x 344
+         ("BloodImage_00007.jpg", ("box", 87, 157, 200, 300), 1.0))   # 200 high, 300 wide
+
+
+def _crop(name, cut, zoom) -> np.ndarray:
+    image = read_image(bccd_sample_dir() / "images" / name)
+    if cut[0] == "white":
+        gold = cv2.imread(str(bccd_sample_dir() / "wbc_masks" / name.replace("BloodImage_", "BloodImage_Mask_")
+                              .replace(".jpg", ".png")), cv2.IMREAD_GRAYSCALE)
+        image = crop_around_white_cell(image, (gold > 100).astype(np.uint8), cut[1])[0]
+    else:
+        y, x, h, w = cut[1:]
+        image = image[y:y + h, x:x + w]
+    if zoom != 1.0:
+        image = cv2.resize(image, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(image)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +166,66 @@ def test_parity_with_segmenter_predict_on_every_vendored_photograph(page, segmen
             bad.append(f.name)
     assert not bad, (f"the page differs from Segmenter.predict on {bad}: if bloodseg's colour or scale rule "
                      "changed, update book/_static/tryit/colour_rule.js / scale_rule.js to match")
+
+
+def test_parity_on_crops_where_the_network_chooses_the_scale(page, segmenter, monkeypatch):
+    """Crops (shorter side below CROP_SIDE), given to the page as PNG files: the page runs the
+    network at each of CROP_FACTORS x the trained scale and keeps the most confident pass, as
+    Segmenter._crop_scale does, so it must choose Segmenter.segment's factor, and give its mask and
+    white-cell count. The confidences Python computed are recorded on the way (a wrapper around
+    the predict_probabilities that Segmenter calls, no extra pass) and printed next to the page's."""
+    crops = [_crop(*c) for c in CROPS]
+    folder = page.root / "crops"
+    folder.mkdir(exist_ok=True)
+    names = []
+    for (photo, cut, zoom), image in zip(CROPS, crops):
+        assert is_crop(image) and 120 <= min(image.shape[:2]) < CROP_SIDE
+        names.append(f"crop-{photo[len('BloodImage_'):-4]}-{image.shape[1]}x{image.shape[0]}.png")
+        assert cv2.imwrite(str(folder / names[-1]), image)
+    python_conf = {}
+    real = segmenter_module.predict_probabilities
+
+    def recording(model, image, *args, input_scale=1.0, **kwargs):
+        probs = real(model, image, *args, input_scale=input_scale, **kwargs)
+        python_conf.setdefault(image.shape[:2], {})[input_scale] = float(probs.max(0).values.mean())
+        return probs
+
+    monkeypatch.setattr(segmenter_module, "predict_probabilities", recording)
+
+    def python(image):
+        torch.set_num_threads(1)
+        p = segmenter.segment(image)
+        return p, count_cells(p.mask)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        refs = [pool.submit(python, im) for im in crops]
+        pages = [tryit.run_in_page(page.driver, page.base + "crops/" + n) for n in names]
+        refs = [r.result() for r in refs]
+    trained = segmenter.input_scale
+    print("\ncrop                          size      factor page/python   agreement  white page/python"
+          "   confidence at " + ", ".join(f"{c:g}x" for c in CROP_FACTORS) + " (page | python)   page ms")
+    bad = []
+    for name, image, got, (ref, counts) in zip(names, crops, pages, refs):
+        assert got["ok"], f"{name}: {got}"
+        crop = got["crop"]
+        assert crop is not None and [p["multiple"] for p in crop["passes"]] == list(CROP_FACTORS), crop
+        assert got["factor"] == crop["passes"][crop["chosen"]]["factor"]
+        agree = tryit.agreement(got["mask"], ref.mask)
+        ours = [p["confidence"] for p in crop["passes"]]
+        theirs = [python_conf.get(image.shape[:2], {}).get(c * trained) for c in CROP_FACTORS]
+        fmt = lambda xs: " ".join("  n/a  " if x is None else f"{x:.5f}" for x in xs)  # noqa: E731
+        factors = f"{got['factor']:.4g} / {ref.factor:.4g}"
+        print(f"{name:29s} {image.shape[1]:3d}x{image.shape[0]:<3d}   {factors:20s} {100 * agree:8.3f} %   "
+              f"{got['counts']['n_white']:3d} / {counts['n_white']:<3d}           {fmt(ours)} | {fmt(theirs)}"
+              f"   {got['ms']['total']:7.0f}")
+        if (abs(got["factor"] - ref.factor) > 1e-9 or agree < 0.995
+                or got["counts"]["n_white"] != counts["n_white"]):
+            bad.append(name)
+        if None not in theirs:
+            assert max(abs(a - b) for a, b in zip(ours, theirs)) < 5e-4, (name, ours, theirs)
+    assert not bad, (f"the page differs from Segmenter.segment on the crops {bad}: if the crop rule "
+                     "(Segmenter._crop_scale, bloodseg.scale.CROP_SIDE / CROP_FACTORS) changed, update "
+                     "cropScale in book/_static/tryit/scale_rule.js to match")
 
 
 def test_a_photograph_larger_than_a_tile_is_tiled_like_python(page, segmenter):

@@ -79,7 +79,10 @@ def rule_parameters() -> dict:
                    "stride": 4,      # background_colour reads every 4th pixel of every 4th row
                    "dark": 32,       # match_background leaves a background darker than this as it is
                    "max_gain": float(stain.MAX_GAIN)},
-        "scale": {"mirrors": "bloodseg.scale.auto_scale",
+        "scale": {"mirrors": "bloodseg.Segmenter.scale_for: bloodseg.Segmenter._crop_scale on a crop "
+                             "(bloodseg.scale.is_crop), bloodseg.scale.auto_scale on a whole field",
+                  "crop_side": int(scale.CROP_SIDE), "crop_factors": [float(c) for c in scale.CROP_FACTORS],
+                  "crop_tie": 1e-9,   # Segmenter._crop_scale: a later factor must be more confident by more than this
                   "lo": _default(scale.auto_scale, "lo"), "hi": _default(scale.auto_scale, "hi"),
                   "tolerance": _default(scale.auto_scale, "tolerance"), "ratio": float(scale.RATIO),
                   "min_radius": float(getattr(scale, "_MIN_RADIUS", 2.0)),
@@ -266,7 +269,7 @@ api.ready.then(() => api.runUrl(what)).then((r) => {
   let s = '';
   for (let i = 0; i < r.mask.length; i += 0x8000) s += String.fromCharCode.apply(null, r.mask.subarray(i, i + 0x8000));
   done({ok: true, name: r.name, mask: btoa(s), width: r.width, height: r.height, counts: r.counts,
-        factor: r.factor, diameter: r.diameter, gains: r.gains, background: r.background, ms: r.ms,
+        factor: r.factor, diameter: r.diameter, crop: r.crop, gains: r.gains, background: r.background, ms: r.ms,
         decode_ms: r.decodeMs, n_rows: r.rows.length, tiles: r.tiles, notes: r.notes,
         network: [r.networkWidth, r.networkHeight]});
 }, (e) => done({ok: false, message: String(e)}));

@@ -214,7 +214,21 @@ function showResult(name, bgr, out, notes, decodeMs) {
   const trained = seg.input_scale, rule = settings.rules.scale;
   const factor = Number(out.factor.toPrecision(4));
   let scaleText = `${factor} (the trained scale: the red cells could not be measured)`;
-  if (out.diameter !== null) {
+  if (out.crop) {
+    // bloodseg.Segmenter._crop_scale: the three passes and the one kept
+    const { passes, chosen } = out.crop;
+    const r4 = (x) => Number(x.toPrecision(4));
+    const best = passes[chosen];
+    const tied = passes.filter((p, i) => i !== chosen && Math.abs(p.confidence - best.confidence) <= rule.crop_tie);
+    scaleText = `${factor}: a crop: the network was most confident at ${r4(best.factor)} ` +
+      `(${best.multiple} × the trained scale ${trained}) of the ${passes.length} factors it ran at. Its mean ` +
+      `confidence (the largest class probability, averaged over the picture): ` +
+      passes.map((p, i) => `${p.confidence.toFixed(4)} at ${r4(p.factor)} (${p.multiple} × ${trained})` +
+        (i === chosen ? ', kept' : '')).join('; ') +
+      (tied.length ? ' (a tie goes to the smaller factor)' : '') + '. The mask is that pass\'s. A crop is a ' +
+      `picture whose shorter side is under ${rule.crop_side} px (this one: ${Math.min(bgr.cols, bgr.rows)} px): ` +
+      'too few of its red cells are whole to measure them, so the network\'s confidence chooses the scale.';
+  } else if (out.diameter !== null) {
     scaleText = `${factor}: the red cells measure ${out.diameter.toFixed(1)} px across, ` +
       `${(out.diameter * trained).toFixed(1)} px at the trained scale ${trained}, against the ${seg.red_cell_diameter} px ` +
       'the network was trained on; ' + (out.factor === trained
@@ -233,8 +247,10 @@ function showResult(name, bgr, out, notes, decodeMs) {
     ['Network input', `${out.networkWidth}×${out.networkHeight} px, ${out.tiles} tile${out.tiles > 1 ? 's' : ''}`],
     ['Colour rule', colourText],
     ['Photograph', `${bgr.cols}×${bgr.rows} px`],
-    ['Time taken', `${fmt(out.ms.total)} in this browser (colour ${fmt(out.ms.colour)}, scale ${fmt(out.ms.scale)}, ` +
-      `network ${fmt(out.ms.network)}, cleanup ${fmt(out.ms.cleanup)}, counting ${fmt(out.ms.count)}; ` +
+    ['Time taken', `${fmt(out.ms.total)} in this browser (colour ${fmt(out.ms.colour)}, ` +
+      (out.crop ? `scale and network ${fmt(out.ms.scale)} (${out.crop.passes.length} passes), `
+        : `scale ${fmt(out.ms.scale)}, network ${fmt(out.ms.network)}, `) +
+      `cleanup ${fmt(out.ms.cleanup)}, counting ${fmt(out.ms.count)}; ` +
       `reading the file ${fmt(decodeMs)})`],
   ];
   const table = el('table', { class: 'tryit-table' },

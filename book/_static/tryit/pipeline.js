@@ -3,15 +3,20 @@
 // options), step by step:
 //
 //   1. Segmenter.prepare     -> colour_rule.js  matchBackground  (bloodseg.stain.match_background)
-//   2. Segmenter.scale_for   -> scale_rule.js   autoScale        (bloodseg.scale.auto_scale)
-//   3. predict_probabilities -> network.js      predictProbabilities (bloodseg.infer)
+//   2. Segmenter.scale_for   -> scale_rule.js   on a crop (isCrop, bloodseg.scale.is_crop):
+//                                                  cropScale (bloodseg.Segmenter._crop_scale), the
+//                                                  network at each crop factor, the most confident
+//                                                  pass kept; on a whole field: autoScale
+//                                                  (bloodseg.scale.auto_scale)
+//   3. predict_probabilities -> network.js      predictProbabilities (bloodseg.infer); on a crop,
+//                                                  the chosen pass of step 2, as Segmenter.segment
 //   4. argmax, then clean_white_cells at min_area_at(spec, factor) -> count.js (bloodseg.postprocess)
 //   5. count_cells and instances -> count.js (bloodseg.count, bloodseg.instances)
 //
 // The settings (settings.json) are the ONNX file's own metadata, written when the book was built.
 
 import { matchBackground } from './colour_rule.js';
-import { autoScale } from './scale_rule.js';
+import { autoScale, cropScale, isCrop } from './scale_rule.js';
 import { predictProbabilities } from './network.js';
 import { cleanWhiteCells, countCells, instances, minAreaAt } from './count.js';
 
@@ -20,7 +25,9 @@ const now = () => performance.now();
 /** Segment and count one photograph. `rt`: {cv, ort, session, settings}; `bgr`: an OpenCV.js
  *  Mat (8-bit BGR, not changed). `progress(text)`: called between the steps.
  *  Returns the mask (Uint8Array, 0/1/2), the class probabilities, the counts, the per-cell rows,
- *  the factor and what the colour and scale rules measured, and the time of each step (ms). */
+ *  the factor and what the colour and scale rules measured (`crop`: null on a whole field; on a
+ *  crop, the confidence of each pass and the one chosen), and the time of each step (ms; on a crop
+ *  ms.scale holds the network's passes and ms.network is 0). */
 export async function segmentPhotograph(rt, bgr, progress = async () => {}) {
   const { cv, ort, session, settings } = rt;
   const seg = settings.segmenter;
@@ -36,26 +43,41 @@ export async function segmentPhotograph(rt, bgr, progress = async () => {}) {
   const prepared = colour.image;
   ms.colour = now() - t;
 
-  // 2. the scale rule (Segmenter.scale_for)
+  // 2. the scale rule (Segmenter.scale_for): on a crop, Segmenter._crop_scale runs the network at
+  //    each crop factor and Segmenter.segment keeps the chosen pass's probabilities
   t = now();
-  await progress('scale: measuring the red cells');
-  let scale = { factor: seg.input_scale, diameter: null };
-  if (seg.scale === 'auto') {
-    scale = autoScale(cv, prepared, seg.red_cell_diameter, seg.input_scale, settings.rules.scale, settings.rules.clahe);
-  }
-  const factor = scale.factor;
-  ms.scale = now() - t;
-
-  // 3. the network (bloodseg.infer.predict_probabilities at that factor)
-  t = now();
-  await progress('network: running');
-  let net;
+  let scale = { factor: seg.input_scale, diameter: null, crop: null };
+  let net = null;
   try {
-    net = await predictProbabilities(cv, ort, session, prepared, factor, settings,
-      (done, total) => progress(`network: tile ${done} of ${total}`));
+    if (seg.scale === 'auto' && isCrop(prepared, settings.rules.scale)) {
+      let pass = '';
+      const crop = await cropScale(cv, ort, session, prepared, seg.input_scale, settings,
+        (i, n, f) => {
+          pass = `scale: a crop, the network at ${Number(f.toPrecision(4))} (${i} of ${n})`;
+          return progress(pass);
+        },
+        (done, total) => (total > 1 ? progress(`${pass}, tile ${done} of ${total}`) : undefined));
+      scale = { factor: crop.factor, diameter: null, crop: { passes: crop.passes, chosen: crop.chosen } };
+      net = crop.net;
+    } else if (seg.scale === 'auto') {
+      await progress('scale: measuring the red cells');
+      const measured = autoScale(cv, prepared, seg.red_cell_diameter, seg.input_scale, settings.rules.scale,
+        settings.rules.clahe);
+      scale = { ...measured, crop: null };
+    }
+    ms.scale = now() - t;
+
+    // 3. the network (bloodseg.infer.predict_probabilities at that factor), unless the crop rule ran it
+    t = now();
+    if (net === null) {
+      await progress('network: running');
+      net = await predictProbabilities(cv, ort, session, prepared, scale.factor, settings,
+        (done, total) => progress(`network: tile ${done} of ${total}`));
+    }
   } finally {
     prepared.delete();
   }
+  const factor = scale.factor;
   const probs = net.probs;
   ms.network = now() - t;
 
@@ -84,7 +106,7 @@ export async function segmentPhotograph(rt, bgr, progress = async () => {}) {
   const { white_labels: _w, red_labels: _r, ...counts } = counted;
   return {
     mask, probs, width, height, factor, counts, rows: cells.rows, ms,
-    diameter: scale.diameter, background: colour.background, gains: colour.gains,
+    diameter: scale.diameter, crop: scale.crop, background: colour.background, gains: colour.gains,
     networkWidth: net.networkWidth, networkHeight: net.networkHeight, tiles: net.tiles,
   };
 }

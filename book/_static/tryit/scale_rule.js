@@ -1,20 +1,29 @@
-// THE SCALE RULE — mirrors bloodseg.scale.auto_scale (with bloodseg.scale.red_cell_diameter,
-// bloodseg.scale._opened_areas and bloodseg.colour.stain_masks), what
-// bloodseg.Segmenter.scale_for does when the Segmenter's `scale` setting is "auto".
+// THE SCALE RULE — mirrors bloodseg.Segmenter.scale_for when the Segmenter's `scale` setting is
+// "auto": on a crop (bloodseg.scale.is_crop) bloodseg.Segmenter._crop_scale (cropScale below), on
+// a whole field bloodseg.scale.auto_scale (autoScale below, with bloodseg.scale.red_cell_diameter,
+// bloodseg.scale._opened_areas and bloodseg.colour.stain_masks).
 //
-// Red cells are the ruler of a smear. The rule finds the red-cell colour (pink in Lab, an Otsu
-// cut), measures the typical red-cell diameter with a granulometry (openings by discs of growing
-// radius; the radius at which half the red area is gone is the area-weighted median cell), and
-// resizes the photograph so that its red cells are as wide, in the network's pixels, as those of
-// the training photographs. Close to the trained scale (within the tolerance), the trained scale.
+// A crop — a picture whose shorter side is below rules.scale.crop_side px (bloodseg.scale.CROP_SIDE),
+// cut around a few cells — has too few whole red cells to measure: the ones cut by its border look
+// small. The network is run at each of rules.scale.crop_factors (bloodseg.scale.CROP_FACTORS) times
+// the trained scale, and the factor at which it is most confident (the highest mean, over the
+// picture, of its largest class probability) is kept, with the probabilities of that pass.
+//
+// On a whole field, red cells are the ruler of a smear. The rule finds the red-cell colour (pink in
+// Lab, an Otsu cut), measures the typical red-cell diameter with a granulometry (openings by discs
+// of growing radius; the radius at which half the red area is gone is the area-weighted median
+// cell), and resizes the photograph so that its red cells are as wide, in the network's pixels, as
+// those of the training photographs. Close to the trained scale (within the tolerance), the
+// trained scale.
 //
 // Every number comes from the settings exported with the network (settings.json:
 // segmenter.red_cell_diameter and segmenter.input_scale; rules.scale, the constants of
 // bloodseg.scale and bloodseg.colour). When the Python rule changes, change this module to
-// match: the parity test (tests/test_tryit_page.py) compares the factors and masks.
+// match: the parity test (tests/test_tryit_page.py) compares the factors and masks, on whole
+// photographs and on crops.
 
 import { fillHoles } from './morphology.js';
-import { claheOnLuma } from './network.js';
+import { claheOnLuma, predictProbabilities } from './network.js';
 
 /** bloodseg.colour.stain_masks: {purple, pink} (Uint8Arrays of 0/1) of a BGR Mat, from the
  *  CLAHE'd image in OpenCV's 8-bit Lab: purple = b* more than `purple_below_median` below the
@@ -119,4 +128,46 @@ export function autoScale(cv, bgr, target, trainedScale, rule, clahe) {
   const factor = target / d;
   if (Math.abs(factor / trainedScale - 1.0) <= rule.tolerance) return { factor: trainedScale, diameter: d };
   return { factor: Math.min(Math.max(factor, rule.lo), rule.hi), diameter: d };
+}
+
+/** bloodseg.scale.is_crop: whether a picture is a crop (its shorter side below rule.crop_side px),
+ *  not a whole field. */
+export function isCrop(bgr, rule) {
+  return Math.min(bgr.rows, bgr.cols) < rule.crop_side;
+}
+
+/** The mean over the pixels of the largest class probability (`probs`: C planes of N pixels), as
+ *  float(probs.max(0).values.mean()) in Python: summed in double precision, then rounded to
+ *  float32 as torch's float32 mean is. */
+export function meanConfidence(probs, C, N) {
+  let sum = 0;
+  for (let i = 0; i < N; i++) {
+    let m = probs[i];
+    for (let c = 1; c < C; c++) if (probs[c * N + i] > m) m = probs[c * N + i];
+    sum += m;
+  }
+  return Math.fround(sum / N);
+}
+
+/** bloodseg.Segmenter._crop_scale: on a crop, the network at each of rule.crop_factors x the
+ *  trained scale; the factor with the highest mean confidence is kept (a later factor must beat
+ *  the best so far by more than rule.crop_tie, so a tie goes to the earlier, smaller factor), with
+ *  its pass of the network, which the pipeline then uses for the mask. Returns {factor, net
+ *  (predictProbabilities' answer at that factor), passes: [{multiple, factor, confidence, tiles}],
+ *  chosen (index into passes)}. `onPass(i, n, factor)` is called before each pass. */
+export async function cropScale(cv, ort, session, bgr, trainedScale, settings, onPass, onTile) {
+  const rule = settings.rules.scale;
+  const C = settings.segmenter.class_names.length, N = bgr.rows * bgr.cols;
+  const passes = [];
+  let best = null;
+  for (let i = 0; i < rule.crop_factors.length; i++) {
+    const multiple = rule.crop_factors[i];
+    const factor = multiple * trainedScale;
+    if (onPass) await onPass(i + 1, rule.crop_factors.length, factor);
+    const net = await predictProbabilities(cv, ort, session, bgr, factor, settings, onTile);
+    const confidence = meanConfidence(net.probs, C, N);
+    passes.push({ multiple, factor, confidence, tiles: net.tiles });
+    if (best === null || confidence > best.confidence + rule.crop_tie) best = { factor, net, confidence, chosen: i };
+  }
+  return { factor: best.factor, net: best.net, passes, chosen: best.chosen };
 }
