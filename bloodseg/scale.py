@@ -74,27 +74,18 @@ def _opened_areas(binary: np.ndarray, radii: np.ndarray) -> np.ndarray:
     return areas
 
 
-def red_cell_diameter(image_bgr: np.ndarray, cut_cells: str = "as-is") -> float | None:
+def red_cell_diameter(image_bgr: np.ndarray) -> float | None:
     """Typical red-cell diameter in pixels of one BGR ``uint8 HxWx3`` photograph, or None when it
-    cannot tell (too little red-cell colour, or no size stands out).
-
-    ``cut_cells``: how cells cut by the photograph's border are measured. ``"as-is"``: as the
-    pieces they are (a half cell measures half its size: fine on a whole field, where most cells
-    are whole, but a tight crop around one white cell has only cut red cells, which then look
-    small). ``"mirror"``: the red-cell mask is extended past each border by its mirror image
-    (a quarter of the shorter side), so a cell cut anywhere up to its middle is measured whole."""
+    cannot tell (too little red-cell colour, or no size stands out). The distance transforms treat
+    the photograph's border as unknown, not as background, so a cell cut through its middle by the
+    border is measured whole; a smaller piece of a cell measures small."""
     _check_bgr(image_bgr)
     h, w = image_bgr.shape[:2]
     if min(h, w) < 16:
         return None
-    if cut_cells not in ("as-is", "mirror"):
-        raise BloodsegError(f"cut_cells must be 'as-is' or 'mirror'; got {cut_cells!r}")
     _, pink = stain_masks(image_bgr)
     pink = ndimage.binary_fill_holes(pink)
-    if cut_cells == "mirror":
-        pink = np.pad(pink, int(min(h, w) // 4), mode="symmetric")
-        h, w = pink.shape
-    top = min(*image_bgr.shape[:2]) / 4.0
+    top = min(h, w) / 4.0
     n = int(math.floor(math.log(top / _MIN_RADIUS) / math.log(RATIO))) + 1
     if n < 3:
         return None
