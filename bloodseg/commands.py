@@ -18,7 +18,7 @@ from .bccd import prepare_bccd, prepare_cached
 from .checkpoint import load_checkpoint, update_checkpoint
 from .calibrate import check_solver, solver_label, white_iou_score
 from .count import write_counts_csv, write_rows_csv
-from .datasets import SegmentationDataset, is_photograph_data, split_photographs, training_splits
+from .datasets import SegmentationDataset, split_photographs, training_splits
 from .domains import load_labelled
 from .distributed import cleanup_distributed, setup_distributed
 from .download import download_bccd
@@ -75,9 +75,8 @@ def cmd_prepare_bccd(args) -> int:
 
 def _split_names(splits: dict, data) -> dict:
     """What a checkpoint stores of its split: the data, and the test and validation images by name
-    (whole photographs for photograph data, source images of the patches otherwise)."""
-    whole = is_photograph_data(data)
-    names = lambda key: sorted({s.name if whole else s.source for s in splits[key]})  # noqa: E731
+    (the source photograph of each patch or whole photograph)."""
+    names = lambda key: sorted({s.source for s in splits[key]})  # noqa: E731
     return {"data": str(data), "test": names("test"), "val": names("val")}
 
 

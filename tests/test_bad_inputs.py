@@ -167,7 +167,7 @@ def test_cli_predict_with_a_missing_checkpoint(cli_runs):
 def test_cli_train_with_a_missing_data_folder(cli_runs):
     rc, out, err, base = cli_runs["train_missing_data"]
     assert_clean_error(rc, err, "train", "data folder not found: /nonexistent",
-                       "Pass 'synthetic', a folder with images/ and masks/")
+                       "Pass 'synthetic', 'bccd', a folder with images/ and masks/")
     assert not (base / "o2").exists()
 
 

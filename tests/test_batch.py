@@ -63,14 +63,14 @@ def folder(tmp_path_factory):
 
 
 def _counting(seg):
-    """Wrap ``seg.predict`` so that its calls are counted."""
+    """Wrap ``seg.segment`` (the one per-photograph path) so that its calls are counted."""
     calls = []
-    plain = seg.predict
+    plain = seg.segment
 
-    def predict(image, *a, **kw):
+    def segment(image, *a, **kw):
         calls.append(image.shape)
         return plain(image, *a, **kw)
-    seg.predict = predict
+    seg.segment = segment
     return calls
 
 
@@ -172,13 +172,13 @@ def test_memory_stays_flat_over_200_images(ckpt, tmp_path):
     for i in range(200):
         (inputs / f"s{i:03d}.png").symlink_to(src)
     seg = Segmenter.load(ckpt)
-    plain, rss = seg.predict, {}
+    plain, rss = seg.segment, {}
 
-    def predict(image, *a, **kw):
-        mask = plain(image, *a, **kw)
+    def segment(image, *a, **kw):
+        result = plain(image, *a, **kw)
         rss[len(rss) + 1] = rss_bytes()
-        return mask
-    seg.predict = predict
+        return result
+    seg.segment = segment
     rows = seg.predict_files([inputs], tmp_path / "out", progress=False)
     assert len(rows) == 200 and len(rss) == 200
     growth = (rss[200] - rss[20]) / 2 ** 20
@@ -200,13 +200,13 @@ def test_progress_bar_on_stderr_with_images_per_second(ckpt, folder, tmp_path, c
 def test_an_image_the_network_cannot_predict_is_skipped_too(ckpt, folder, tmp_path, capsys):
     from bloodseg.errors import SolverError
     seg = Segmenter.load(ckpt)
-    plain = seg.predict
+    plain = seg.segment
 
-    def predict(image, *a, **kw):
+    def segment(image, *a, **kw):
         if image.shape == (1, 1, 3):
             raise SolverError("the ODE solver reached its step cap on this image")
         return plain(image, *a, **kw)
-    seg.predict = predict
+    seg.segment = segment
     files = [folder / "img_006.png", folder / "img_007.png", folder / "img_008.png"]
     rows = seg.predict_files(files, tmp_path / "o", progress=False)
     assert [("error" in r) for r in rows] == [False, True, False]

@@ -78,8 +78,9 @@ def test_presets_hold_the_old_plans_settings(name):
 def test_profiles_pick_their_real_recipe(monkeypatch):
     monkeypatch.setenv("BLOODSEG_PROFILE", "smoke")
     assert real_recipe() is REAL_PRESETS["smoke"] and real_recipe(get_recipe("quick")) is REAL_PRESETS["quick"]
-    assert rd.training_runs(real_recipe("full"))[-1] == ("nodes-unet", "scratch")
-    assert len(rd.training_runs(real_recipe("quick"))) == 3
+    from bloodseg.paper.bccd_records import training_runs
+    assert training_runs(real_recipe("full"))[-1] == ("nodes-unet", "scratch")
+    assert len(training_runs(real_recipe("quick"))) == 3
     with pytest.raises(BloodsegError, match="unknown profile"):
         real_recipe("nope")
 

@@ -14,7 +14,7 @@ from bloodseg.checkpoint import load_checkpoint
 from bloodseg.errors import BloodsegError
 from bloodseg.io import write_image
 from bloodseg.models import build_model
-from bloodseg.scale import auto_scale, red_cell_diameter
+from bloodseg.scale import auto_scale, is_crop, red_cell_diameter
 from bloodseg.segmenter import Segmenter
 from bloodseg.synthetic import make_smear
 
@@ -92,7 +92,10 @@ def test_segmenter_scale_setting_defaults_and_checks():
         Segmenter(tiny(), red_cell_diameter=-1.0)
 
 
-def test_auto_segmenter_reports_per_image_scales_and_round_trips(tmp_path, smears):
+def test_auto_segmenter_reports_per_image_scales_and_round_trips(tmp_path):
+    # whole fields (shorter side >= CROP_SIDE, 384): their red cells are measured; crops take _crop_scale
+    smears = {r: [make_smear(0, size=(400, 520), rbc_radius=(r, r), **ROUND)[0]] for r in (12, 24)}
+    assert not any(is_crop(s[0]) for s in smears.values())
     seg = Segmenter(tiny(), input_scale=0.5, red_cell_diameter=24.0, tile=64, overlap=16)
     folder = tmp_path / "images"
     folder.mkdir()

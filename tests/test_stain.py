@@ -119,6 +119,10 @@ class _Thresholds:
         b, r = image[..., 0].astype(int), image[..., 2].astype(int)
         return np.where(b - r > 15, 1, 0).astype(np.uint8)
 
+    def segment(self, image, *a, **kw):
+        from bloodseg.segmenter import Prediction
+        return Prediction(mask=self.predict(image), factor=self.scale_for(image))
+
 
 def test_stain_shift_scores_rows_and_paired_drops():
     from bloodseg.paper.robustness import SHIFTS, apply_shift, stain_shift_scores
