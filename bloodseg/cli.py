@@ -66,7 +66,7 @@ def _paper(name: str):
 RECORDS = {"bccd-training": "bccd_records", "bccd-shipped": "bccd_records", "ddp-throughput": "ddp_scaling", "stain": "robustness", "crops": "crops",
            "cheap-bench": "speed", "cheap-blocks": "blocks", "cheap-solvers": "solvers", "scale-resized": "scale_records",
            "scale-calibration": "scale_records", "calibration-shipped": "scale_records", "domains": "domains",
-           "domain-attempt": "domains"}
+           "domain-attempt": "domains", "tryit": "tryit"}
 
 
 def cmd_record(args) -> int:
@@ -287,14 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--notes", default="", help="cheap-solvers: a note stored in the record")
     s.add_argument("--ckpt", help="domains, domain-attempt: the checkpoint (default: the shipped one)")
     s.add_argument("--name", help="domain-attempt: which attempt (bloodseg.paper.domains.ATTEMPTS)")
+    s.add_argument("--reuse", help="domains: an earlier domain table whose rows on whole fields (unchanged "
+                                   "by the crop rule) are carried, marked as such")
     s.set_defaults(func=cmd_record)
 
     s = sub.add_parser("reproduce", help="train every model of a paper experiment on several seeds; one "
                                          "JSON record per (model, seed) with provenance, resumable")
-    s.add_argument("experiment", choices=("table1", "table2", "tolerance", "adjoint-memory", "timing", "all"))
+    s.add_argument("experiment", choices=("table1", "table2", "tolerance", "adjoint-memory", "timing", "all",
+                                          "robust"), help="robust: chapter 10's study (scales study and smoke)")
     s.add_argument("--scale", default="quick", choices=("quick", "study", "full", "smoke"),
                    help="the recipe: quick (chapters' CPU ablation), study (width 8, 15 cosine epochs: the CPU "
-                        "scale that decides the relative claims), full (the paper's); smoke is for tests")
+                        "scale that decides the relative claims; robust: its own study recipe), full (the "
+                        "paper's); smoke is for tests")
     s.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every model (default 3)")
     s.add_argument("--models", default=None, help="only these models of the experiment, comma-separated "
                                                   "labels (e.g. unet,resunet: more seeds for one paired claim)")

@@ -103,3 +103,24 @@ def test_allidb2_halves_and_masks():
         assert 0.02 < (s.mask == 1).mean() < 0.8          # one white cell, not the whole crop
     with pytest.raises(DataError, match="odd"):
         load_allidb2("train")
+
+
+def test_the_after_table_carries_only_rows_the_crop_rule_cannot_change():
+    """`record domains --reuse`: a domain's rows are carried from an earlier table only when every
+    photograph is a whole field, the settings are the same and so is the number of photographs."""
+    from bloodseg.io import Sample
+    from bloodseg.paper.domains import SETTINGS, carried_rows, json_safe
+    from bloodseg.segmenter import Segmenter
+    seg = Segmenter(build_model("unet", width=4), input_scale=0.5)
+    field = Sample("f", np.zeros((480, 640, 3), np.uint8), np.zeros((480, 640), np.uint8), "f")
+    crop = Sample("c", np.zeros((257, 257, 3), np.uint8), np.zeros((257, 257), np.uint8), "c")
+    rows = [{"domain": "d", "setting": name, "n_images": 2, "white_iou": 0.5} for name in SETTINGS]
+    old = {"settings": json_safe(seg.settings()), "rows": rows, "path": "domains/table_before.json"}
+    carried = carried_rows(old, seg, "d", [field, field], None)
+    assert [r["setting"] for r in carried] == list(SETTINGS)
+    assert all(r["carried_from"] == "domains/table_before.json" for r in carried)
+    assert carried_rows(old, seg, "d", [field, crop], None) == []                 # a crop: scored again
+    assert carried_rows(old, seg, "d", [field], None) == []                       # other photographs
+    assert carried_rows(old, seg.replace(tta=True), "d", [field, field], None) == []      # other settings
+    assert carried_rows({**old, "rows": rows[:3]}, seg, "d", [field, field], None) == []  # rows missing
+    assert carried_rows(None, seg, "d", [field, field], None) == []

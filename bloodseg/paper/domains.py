@@ -35,14 +35,14 @@ from ..datasets import prepared_photographs
 from ..domains import allidb2_dir, load_allidb2
 from ..errors import DataError
 from ..io import Sample, load_folder
-from ..scale import CROP_SIDE
+from ..scale import CROP_SIDE, is_crop
 from ..scoring import evaluate_photos, pooled_iou_ci, white_counts
 from ..stain import background_colour, match_background
 from ..synthetic import make_smear
 from .records import load_record, provenance, write_record
 
 __all__ = ["CHOOSE", "REPORT", "SETTINGS", "FIXED", "ADOPTION_RULE", "domain_samples", "score", "domain_table",
-           "judge", "ATTEMPTS", "RETRAIN_PLANS", "COLOUR_SHIFTS", "CROP_SIDE", "confident_factor", "crops_unmatched_prepare", "choose_scores", "attempt_record", "table_frame", "plot_table", "attempts_frame", "plot_attempts", "load_attempts", "run_record"]
+           "judge", "ATTEMPTS", "RETRAIN_PLANS", "COLOUR_SHIFTS", "CROP_SIDE", "carried_rows", "confident_factor", "crops_unmatched_prepare", "choose_scores", "attempt_record", "table_frame", "plot_table", "attempts_frame", "plot_attempts", "load_attempts", "run_record"]
 
 #: The choosing halves (the adoption rule reads these) and the reporting ones.
 CHOOSE = ("bccd-val", "allidb2-odd")
@@ -101,11 +101,24 @@ def score(seg, samples, red_labelled: bool = False, factor: Callable | None = No
             "factors": [round(f, 4) for f in factors], "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def carried_rows(reuse: dict | None, seg, domain: str, samples, limit) -> list[dict]:
+    """The rows of ``domain`` that a table made of the same settings (``reuse``, a domain-table
+    record) already holds and that cannot have changed since: every photograph of the domain is a
+    whole field (the crop rule of :meth:`~bloodseg.Segmenter.scale_for` never runs on it) and the
+    record was made with ``seg``'s settings on as many photographs. Each is marked ``carried_from``."""
+    if not reuse or any(is_crop(s.image) for s in samples) or reuse.get("settings") != json_safe(seg.settings()):
+        return []
+    rows = [dict(r, carried_from=reuse["path"]) for r in reuse["rows"] if r["domain"] == domain
+            and r["n_images"] == len(samples)]
+    return rows if {r["setting"] for r in rows} >= set(SETTINGS) else []
+
+
 def domain_table(seg, domains=REPORT, settings=SETTINGS, limit: int | None = None,
-                 log: Callable[[str], None] | None = None) -> list[dict]:
+                 log: Callable[[str], None] | None = None, reuse: dict | None = None) -> list[dict]:
     """One row per (domain, setting): the domain, the setting, images, pooled white-cell IoU and its
     95 % interval over images, the median scale factor; plus a row "best fixed scale" per domain
-    (the best of the ``fixed *`` rows on the same images: an oracle, not a rule)."""
+    (the best of the ``fixed *`` rows on the same images: an oracle, not a rule). ``reuse``: an
+    earlier table whose rows :func:`carried_rows` may carry instead of scoring them again."""
     rows = []
     for d in domains:
         if d.startswith("allidb2") and allidb2_dir() is None:
@@ -113,6 +126,12 @@ def domain_table(seg, domains=REPORT, settings=SETTINGS, limit: int | None = Non
                 log(f"{d}: ALL-IDB2 not found ($BLOODSEG_ALLIDB2); skipped")
             continue
         samples, red = domain_samples(d, limit)
+        carried = carried_rows(reuse, seg, d, samples, limit) if settings is SETTINGS else []
+        if carried:
+            rows += carried
+            if log:
+                log(f"{d}: every photograph a whole field; {len(carried)} rows carried from {reuse['path']}")
+            continue
         for name, change in settings.items():
             r = score(seg.replace(**change) if change else seg, samples, red)
             rows.append({"domain": d, "setting": name, "n_images": len(samples), **r})
@@ -291,7 +310,13 @@ def run_record(args, command: str) -> dict:
         return rec
     ckpt = args.ckpt or shipped_checkpoint()
     seg = Segmenter.load(ckpt, device="cpu")
-    rows = domain_table(seg, REPORT, limit=args.limit, log=log)
+    reuse = None
+    if getattr(args, "reuse", None):
+        reuse = load_record(args.reuse)
+        if reuse is None:
+            raise DataError(f"--reuse {args.reuse}: no such record under book/results/ (e.g. domains/table_before.json)")
+        reuse["path"] = str(args.reuse)
+    rows = domain_table(seg, REPORT, limit=args.limit, log=log, reuse=reuse)
     record = {"what": (f"the domain table of {Path(ckpt).name}: pooled gold white-cell IoU (95% interval over images) "
                        "on each reporting domain, as `bloodseg predict` runs it and with each rule off; 'best fixed "
                        "scale' is the best fixed factor on the same images (an oracle)"),

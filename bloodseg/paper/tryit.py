@@ -555,6 +555,12 @@ USAGE = """usage: python -m bloodseg.paper.tryit measure [BOOK_HTML]   parity, w
 BOOK_HTML: a built book's _build/html, whose page is also weighed / photographed (default: a minimal page)"""
 
 
+def run_record(args, command: str) -> None:
+    """``bloodseg record tryit [--work BUILT_HTML]``: :func:`measure` (parity, page weight, timings);
+    ``--work`` names a built book's ``_build/html`` whose page is weighed too."""
+    measure(book_html=args.work)
+
+
 def main(argv=None) -> int:
     """The two maintainer commands (positional arguments only: the package's one command line is
     ``bloodseg``, in cli.py)."""
