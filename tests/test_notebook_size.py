@@ -11,7 +11,7 @@ from bloodseg.paper.notebooks import image_bytes, shrink_images
 
 BOOK = Path(__file__).resolve().parents[1] / "book"
 NOTEBOOKS = sorted(BOOK.glob("*.ipynb"))
-TOTAL_LIMIT = 3_000_000        # bytes, all committed notebooks together
+TOTAL_LIMIT = 3_400_000        # bytes, all committed notebooks together (3.0 MB before chapter 10)
 EACH_LIMIT = 1_100_000         # bytes, any one notebook
 
 

@@ -32,10 +32,8 @@ from .report import RESULTS_DIR, load_results
 from .reproduce import cm_stack, has_counts, load_records, per_image_matrix
 from .table1 import DEEPER_FASTER_RHO, FLAT_SPREAD_PP, POSITION_LEVEL, spearman
 
-HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
-UNTESTABLE, NOT_YET = "untestable", "not measured yet"
-VERDICTS = (HOLDS, FAILS, INCONCLUSIVE, UNTESTABLE, NOT_YET)
-COLOURS = {HOLDS: "#1a7f37", FAILS: "#cf222e", INCONCLUSIVE: "#9a6700", UNTESTABLE: "#6e7781", NOT_YET: "#8c959f"}
+from .stats import FAILS, HOLDS, INCONCLUSIVE, NOT_YET, UNTESTABLE, VERDICTS, source_line  # noqa: F401
+from .stats import VERDICT_COLOURS as COLOURS
 #: Scales in the order the ledger prefers them.
 EVIDENCE_SCALES = ("full", "study", "quick")
 POSITIONS = tuple(range(1, 10))
@@ -44,8 +42,7 @@ CUDA_BENCH = ("05_placement_ablation", "bench_cuda_h100.json")
 SHORT = {"nodes-unet": "NODEs-UNet", "resunet": "ResNet", "unet": "U-Net", "pa": "PA", "miou": "MIoU"}
 
 
-class _Missing(Exception):
-    pass
+_Missing = stats.MissingEvidence
 
 
 # ----------------------------------------------------------------------------- evidence
@@ -58,14 +55,6 @@ def evidence(experiment: str) -> tuple[str, list[dict]]:
         if records:
             return scale, records
     raise _Missing(f"`bloodseg reproduce {experiment} --scale study`")
-
-
-def source_line(scale: str, records: list[dict]) -> str:
-    """One line of provenance for a set of records: scale, seeds, device, torch, commit, date."""
-    r = max(records, key=lambda r: r["date"])
-    seeds = sorted({x["seed"] for x in records})
-    return (f"{scale} | {len(seeds)} seed(s) | {r['device']} | torch {r['torch']} | "
-            f"commit {str(r['git_commit'])[:8]} | {r['date'][:10]}")
 
 
 def _common_seeds(records, labels) -> list[int]:
@@ -267,9 +256,7 @@ def _auto_scale():
 
 # ----------------------------------------------------------------------------- the claims
 
-def _row(table, claim, unit, paper, estimate, side, threshold, where, rule, note=""):
-    return dict(table=table, claim=claim, unit=unit, paper=paper, estimate=estimate, side=side,
-                threshold=threshold, where=where, rule=rule, note=note)
+_row = stats.ledger_row
 
 
 def _claims(profile=None) -> list[dict]:
@@ -361,7 +348,9 @@ def _claims(profile=None) -> list[dict]:
         _row("goal", "Automatic scale within 2 pp of the native size (resized x0.5-2.0)", "pp (worst factor)",
              None, _auto_scale, "greater", -2.0, "08_real_smears", "> -2 pp"),
     ]
-    return rows
+    # chapter 10: Table 2 on real smears and the title's claim (the robustness study's records)
+    from .robust_report import ledger_rows, table2_ledger_rows
+    return rows + table2_ledger_rows() + ledger_rows()
 
 
 def _verdict(side, threshold, ci) -> str:
@@ -400,8 +389,12 @@ def _seed_cost_hours(experiment: str) -> float | None:
     """CPU hours that one more seed of the whole ``experiment`` costs (every model of it): per model,
     the mean wall time of its recorded units, summed over the models (the records' own machine and load)."""
     try:
-        _, recs = evidence(experiment)
-    except _Missing:
+        if experiment == "robust":      # chapter 10's study: one unit per (model, seed), the same fields
+            from .robust_report import evidence as robust_evidence
+            _, recs = robust_evidence()
+        else:
+            _, recs = evidence(experiment)
+    except (_Missing, FileNotFoundError):
         return None
     per_label: dict = {}
     for r in recs:
@@ -425,7 +418,8 @@ def seeds_to_decide(rows: list[dict], target_pp: float = 0.5) -> list[dict]:
         gap = abs(r["ours"] - r["threshold"])
         to_target = math.ceil(n * (half / target_pp) ** 2)
         to_decide = math.ceil(n * (half / gap) ** 2) if gap > 0 else None
-        cost = _seed_cost_hours("table2" if "Table 2" in r["claim"] else "table1")
+        cost = _seed_cost_hours("robust" if r["table"] in ("paper-real", "robustness")
+                                else "table2" if "Table 2" in r["claim"] else "table1")
         out.append(dict(claim=r["claim"], seeds=n, half_width_pp=half, estimate_pp=r["ours"],
                         seeds_for_target=to_target, seeds_to_decide=to_decide, target_pp=target_pp,
                         cpu_hours_per_seed=cost,
@@ -486,12 +480,14 @@ def ledger_html(rows: list[dict], table: str | None = None) -> str:
 
 
 def plot_ledger(rows: list[dict]):
-    """Left: verdict counts of the paper's claims and of the book's goals. Right: every judged
+    """Left: verdict counts of each table (the paper's claims, the book's goals, and chapter 10's
+    Table 2 on real smears and robustness rows). Right: every judged
     difference claim of Table 2 as our estimate with its interval next to the paper's number."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw=dict(width_ratios=[1, 1.6]))
     ax = axes[0]
-    for k, table in enumerate(("paper", "goal")):
+    tables = [t for t in ("paper", "goal", "paper-real", "robustness") if any(r["table"] == t for r in rows)]
+    for k, table in enumerate(tables):
         counts = verdict_counts(rows, table)
         left = 0
         for v in VERDICTS:
@@ -499,8 +495,9 @@ def plot_ledger(rows: list[dict]):
             if counts[v]:
                 ax.text(left + counts[v] / 2, k, str(counts[v]), ha="center", va="center", color="white", fontsize=9)
             left += counts[v]
-    ax.set_yticks([0, 1])
-    ax.set_yticklabels(["paper's claims", "book's goals"])
+    ax.set_yticks(range(len(tables)))
+    ax.set_yticklabels([{"paper": "paper's claims", "goal": "book's goals", "paper-real": "Table 2, real smears",
+                         "robustness": "robustness (ch. 10)"}[t] for t in tables])
     ax.invert_yaxis()
     ax.set_xlabel("rows")
     ax.legend(fontsize=7, loc="lower right")
@@ -525,13 +522,26 @@ def plot_ledger(rows: list[dict]):
     return fig
 
 
+def _glance_more(rows: list[dict]) -> str:
+    """The sentence on chapter 10's rows: Table 2 on real smears and the title's robustness claim."""
+    parts = []
+    for table, what in (("paper-real", "Table 2 on real BCCD smears"), ("robustness", "the title's robustness claim")):
+        c = verdict_counts(rows, table)
+        n = sum(c.values())
+        if n:
+            parts.append(f"{what} ({n} rows: {c[HOLDS]} hold, {c[FAILS]} do not, {c[INCONCLUSIVE]} inconclusive"
+                         + (f", {c[NOT_YET]} not measured yet" if c[NOT_YET] else "") + ")")
+    return (" Chapter 10 adds " + " and ".join(parts) + ".") if parts else ""
+
+
 def glance_markdown(rows: list[dict]) -> str:
     """The "Results at a glance" of the intro: counts, then the paper's claims one line each."""
     c, g = verdict_counts(rows, "paper"), verdict_counts(rows, "goal")
     lines = [f"Of the paper's {sum(c.values())} quantitative claims, **{c[HOLDS]} hold**, **{c[FAILS]} do not "
              f"hold**, **{c[INCONCLUSIVE]} are inconclusive** (the 95% interval contains the threshold), "
              f"{c[UNTESTABLE]} are untestable here (MISP01 or the paper's GPUs) and {c[NOT_YET]} are not "
-             f"measured yet. Of the book's own {sum(g.values())} goals, {g[HOLDS]} hold and {g[FAILS]} do not.", "",
+             f"measured yet. Of the book's own {sum(g.values())} goals, {g[HOLDS]} hold and {g[FAILS]} do not."
+             + _glance_more(rows), "",
              "| claim | paper | ours (95% CI) | verdict |", "|---|---|---|---|"]
     for r in rows:
         if r["table"] != "paper":

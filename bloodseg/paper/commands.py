@@ -12,6 +12,9 @@ from ..commands import write_json
 
 
 def cmd_reproduce(args) -> int:
+    if args.experiment == "robust":
+        from .robust import reproduce_command
+        return reproduce_command(args)
     from .reproduce import reproduce
     reproduce(args.experiment, scale=args.scale, seeds=args.seeds, max_minutes=args.max_minutes,
               out=args.out, progress=True if args.progress else None, models=args.models)

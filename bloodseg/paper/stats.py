@@ -166,6 +166,33 @@ def seed_spread(values) -> dict:
                 sd=float(v.std(ddof=1)) if v.size > 1 else math.nan)
 
 
+#: The ledger's verdicts (:func:`verdict` gives the first three) and their colours in tables and figures.
+HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+UNTESTABLE, NOT_YET = "untestable", "not measured yet"
+VERDICTS = (HOLDS, FAILS, INCONCLUSIVE, UNTESTABLE, NOT_YET)
+VERDICT_COLOURS = {HOLDS: "#1a7f37", FAILS: "#cf222e", INCONCLUSIVE: "#9a6700", UNTESTABLE: "#6e7781",
+                   NOT_YET: "#8c959f"}
+
+
+class MissingEvidence(Exception):
+    """A ledger row's estimate cannot be made yet: the message says what to run."""
+
+
+def ledger_row(table, claim, unit, paper, estimate, side, threshold, where, rule, note="") -> dict:
+    """One claim of the ledger before it is judged: ``estimate()`` gives ``(value, interval, source)``
+    or raises :class:`MissingEvidence`; ``side`` and ``threshold`` are the claim; ``where`` the chapter."""
+    return dict(table=table, claim=claim, unit=unit, paper=paper, estimate=estimate, side=side,
+                threshold=threshold, where=where, rule=rule, note=note)
+
+
+def source_line(scale: str, records: list[dict]) -> str:
+    """One line of provenance for a set of records: scale, seeds, device, torch, commit, date."""
+    r = max(records, key=lambda r: r["date"])
+    seeds = sorted({x["seed"] for x in records})
+    return (f"{scale} | {len(seeds)} seed(s) | {r['device']} | torch {r['torch']} | "
+            f"commit {str(r['git_commit'])[:8]} | {r['date'][:10]}")
+
+
 def verdict(ci, threshold: float = 0.0, claim: str = "greater") -> str:
     """The claim "the quantity is greater (or less) than ``threshold``" against an interval ``ci``.
 
@@ -179,4 +206,4 @@ def verdict(ci, threshold: float = 0.0, claim: str = "greater") -> str:
     above, below = lo > threshold, hi < threshold
     if claim == "less":
         above, below = below, above
-    return "holds" if above else "does not hold" if below else "inconclusive"
+    return HOLDS if above else FAILS if below else INCONCLUSIVE
