@@ -140,32 +140,22 @@ def test_modules_stay_small(folder, limit):
     assert {name: n for name, n in sizes.items() if n > limit} == {}
 
 
-def _mask_hashes(folder: Path) -> dict[str, str]:
-    out = {}
-    for f in sorted(folder.glob("*.png")):
-        if not f.stem.endswith("_overlay"):
-            mask = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
-            out[f.stem + ".jpg"] = hashlib.sha256(np.ascontiguousarray(mask).tobytes()).hexdigest()
-    return out
-
-
-def _predict(tmp_path, *flags) -> dict[str, str]:
-    images = bloodseg.bccd.bccd_sample_dir() / "images"
-    cmd = [sys.executable, "-m", "bloodseg.cli", "predict", "--ckpt", str(bloodseg.shipped_checkpoint()),
-           str(images), "--out", str(tmp_path), "--no-overlay", *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return _mask_hashes(tmp_path)
-
-
-@pytest.mark.parametrize("raw", [False, True])
-def test_shipped_checkpoint_masks_unchanged_by_the_redesign(tmp_path, raw):
-    """`bloodseg predict --exact` (the solver the network was trained with) with the shipped
-    checkpoint on the vendored BCCD sample gives the same masks, bit for bit, as
+def test_shipped_checkpoint_masks_unchanged_by_the_redesign():
+    """The shipped checkpoint with the solver the network was trained with (``exact=True``, as
+    ``bloodseg predict --exact``, which also fixes the scale and the colours) on the vendored BCCD sample gives the same masks, bit for bit, as
     ``bloodseg.predict_image`` gave before the redesign (hashes recorded on commit 937c33e,
-    tests/data/shipped_masks_before_redesign.json)."""
-    before = json.loads(BEFORE.read_text())["raw" if raw else "cleaned"]
-    assert _predict(tmp_path, "--exact", *(["--raw"] if raw else [])) == before
+    tests/data/shipped_masks_before_redesign.json): the cleaned masks and the raw argmax, both from
+    one pass of :meth:`Segmenter.segment`, the path ``predict`` takes."""
+    before = json.loads(BEFORE.read_text())
+    # --exact: the trained solver, the stored fixed scale, the photographs' own colours
+    exact = bloodseg.Segmenter.load(bloodseg.shipped_checkpoint(), exact=True).replace(scale="fixed", colour="none")
+    got = {"cleaned": {}, "raw": {}}
+    for f in sorted((bloodseg.bccd.bccd_sample_dir() / "images").glob("*.jpg")):
+        p = exact.segment(bloodseg.read_image(f), raw=True)
+        for key, mask in (("cleaned", p.mask), ("raw", p.raw)):
+            got[key][f.name] = hashlib.sha256(np.ascontiguousarray(mask, dtype=np.uint8).tobytes()).hexdigest()
+    assert got["cleaned"] == before["cleaned"]
+    assert got["raw"] == before["raw"]
 
 
 def test_shipped_checkpoint_calibrated_solver_agrees_with_the_trained_one(tmp_path):
