@@ -60,8 +60,8 @@ book: $(STAMP) $(TRYIT_PINS)
 
 # Unit tests, then the notebooks re-executed in the smoke profile under nbval.
 test: $(STAMP) $(TRYIT_PINS)
-	BLOODSEG_PROFILE=smoke $(PY) -m pytest tests -q
-	BLOODSEG_PROFILE=smoke $(PY) -m pytest -q --nbval-lax -p no:cacheprovider book
+	BLOODSEG_PROFILE=smoke $(PY) -m pytest tests -q --durations=15
+	BLOODSEG_PROFILE=smoke $(PY) -m pytest -q --nbval-lax -p no:cacheprovider --durations=15 book
 
 # Maintainers: re-execute the chapters in place (the outputs that are committed), in TOC order.
 notebooks: $(STAMP)

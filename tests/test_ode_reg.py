@@ -159,10 +159,10 @@ def _toy_nfe(regularise, seed, steps=30):
     return int(block.nfe_forward)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_a_strong_kinetic_penalty_makes_the_dynamics_cheaper_to_solve(seed):
-    # measured: unregularised 188 / 284 evaluations after 30 steps, kinetic=10: 128 / 128 (from 26)
-    plain, regularised = _toy_nfe({}, seed), _toy_nfe({"kinetic": 10.0}, seed)
+def test_a_strong_kinetic_penalty_makes_the_dynamics_cheaper_to_solve():
+    # measured: unregularised 188 evaluations after 30 steps, kinetic=10: 128 (from 26); seed 1 gave
+    # 284 / 128 and was dropped to keep `make test` within its 15 minutes
+    plain, regularised = _toy_nfe({}, 0), _toy_nfe({"kinetic": 10.0}, 0)
     assert regularised < 0.85 * plain, (plain, regularised)
 
 
