@@ -9,6 +9,7 @@ the test crops out *by source image*, so no test crop shares pixels with a train
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import zlib
 from pathlib import Path
@@ -254,7 +255,11 @@ def prepared_photographs(data) -> Path:
         return Path(data)
     src = bccd_source()[0] if str(data) == "bccd" else bccd_source(data)[0]
     out = Path("runs") / "prepared" / f"bccd-{zlib.crc32(str(src.resolve()).encode()):08x}"
-    prepare_cached(src, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one process prepares at a time (parallel test workers, two notebooks): the others wait, then reuse
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prepare_cached(src, out)
     return out
 
 

@@ -188,3 +188,12 @@ def test_summary_intervals_and_ledger_rows_from_constructed_records(tmp_path):
     assert gain == pytest.approx(100 - miou_others) and ci[0] > 0
     same, ci, _ = real["ResNet MIoU gain over U-Net (Table 2 on real BCCD smears)"]["estimate"]()
     assert same == pytest.approx(0) and ci == (0.0, 0.0)
+
+
+def test_the_module_runs_as_bloodseg_reproduce_robust():
+    """`python -m bloodseg.paper.robust ...` (the command of the first records) is `bloodseg reproduce
+    robust ...`: the same arguments, the same checks."""
+    proc = subprocess.run([sys.executable, "-m", "bloodseg.paper.robust", "--scale", "quick"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "bloodseg reproduce: error: reproduce robust has the scales study, smoke" \
+        in proc.stderr, proc.stderr

@@ -469,4 +469,5 @@ def reproduce_command(args) -> int:
 if __name__ == "__main__":      # the records' command `python -m bloodseg.paper.robust ...` = `bloodseg reproduce robust ...`
     from ..cli import main
     torch.set_num_threads(1)
-    raise SystemExit(main(["reproduce", "robust", *sys.argv[1:]]))
+    sys.argv = ["bloodseg", "reproduce", "robust", *sys.argv[1:]]     # the command the records name
+    raise SystemExit(main(sys.argv[1:]))
