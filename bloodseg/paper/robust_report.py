@@ -344,14 +344,15 @@ def table2_ledger_rows(scale: str | None = None, results=None) -> list[dict]:
 
     def estimate(better, ref, key):
         def run():
-            if "s" not in cache:
+            if "boot" not in cache:          # once for the six rows
                 try:
                     sc, recs = evidence(scale, results)
                 except FileNotFoundError:
                     raise stats.MissingEvidence("`bloodseg reproduce robust --scale study --seeds 5`") from None
                 s = summarize(recs)
-                cache["boot"] = {k: stats.pooled_bootstrap(s["cms"], key=k)["boot"] for k in ("pa", "miou")}
-                cache["value"] = {k: stats.pooled_bootstrap(s["cms"], key=k)["value"] for k in ("pa", "miou")}
+                boots = {k: stats.pooled_bootstrap(s["cms"], key=k) for k in ("pa", "miou")}
+                cache["boot"] = {k: b["boot"] for k, b in boots.items()}
+                cache["value"] = {k: b["value"] for k, b in boots.items()}
                 cache["src"] = stats.source_line(sc, [r for r in recs if r["seed"] in _seeds(recs)])
             v, b = cache["value"][key], cache["boot"][key]
             d = b[:, _idx(better)] - b[:, _idx(ref)]
