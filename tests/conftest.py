@@ -5,6 +5,12 @@ also by the worker processes that test_ddp.py and test_fault_injection.py start 
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +87,18 @@ class ColourBlobs(Dataset):
 
     def __getitem__(self, i):
         return self.images[i], self.masks[i]
+
+
+def kill_after_first_record(script: str, cwd, env: dict, first, timeout: float = 120.0) -> None:
+    """Run ``python -c script`` in ``cwd`` and SIGKILL it as soon as the file ``first`` exists (a run
+    killed mid-way, for the resume tests); fails if it never appears."""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + timeout
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()

@@ -1,14 +1,14 @@
 """bloodseg.paper.reproduce: resumable (model, seed) units with provenance, time box, summary."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import kill_after_first_record
 
 from bloodseg.errors import BloodsegError
 from bloodseg.paper import reproduce as rp
@@ -31,16 +31,7 @@ def test_a_killed_run_continues_where_it_stopped(tmp_path):
     run_dir.mkdir()
     folder = run_dir / "res" / "table2" / "smoke"
     first = folder / "unet-seed0.json"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=run_dir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not first.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert first.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_first_record(SCRIPT, run_dir, env, first)
     done_before = sorted(p.name for p in folder.glob("*.json"))
     assert len(done_before) < 8, "the run finished before it could be killed"
     kept = first.read_bytes()

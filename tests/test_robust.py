@@ -1,15 +1,15 @@
 """Chapter 10's robustness study: perturbations, attacks, a resumable study, records with provenance."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import kill_after_first_record
 
 from bloodseg.errors import BloodsegError
 from bloodseg.models import build_model
@@ -113,16 +113,7 @@ def test_the_study_continues_after_a_kill_and_refuses_records_without_provenance
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     folder = tmp_path / "res" / "robust" / "smoke"
     first = folder / "unet-seed0.json"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not first.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert first.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_first_record(SCRIPT, tmp_path, env, first)
     assert not (folder / "nodes-unet-euler1-seed0.json").exists(), "the run finished before it was killed"
     kept, stamp = first.read_bytes(), first.stat().st_mtime_ns
 

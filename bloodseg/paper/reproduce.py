@@ -300,8 +300,9 @@ def run_experiment(experiment: str, scale: str = "quick", seeds: int = 3, max_mi
                 not_started=not_started)
 
 
-def load_records(folder) -> list[dict]:
-    """Every ``*.json`` record in ``folder`` (sorted by name); a record without provenance is an error."""
+def load_records(folder, rerun: str = "bloodseg reproduce") -> list[dict]:
+    """Every ``*.json`` record in ``folder`` (sorted by name); a record without provenance is an error
+    (its message says to re-run it with ``rerun``)."""
     records = []
     for path in sorted(Path(folder).glob("*.json")):
         rec = _read(path)
@@ -310,7 +311,7 @@ def load_records(folder) -> list[dict]:
         missing = [k for k in PROVENANCE if k not in rec]
         if missing:
             raise BloodsegError(f"{path} lacks provenance ({', '.join(missing)}); a number without "
-                                "provenance cannot decide a claim: re-run it with `bloodseg reproduce`")
+                                f"provenance cannot decide a claim: re-run it with `{rerun}`")
         rec["path"] = str(path)
         records.append(rec)
     return records

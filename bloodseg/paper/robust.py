@@ -61,6 +61,7 @@ from ..segmenter import Segmenter
 from ..train import fit
 from . import perturb as P
 from .records import REQUIRED, command_line, provenance, write_record
+from .reproduce import _read, load_records
 
 __all__ = ["LABELS", "TRAINED", "EULER1", "SCALES", "study_recipe", "study_plan", "run_robust", "record_path",
            "load_robust_records", "convergence", "reproduce_command"]
@@ -121,13 +122,6 @@ def study_plan(scale: str) -> dict:
 
 def record_path(out, scale: str, label: str, seed: int) -> Path:
     return Path(out) / EXPERIMENT / scale / f"{label}-seed{seed}.json"
-
-
-def _read(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _same_recipe(stored, recipe: Recipe) -> bool:
@@ -440,19 +434,9 @@ def run_robust(scale: str = "study", seeds: int = 5, max_minutes: float = 0.0, o
 
 
 def load_robust_records(folder) -> list[dict]:
-    """Every record in ``folder`` (sorted by name); a record without provenance is an error."""
-    records = []
-    for path in sorted(Path(folder).glob("*.json")):
-        rec = _read(path)
-        if not isinstance(rec, dict):
-            raise BloodsegError(f"{path} is not a readable JSON record; delete it and run the study again")
-        missing = [k for k in ("recipe", *REQUIRED) if k not in rec]
-        if missing:
-            raise BloodsegError(f"{path} lacks provenance ({', '.join(missing)}); a number without provenance "
-                                "cannot decide a claim: run it again with `bloodseg reproduce robust`")
-        rec["path"] = str(path)
-        records.append(rec)
-    return records
+    """Every record in ``folder`` (sorted by name); a record without provenance is an error
+    (:func:`bloodseg.paper.reproduce.load_records`)."""
+    return load_records(folder, rerun="bloodseg reproduce robust")
 
 
 def reproduce_command(args) -> int:
