@@ -26,7 +26,7 @@ from scipy import ndimage
 from .classes import WHITE_CELL
 from .errors import BloodsegError
 
-__all__ = ["clean_white_cells", "check_postprocess", "min_area_at", "POSTPROCESS_KEYS"]
+__all__ = ["clean_white_cells", "keep_crop_cell", "check_postprocess", "min_area_at", "POSTPROCESS_KEYS"]
 
 POSTPROCESS_KEYS = ("white_min_area", "fill_white_holes")
 _EIGHT = np.ones((3, 3), bool)
@@ -89,6 +89,39 @@ def clean_white_cells(mask: np.ndarray, probs=None, min_area: float = 0.0, fill_
             white = out == WHITE_CELL
     if fill_holes and white.any():
         out[ndimage.binary_fill_holes(white) & ~white] = WHITE_CELL
+    return out
+
+
+def keep_crop_cell(mask: np.ndarray) -> np.ndarray:
+    """A crop's mask with the white cells its border cuts removed, except the crop's own cell.
+
+    A single-cell crop (ALL-IDB2, a CellaVision export, a cell cut out for a classifier) is framed
+    on one white cell; parts of neighbouring white cells that the frame cuts are not what it shows,
+    and they cannot be measured or classified. Of the white components (8-connected) that touch the
+    border, every one but the crop's own cell becomes background (0); the crop's own cell is the
+    white component nearest the crop's centre (the smallest distance from the centre to any of its
+    pixels; on a tie the larger component, then the first in raster order), kept whether it touches
+    the border or not. White components inside the frame are kept. A copy; ``mask`` is unchanged.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise BloodsegError(f"keep_crop_cell wants a 2-D class mask, got shape {mask.shape}")
+    out = mask.copy()
+    labels, n = ndimage.label(mask == WHITE_CELL, structure=_EIGHT)
+    if n < 2:
+        return out
+    h, w = mask.shape
+    yy, xx = np.ogrid[:h, :w]
+    d2 = (2 * yy - (h - 1)) ** 2 + (2 * xx - (w - 1)) ** 2          # 4 x squared distance, exact integers
+    index = np.arange(1, n + 1)
+    near = np.asarray(ndimage.minimum(d2, labels, index))
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    own = int(np.lexsort((index, -areas, near))[0]) + 1
+    cut = np.zeros(n + 1, bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        cut[edge] = True
+    cut[0] = cut[own] = False
+    out[cut[labels]] = 0
     return out
 
 

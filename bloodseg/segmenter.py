@@ -36,13 +36,16 @@ from .count import count_cells
 from .distributed import default_device
 from .errors import BloodsegError, CheckpointError
 from .infer import predict_image, predict_probabilities
-from .postprocess import check_postprocess, clean_white_cells, min_area_at
-from .scale import CROP_FACTORS, auto_scale, is_crop
+from .postprocess import check_postprocess, clean_white_cells, keep_crop_cell, min_area_at
+from .scale import CROP_FACTORS, CROP_SIDE, auto_scale, is_crop
 from .stain import check_background, match_background
 
 #: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
 SETTINGS = ("input_scale", "postprocess", "clahe", "tile", "overlap", "tta", "class_names", "solver",
-            "red_cell_diameter", "scale", "background", "colour")
+            "red_cell_diameter", "scale", "background", "colour", "crop_cells")
+
+#: The values of ``Segmenter.crop_cells``.
+CROP_CELLS = ("centre", "all")
 
 
 @dataclasses.dataclass
@@ -80,6 +83,10 @@ class Segmenter:
     * ``colour`` — ``"background"``: each photograph's background is first brought to ``background``
       (:func:`bloodseg.stain.match_background`: undoes a lamp's or camera's colour cast); ``"none"``:
       photographs as they are. Default: ``"background"`` when ``background`` is known.
+    * ``crop_cells`` — on a crop (:func:`bloodseg.scale.is_crop`): ``"centre"``, the white cells cut
+      by its border are dropped except the crop's own, the one nearest its centre
+      (:func:`bloodseg.postprocess.keep_crop_cell`); ``"all"``: every white cell kept. Whole fields
+      are never changed; the network's raw argmax (``postprocess=False``) neither.
     """
     model: torch.nn.Module
     input_scale: float = 1.0
@@ -96,6 +103,7 @@ class Segmenter:
     scale: str | None = None
     background: tuple | None = None
     colour: str | None = None
+    crop_cells: str = "all"
     trained: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -128,6 +136,8 @@ class Segmenter:
             raise BloodsegError(f"colour must be 'none' or 'background' (which needs background, the training "
                                 f"photographs' background colour); got colour={self.colour!r}, "
                                 f"background={self.background!r}")
+        if self.crop_cells not in CROP_CELLS:
+            raise BloodsegError(f"crop_cells must be one of {', '.join(map(repr, CROP_CELLS))}; got {self.crop_cells!r}")
         self.model = unwrap(self.model).eval()
         if self.solver is not None:
             self.solver = check_solver(self.solver)
@@ -251,7 +261,8 @@ class Segmenter:
         2. :meth:`scale_for` — the resize factor (``scale``), unless ``input_scale`` is given;
         3. the network on the resized photograph (tiled, CLAHE on the luma, flips with ``tta``),
            probabilities back at full size, argmax;
-        4. the white-cell cleanup (``postprocess`` as in :meth:`predict`) at that factor.
+        4. the white-cell cleanup (``postprocess`` as in :meth:`predict`) at that factor; then, on a
+           crop, the crop rule (``crop_cells``), unless ``postprocess`` is False.
 
         Returns a :class:`Prediction`: ``mask``, ``factor``, and with ``probabilities`` the class
         probabilities, with ``raw`` the argmax before the cleanup (one pass of the network for both).
@@ -269,14 +280,14 @@ class Segmenter:
         if probs is None and not (probabilities or raw):
             mask = predict_image(self.model, image_bgr, tile=self.tile, overlap=self.overlap, clahe=self.clahe,
                                  tta=tta, input_scale=factor, postprocess=spec)
-            return Prediction(mask, factor)
+            return Prediction(self._crop_rule(mask, postprocess), factor)
         if probs is None:
             probs = predict_probabilities(self.model, image_bgr, tile=self.tile, overlap=self.overlap,
                                           clahe=self.clahe, tta=tta, input_scale=factor)
         argmax = probs.argmax(0).numpy().astype(np.uint8)
         mask = (clean_white_cells(argmax, probs, min_area_at(spec, factor), spec["fill_white_holes"])
                 if spec else argmax)
-        return Prediction(mask, factor, probs if probabilities else None, argmax if raw else None)
+        return Prediction(self._crop_rule(mask, postprocess), factor, probs if probabilities else None, argmax if raw else None)
 
     def predict_proba(self, image_bgr: np.ndarray, tta: bool | None = None, *,
                       input_scale: float | None = None, prepared: bool = False) -> torch.Tensor:
@@ -299,6 +310,12 @@ class Segmenter:
     def count(self, image_bgr: np.ndarray, red_radius: float | None = None, postprocess=None) -> dict:
         """White and red cells of one image (:func:`bloodseg.count.count_cells` on :meth:`predict`)."""
         return count_cells(self.predict(image_bgr, postprocess), red_radius=red_radius)
+
+    def _crop_rule(self, mask: np.ndarray, postprocess) -> np.ndarray:
+        """``mask`` after the crop rule (``crop_cells``): only on a crop, never on the raw argmax."""
+        if self.crop_cells == "all" or postprocess is False or min(mask.shape) >= CROP_SIDE:
+            return mask
+        return keep_crop_cell(mask)
 
     def _postprocess(self, postprocess) -> dict | None:
         if postprocess is False:

@@ -261,6 +261,13 @@ ATTEMPTS = {
                                   f"{CROP_SIDE} px) whose background is not saturated in any channel (>= 250); "
                                   "crops and saturated photographs keep their own colours",
                                   lambda seg: {"seg": seg, "prepare": crops_unmatched_prepare(seg)}),
+    "crop-centre-cell": ("on a crop (shorter side below "
+                         f"{CROP_SIDE} px), the white cells cut by its border are dropped except the crop's own "
+                         "cell, the white component nearest its centre (bloodseg.postprocess.keep_crop_cell, "
+                         "Segmenter crop_cells='centre'); whole fields unchanged. Planned after looking at the "
+                         "ALL-IDB2 odd crops: most of their false white pixels are neighbouring white cells cut by "
+                         "the frame, which single-cell crops do not label",
+                         lambda seg: {"seg": seg.replace(crop_cells="centre")}),
 }
 
 
