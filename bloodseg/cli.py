@@ -341,12 +341,16 @@ def _add_batch_flags(s, batch: bool = True) -> None:
                    help="the network's masks as they are, without the checkpoint's white-cell cleanup")
     s.add_argument("--exact", action="store_true",
                    help="exactly the trained pipeline: the trained ODE solver even when the checkpoint stores a "
-                        "calibrated one, its fixed input_scale (no automatic scale), the photographs' own colours")
+                        "calibrated one, its fixed input_scale (no automatic scale), the photographs' own colours, "
+                        "every white cell of a crop kept")
     s.add_argument("--scale", type=_scale_arg, metavar="auto|X",
                    help="auto: resize each photograph so its red cells have the size the network was trained "
                         "on (the default when the checkpoint knows it); X: resize every photograph by X")
     s.add_argument("--colour", choices=("background", "none"), help="background (the default when the checkpoint "
                    "knows the training photographs' background): undo a colour cast; none: colours as they are")
+    s.add_argument("--crop-cells", choices=("centre", "all"),
+                   help="on a crop (shorter side below 384 px): centre (the default) keeps its own white cell, the one "
+                        "nearest its centre, and drops the white cells its border cuts; all: keep every white cell")
     s.add_argument("--tta", action="store_true", help="average the predictions over flips (slower)")
     if not batch:
         return

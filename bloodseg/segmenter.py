@@ -85,8 +85,9 @@ class Segmenter:
       photographs as they are. Default: ``"background"`` when ``background`` is known.
     * ``crop_cells`` — on a crop (:func:`bloodseg.scale.is_crop`): ``"centre"``, the white cells cut
       by its border are dropped except the crop's own, the one nearest its centre
-      (:func:`bloodseg.postprocess.keep_crop_cell`); ``"all"``: every white cell kept. Whole fields
-      are never changed; the network's raw argmax (``postprocess=False``) neither.
+      (:func:`bloodseg.postprocess.keep_crop_cell`; the default, adopted by the rule of
+      book/results/domains/attempts/crop-centre-cell.json); ``"all"``: every white cell kept. Whole
+      fields are never changed; the network's raw argmax (``postprocess=False``) neither.
     """
     model: torch.nn.Module
     input_scale: float = 1.0
@@ -103,7 +104,7 @@ class Segmenter:
     scale: str | None = None
     background: tuple | None = None
     colour: str | None = None
-    crop_cells: str = "all"
+    crop_cells: str = "centre"
     trained: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):

@@ -124,3 +124,16 @@ def test_the_after_table_carries_only_rows_the_crop_rule_cannot_change():
     assert carried_rows(old, seg.replace(tta=True), "d", [field, field], None) == []      # other settings
     assert carried_rows({**old, "rows": rows[:3]}, seg, "d", [field, field], None) == []  # rows missing
     assert carried_rows(None, seg, "d", [field, field], None) == []
+    # a table made before the crop-only setting crop_cells existed: its whole-field rows still hold,
+    # and the row with the crop rule off is its default row (the rule never runs on a whole field)
+    older = {"settings": {k: v for k, v in old["settings"].items() if k != "crop_cells"},
+             "rows": [dict(r, white_iou=0.6 if r["setting"] == "default" else 0.5) for r in rows
+                      if r["setting"] != "crop cells all"] + [{"domain": "d", "setting": "best fixed scale",
+                                                              "n_images": 2, "white_iou": 0.5}],
+             "path": "domains/table.json"}
+    carried = carried_rows(older, seg.replace(crop_cells="centre"), "d", [field, field], None)
+    assert [r["setting"] for r in carried] == list(SETTINGS) + ["best fixed scale"]
+    off = carried[list(SETTINGS).index("crop cells all")]
+    assert off["same_as"] == "default" and off["white_iou"] == 0.6 and "same_as" not in carried[0]
+    assert carried_rows(older, seg.replace(crop_cells="centre", tta=True), "d", [field, field], None) == []
+    assert carried_rows(older, seg, "d", [field, crop], None) == []

@@ -225,3 +225,42 @@ def test_every_model_gets_its_own_cleanup_chosen_on_val_and_scored_on_test():
     assert len(fig.axes[0].patches) == 4
     with pytest.raises(BloodsegError, match="no score row"):
         rd.cleanup_summary("x", rd.tune_white_cleanup(PatternModel(_scene()), val), [])
+
+
+
+def _disc(mask, cy, cx, r, value):
+    yy, xx = np.ogrid[:mask.shape[0], :mask.shape[1]]
+    mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = value
+
+
+def test_a_crop_keeps_its_own_cell_and_drops_the_ones_its_border_cuts():
+    from bloodseg.postprocess import keep_crop_cell
+    mask = np.zeros((120, 160), np.uint8)
+    _disc(mask, 20, 20, 12, RED)               # a red cell cut by the corner: not a white cell, kept
+    _disc(mask, 60, 0, 18, WHITE)              # a neighbour cut by the left border
+    _disc(mask, 119, 140, 15, WHITE)           # a neighbour cut by the bottom border
+    expected = mask.copy()
+    expected[expected == WHITE] = 0            # ... both become background
+    for m in (mask, expected):
+        _disc(m, 60, 80, 25, WHITE)            # the crop's own cell, at its centre
+        _disc(m, 20, 135, 8, WHITE)            # a whole small white cell inside the frame
+    before = mask.copy()
+    out = keep_crop_cell(mask)
+    assert np.array_equal(out, expected)
+    assert np.array_equal(mask, before)        # a copy
+
+    tight = np.zeros((100, 100), np.uint8)
+    _disc(tight, 50, 50, 60, WHITE)            # the crop's own cell fills the frame, touching every border
+    _disc(tight, 0, 0, 6, RED)
+    assert np.array_equal(keep_crop_cell(tight), tight)
+    two = np.zeros((101, 101), np.uint8)
+    _disc(two, 50, 5, 10, WHITE)               # two cells cut by the borders, both 35 px from the centre:
+    _disc(two, 50, 97, 12, WHITE)              # the larger is the crop's own cell, the other goes
+    out = keep_crop_cell(two)
+    assert out[50, 90] == WHITE and out[50, 5] == 0
+    assert np.array_equal(keep_crop_cell(two[:, ::-1]), out[:, ::-1])    # not the first in raster order
+    one = np.where(two == WHITE, 0, two)
+    _disc(one, 50, 5, 10, WHITE)
+    assert np.array_equal(keep_crop_cell(one), one)                     # a lone cell is the crop's own
+    with pytest.raises(BloodsegError, match="2-D class mask"):
+        keep_crop_cell(np.zeros((4, 4, 3), np.uint8))

@@ -112,3 +112,38 @@ def test_nothing_is_attached_to_the_network(tmp_path, images):
     # and saving it again writes the settings from the Segmenter, not from the network
     again = Segmenter.load(seg.replace(input_scale=1.0).save(tmp_path / "again.pt"), device="cpu")
     assert again.input_scale == 1.0 and not hasattr(again.model, "input_scale")
+
+
+def test_the_crop_rule_acts_on_crops_only_and_never_on_the_raw_argmax(monkeypatch):
+    """crop_cells='centre' drops the white cells a crop's border cuts (the network stood in for by a
+    known mask), on both the fast path and the one with probabilities; 'all', a whole field and
+    postprocess=False keep them."""
+    import bloodseg.segmenter as S
+
+    def scene(h, w):
+        m = np.zeros((h, w), np.uint8)
+        m[h // 2 - 20:h // 2 + 20, w // 2 - 20:w // 2 + 20] = 1      # the crop's own white cell
+        m[10:50, :15] = 1                                            # a neighbour cut by the left border
+        m[h - 30:, w - 40:w - 10] = 2                                # a red cell cut by the bottom
+        return m
+
+    def one_hot(m):
+        return torch.from_numpy(np.eye(3, dtype=np.float32)[m].transpose(2, 0, 1).copy())
+
+    monkeypatch.setattr(S, "predict_image", lambda model, image, **kw: scene(*image.shape[:2]))
+    monkeypatch.setattr(S, "predict_probabilities", lambda model, image, **kw: one_hot(scene(*image.shape[:2])))
+    centre, everything = Segmenter(tiny(), crop_cells="centre"), Segmenter(tiny(), crop_cells="all")
+    crop, field = np.zeros((200, 257, 3), np.uint8), np.zeros((480, 640, 3), np.uint8)
+    expected = scene(200, 257)
+    expected[10:50, :15] = 0
+    for probabilities in (False, True):
+        assert np.array_equal(centre.segment(crop, probabilities=probabilities).mask, expected)
+        assert np.array_equal(everything.segment(crop, probabilities=probabilities).mask, scene(200, 257))
+        assert np.array_equal(centre.segment(field, probabilities=probabilities).mask, scene(480, 640))
+    p = centre.segment(crop, raw=True)
+    assert np.array_equal(p.raw, scene(200, 257)) and np.array_equal(p.mask, expected)
+    assert np.array_equal(centre.predict(crop, postprocess=False), scene(200, 257))
+    assert centre.count(crop)["n_white"] == 1
+    assert centre.count(crop)["white_fraction"] < everything.count(crop)["white_fraction"]
+    with pytest.raises(Exception, match="crop_cells must be one of"):
+        Segmenter(tiny(), crop_cells="middle")

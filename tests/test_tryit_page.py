@@ -8,9 +8,10 @@ settings, the samples, the npm runtime), and checked against Python:
 
 * parity: every vendored BCCD photograph gives the mask of ``Segmenter.predict`` on >= 99.5 % of
   the pixels, the same white-cell count and the same scale factor (the per-photo table is printed);
-* crop parity: four crops around a white cell (170-344 px, shorter side below
+* crop parity: five crops around a white cell (170-344 px, shorter side below
   ``bloodseg.scale.CROP_SIDE``), where the network's confidence chooses the scale
-  (``Segmenter._crop_scale``), get the factor of ``Segmenter.segment``, its mask and its count;
+  (``Segmenter._crop_scale``), get the factor of ``Segmenter.segment``, its mask and its count; on
+  one, a second white cell cut by the border goes (the crop rule, ``Segmenter.crop_cells``);
 * a photograph larger than a tile (tiling), the downloads (mask PNG, cells CSV) against bloodseg's;
 * bad input: not an image, a 16-bit TIFF, a 20-megapixel photograph, no WebAssembly, a page opened
   from a file: each gives a clear message, never a blank page.
@@ -37,6 +38,7 @@ from bloodseg.instances import INSTANCE_COLUMNS, instances
 from bloodseg.io import read_image
 from bloodseg.paper import tryit
 from bloodseg.paper.crops import crop_around_white_cell
+from bloodseg.postprocess import clean_white_cells, min_area_at
 from bloodseg.scale import CROP_FACTORS, CROP_SIDE, is_crop
 
 PHOTOS = sorted((bccd_sample_dir() / "images").glob("*.jpg"))
@@ -50,10 +52,15 @@ PHOTOS = sorted((bccd_sample_dir() / "images").glob("*.jpg"))
 CROPS = (("BloodImage_00058.jpg", ("white", 1.5), 1.0),        # 170 x 170
          ("BloodImage_00020.jpg", ("white", 1.0), 2.0),        # 232 x 232
          ("BloodImage_00017.jpg", ("white", 1.0), 2.0),        # 344 x 344
-         ("BloodImage_00007.jpg", ("box", 87, 157, 200, 300), 1.0))   # 200 high, 300 wide
+         ("BloodImage_00007.jpg", ("box", 87, 157, 200, 300), 1.0),   # 200 high, 300 wide
+         ("BloodImage_00058.jpg", ("beside", "BloodImage_00020.jpg"), 1.0))   # 170 x 255, two white cells
 
 
 def _crop(name, cut, zoom) -> np.ndarray:
+    if cut[0] == "beside":   # this photograph's white cell, and half of another's cut by the right border
+        a, b = _crop(name, ("white", 1.5), 1.0), _crop(cut[1], ("white", 1.5), 1.0)
+        b = cv2.resize(b, (a.shape[0], a.shape[0]), interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(np.hstack([a, b[:, :a.shape[0] // 2]]))
     image = read_image(bccd_sample_dir() / "images" / name)
     if cut[0] == "white":
         gold = cv2.imread(str(bccd_sample_dir() / "wbc_masks" / name.replace("BloodImage_", "BloodImage_Mask_")
@@ -194,7 +201,7 @@ def test_parity_on_crops_where_the_network_chooses_the_scale(page, segmenter, mo
 
     def python(image):
         torch.set_num_threads(1)
-        p = segmenter.segment(image)
+        p = segmenter.segment(image, probabilities=True)
         return p, count_cells(p.mask)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -223,6 +230,11 @@ def test_parity_on_crops_where_the_network_chooses_the_scale(page, segmenter, mo
             bad.append(name)
         if None not in theirs:
             assert max(abs(a - b) for a, b in zip(ours, theirs)) < 5e-4, (name, ours, theirs)
+    # the crop rule acted on the pair (the cut cell went), so the page's agreement covers it too
+    pair, spec = refs[-1][0], segmenter.postprocess
+    without = clean_white_cells(pair.probs.argmax(0).numpy().astype(np.uint8), pair.probs,
+                                min_area_at(spec, pair.factor), spec["fill_white_holes"])
+    assert segmenter.crop_cells == "centre" and (without == 1).sum() > (pair.mask == 1).sum() + 500
     assert not bad, (f"the page differs from Segmenter.segment on the crops {bad}: if the crop rule "
                      "(Segmenter._crop_scale, bloodseg.scale.CROP_SIDE / CROP_FACTORS) changed, update "
                      "cropScale in book/_static/tryit/scale_rule.js to match")

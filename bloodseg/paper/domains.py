@@ -53,7 +53,12 @@ FIXED = (0.35, 0.5, 0.7, 1.0, 1.4)
 
 #: name -> Segmenter.replace arguments: the pipeline as shipped, and each rule switched off.
 SETTINGS = {"default": {}, "scale fixed (trained)": {"scale": "fixed"}, "colour none": {"colour": "none"},
+            "crop cells all": {"crop_cells": "all"},
             **{f"fixed {f:g}": {"scale": "fixed", "input_scale": f} for f in FIXED}}
+
+#: Segmenter settings that act on crops only (bloodseg.scale.is_crop): on a domain of whole fields
+#: they change nothing, so a row that differs from another only in them is that row.
+CROP_ONLY = ("crop_cells",)
 
 ADOPTION_RULE = ("adopt only if the worst choosing domain's pooled white-cell IoU (BCCD validation, ALL-IDB2 odd "
                  "half) rises by >= 1 point and no choosing domain drops by more than 0.3 points")
@@ -101,16 +106,31 @@ def score(seg, samples, red_labelled: bool = False, factor: Callable | None = No
             "factors": [round(f, 4) for f in factors], "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _whole_field_settings(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in CROP_ONLY}
+
+
 def carried_rows(reuse: dict | None, seg, domain: str, samples, limit) -> list[dict]:
     """The rows of ``domain`` that a table made of the same settings (``reuse``, a domain-table
     record) already holds and that cannot have changed since: every photograph of the domain is a
-    whole field (the crop rule of :meth:`~bloodseg.Segmenter.scale_for` never runs on it) and the
-    record was made with ``seg``'s settings on as many photographs. Each is marked ``carried_from``."""
-    if not reuse or any(is_crop(s.image) for s in samples) or reuse.get("settings") != json_safe(seg.settings()):
+    whole field (the crop rules of the Segmenter never run on it) and the record was made with
+    ``seg``'s settings, save those that act on crops only (:data:`CROP_ONLY`), on as many
+    photographs. Each is marked ``carried_from``; a setting the record lacks that changes crop-only
+    settings alone is the record's default row, marked ``same_as: "default"``."""
+    if (not reuse or any(is_crop(s.image) for s in samples)
+            or _whole_field_settings(reuse.get("settings") or {}) != _whole_field_settings(json_safe(seg.settings()))):
         return []
-    rows = [dict(r, carried_from=reuse["path"]) for r in reuse["rows"] if r["domain"] == domain
-            and r["n_images"] == len(samples)]
-    return rows if {r["setting"] for r in rows} >= set(SETTINGS) else []
+    held = {r["setting"]: dict(r, carried_from=reuse["path"]) for r in reuse["rows"]
+            if r["domain"] == domain and r["n_images"] == len(samples)}
+    rows = []
+    for name, change in SETTINGS.items():
+        if name in held:
+            rows.append(held[name])
+        elif "default" in held and change and set(change) <= set(CROP_ONLY):
+            rows.append(dict(held["default"], setting=name, same_as="default"))
+        else:
+            return []
+    return rows + [held[k] for k in held if k not in SETTINGS]
 
 
 def domain_table(seg, domains=REPORT, settings=SETTINGS, limit: int | None = None,

@@ -53,6 +53,38 @@ export function cleanWhiteCells(mask, probs, width, height, minArea, fill) {
   return out;
 }
 
+/** bloodseg.postprocess.keep_crop_cell(mask): on a crop, the white components (8-connected) that
+ *  touch the border become background, except the crop's own cell: the white component nearest the
+ *  centre (the least squared distance, in half pixels, from the centre to any of its pixels; on a tie
+ *  the larger, then the first in raster order). Returns a new mask. */
+export function keepCropCell(mask, width, height) {
+  const N = width * height;
+  const out = Uint8Array.from(mask);
+  const white = new Uint8Array(N);
+  for (let i = 0; i < N; i++) white[i] = mask[i] === WHITE_CELL ? 1 : 0;
+  const { labels, n } = label(white, width, height, true);
+  if (n < 2) return out;
+  const near = new Float64Array(n + 1).fill(Infinity);
+  for (let y = 0; y < height; y++) {
+    const dy = 2 * y - (height - 1);
+    for (let x = 0; x < width; x++) {
+      const k = labels[y * width + x];
+      if (!k) continue;
+      const dx = 2 * x - (width - 1), d2 = dy * dy + dx * dx;
+      if (d2 < near[k]) near[k] = d2;
+    }
+  }
+  const sizes = bincount(labels, n);
+  let own = 1;
+  for (let k = 2; k <= n; k++) {
+    if (near[k] < near[own] || (near[k] === near[own] && sizes[k] > sizes[own])) own = k;
+  }
+  const cut = touchesBorder(labels, width, height, n);
+  cut[own] = 0;
+  for (let i = 0; i < N; i++) if (cut[labels[i]]) out[i] = BACKGROUND;
+  return out;
+}
+
 /** bloodseg.count.estimate_red_radius: the median over red regions (holes filled, 8-connected) of
  *  their largest distance to the outline, regions under 3 px left out. */
 export function estimateRedRadius(red, width, height) {

@@ -10,7 +10,8 @@
 //                                                  (bloodseg.scale.auto_scale)
 //   3. predict_probabilities -> network.js      predictProbabilities (bloodseg.infer); on a crop,
 //                                                  the chosen pass of step 2, as Segmenter.segment
-//   4. argmax, then clean_white_cells at min_area_at(spec, factor) -> count.js (bloodseg.postprocess)
+//   4. argmax, then clean_white_cells at min_area_at(spec, factor), then on a crop with
+//      crop_cells 'centre' keep_crop_cell                      -> count.js (bloodseg.postprocess)
 //   5. count_cells and instances -> count.js (bloodseg.count, bloodseg.instances)
 //
 // The settings (settings.json) are the ONNX file's own metadata, written when the book was built.
@@ -18,7 +19,7 @@
 import { matchBackground } from './colour_rule.js';
 import { autoScale, cropScale, isCrop } from './scale_rule.js';
 import { predictProbabilities } from './network.js';
-import { cleanWhiteCells, countCells, instances, minAreaAt } from './count.js';
+import { cleanWhiteCells, countCells, instances, keepCropCell, minAreaAt } from './count.js';
 
 const now = () => performance.now();
 
@@ -92,7 +93,11 @@ export async function segmentPhotograph(rt, bgr, progress = async () => {}) {
     raw[i] = best;
   }
   const spec = seg.postprocess;
-  const mask = spec ? cleanWhiteCells(raw, probs, width, height, minAreaAt(spec, factor), spec.fill_white_holes) : raw;
+  let mask = spec ? cleanWhiteCells(raw, probs, width, height, minAreaAt(spec, factor), spec.fill_white_holes) : raw;
+  // the crop rule (Segmenter._crop_rule): on a crop, the white cells its border cuts go, but its own
+  if (seg.crop_cells === 'centre' && Math.min(width, height) < settings.rules.scale.crop_side) {
+    mask = keepCropCell(mask, width, height);
+  }
   ms.cleanup = now() - t;
 
   // 5. counting (bloodseg.count.count_cells) and one row per cell (bloodseg.instances.instances)
