@@ -65,7 +65,7 @@ def test_unknown_family_is_refused(smear):
 @pytest.fixture(scope="module")
 def tiny_seg():
     torch.manual_seed(0)
-    return Segmenter(build_model("unet", width=4), input_scale=0.5)
+    return Segmenter(build_model("unet", width=4), input_scale=0.5, crop_cells="all")   # as robust.segmenter
 
 
 def test_the_attack_path_gives_the_segmenters_own_mask(tiny_seg, smear):

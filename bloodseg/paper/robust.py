@@ -167,11 +167,13 @@ def _trained(model: str, recipe: Recipe, seed: int, data: dict, work: Path) -> t
 
 def segmenter(label: str, recipe: Recipe, seed: int, data: dict, work: Path) -> tuple[Segmenter, list]:
     """``(Segmenter, history)`` of ``label`` (:data:`LABELS`) for ``seed``: its network at the fixed
-    ``data.scale``, argmax, no cleanup, with the label's solver, tiles of 1024 px (the network sees
-    every photograph whole, twice-magnified ones included)."""
+    ``data.scale``, argmax, no cleanup and every white cell kept (``crop_cells="all"``: the study's
+    half-size photographs are smaller than a whole field, and it measures networks, not the crop
+    rule), with the label's solver, tiles of 1024 px (the network sees every photograph whole,
+    twice-magnified ones included)."""
     model, solver = LABELS[label]
     net, history = _trained(model, recipe, seed, data, work / f"seed{seed}" / model)
-    return Segmenter(net, input_scale=recipe.data.scale, solver=solver, tile=1024), history
+    return Segmenter(net, input_scale=recipe.data.scale, solver=solver, tile=1024, crop_cells="all"), history
 
 
 def prepare(scale, data="bccd") -> dict:
@@ -316,7 +318,8 @@ def product_rules(scale_recipe: Recipe, work: Path, every: int = 1) -> dict:
 
 def score_allidb2(seg, plan: dict, rules: dict) -> dict:
     """White-cell counts on ALL-IDB2's report half: the network at its fixed scale, and with the
-    product's colour and scale rules (``rules``); ``{"available": False}`` without the data."""
+    product's colour and scale rules (``rules``; the crop-cell rule, adopted after the study's records
+    were made, stays off so that the records can be re-made); ``{"available": False}`` without the data."""
     from ..domains import allidb2_dir, load_allidb2
     if allidb2_dir() is None:
         return dict(available=False, why="ALL-IDB2 not found ($BLOODSEG_ALLIDB2 or ../shared/data/allidb2)")
