@@ -341,8 +341,8 @@ def _add_batch_flags(s, batch: bool = True) -> None:
                    help="the network's masks as they are, without the checkpoint's white-cell cleanup")
     s.add_argument("--exact", action="store_true",
                    help="exactly the trained pipeline: the trained ODE solver even when the checkpoint stores a "
-                        "calibrated one, its fixed input_scale (no automatic scale), the photographs' own colours, "
-                        "every white cell of a crop kept")
+                        "calibrated one, its fixed input_scale (no automatic scale), the photographs' own colours "
+                        "(the cleanup and the crop rule stay: --raw, --crop-cells all)")
     s.add_argument("--scale", type=_scale_arg, metavar="auto|X",
                    help="auto: resize each photograph so its red cells have the size the network was trained "
                         "on (the default when the checkpoint knows it); X: resize every photograph by X")

@@ -273,11 +273,10 @@ def _batch_options(args) -> dict:
 def _batch_segmenter(args) -> Segmenter:
     seg = _segmenter(args)
     if args.exact:   # exactly the trained pipeline: the stored fixed input_scale, colours as they are
-        if args.scale == "auto" or args.colour == "background" or getattr(args, "crop_cells", None) == "centre":
+        if args.scale == "auto" or args.colour == "background":
             raise BloodsegError("--exact runs the trained pipeline at its fixed input_scale on the photographs' "
-                                "own colours, every white cell kept; drop --scale auto / --colour background / "
-                                "--crop-cells centre")
-        seg = seg.replace(scale="fixed", colour="none", crop_cells="all")
+                                "own colours; drop --scale auto / --colour background")
+        seg = seg.replace(scale="fixed", colour="none")
     if getattr(args, "crop_cells", None) is not None:
         seg = seg.replace(crop_cells=args.crop_cells)
     if args.colour is not None:

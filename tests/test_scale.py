@@ -140,7 +140,7 @@ def test_cli_scale_flags_and_exact_gives_the_fixed_pipeline(tmp_path, smears):
         assert proc.returncode == 0, proc.stderr
         return cv2.imread(str(tmp_path / "out" / "smear.png"), cv2.IMREAD_UNCHANGED)
 
-    assert np.array_equal(mask_of("--exact"), fixed.replace(crop_cells="all").predict(image))
+    assert np.array_equal(mask_of("--exact"), fixed.predict(image))
     assert np.array_equal(mask_of("--crop-cells", "all"), auto.replace(crop_cells="all").predict(image))
     assert np.array_equal(mask_of(), auto.predict(image))
     assert np.array_equal(mask_of("--scale", "auto"), auto.predict(image))

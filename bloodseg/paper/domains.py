@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from .. import stain as S
+from ..classes import WHITE_CELL
 from ..datasets import prepared_photographs
 from ..domains import allidb2_dir, load_allidb2
 from ..errors import DataError
@@ -42,7 +43,7 @@ from ..synthetic import make_smear
 from .records import load_record, provenance, write_record
 
 __all__ = ["CHOOSE", "REPORT", "SETTINGS", "FIXED", "ADOPTION_RULE", "domain_samples", "score", "domain_table",
-           "judge", "ATTEMPTS", "RETRAIN_PLANS", "COLOUR_SHIFTS", "CROP_SIDE", "carried_rows", "confident_factor", "crops_unmatched_prepare", "choose_scores", "attempt_record", "table_frame", "plot_table", "attempts_frame", "plot_attempts", "load_attempts", "run_record"]
+           "judge", "plot_crop_rule", "ATTEMPTS", "RETRAIN_PLANS", "COLOUR_SHIFTS", "CROP_SIDE", "carried_rows", "confident_factor", "crops_unmatched_prepare", "choose_scores", "attempt_record", "table_frame", "plot_table", "attempts_frame", "plot_attempts", "load_attempts", "run_record"]
 
 #: The choosing halves (the adoption rule reads these) and the reporting ones.
 CHOOSE = ("bccd-val", "allidb2-odd")
@@ -227,6 +228,38 @@ def plot_table(record: dict, title: str = ""):
     axes[0][0].set_ylabel("white-cell IoU % (pooled, 95% interval)")
     fig.suptitle(title or "The pipeline on every domain (blue: default; orange: a rule off; grey: fixed scales)",
                  fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_crop_rule(seg, names=("Im113_1", "Im007_1", "Im091_1")):
+    """The crop-cell rule at work, live: ALL-IDB2 crops of the choosing half segmented by ``seg``
+    with every white cell kept and with the rule (``crop_cells``), false white pixels red, missed
+    ones blue, the white-cell IoU of each in its title. None (with a line saying why) without ALL-IDB2."""
+    import matplotlib.pyplot as plt
+    if allidb2_dir() is None:
+        print("ALL-IDB2 not found ($BLOODSEG_ALLIDB2 or ../shared/data/allidb2): no picture of the crop rule")
+        return None
+    crops = {s.name: s for s in load_allidb2("odd")}
+    missing = [n for n in names if n not in crops]
+    if missing:
+        raise DataError(f"no ALL-IDB2 choosing crop named {missing}; the names are like Im001_1")
+    fig, axes = plt.subplots(2, len(names), figsize=(2.9 * len(names), 6.0), squeeze=False)
+    for j, name in enumerate(names):
+        s = crops[name]
+        for i, rule in enumerate(("all", "centre")):
+            pred = seg.replace(crop_cells=rule).segment(s.image).mask == WHITE_CELL
+            truth = s.mask == WHITE_CELL
+            shown = s.image[..., ::-1].astype(np.float32)
+            shown[pred & ~truth] = 0.45 * shown[pred & ~truth] + [140, 0, 0]
+            shown[~pred & truth] = 0.45 * shown[~pred & truth] + [0, 0, 140]
+            iou = (pred & truth).sum() / max((pred | truth).sum(), 1)
+            ax = axes[i][j]
+            ax.imshow(shown.clip(0, 255).astype(np.uint8))
+            ax.set_title(f"{name}, crop_cells={rule!r}\nwhite-cell IoU {100 * iou:.1f} %", fontsize=8)
+            ax.axis("off")
+    fig.suptitle("The crop rule on ALL-IDB2 choosing crops (red: white where the expert drew none; "
+                 "blue: the expert's white cell missed)", fontsize=9)
     fig.tight_layout()
     return fig
 
