@@ -137,3 +137,25 @@ def test_the_after_table_carries_only_rows_the_crop_rule_cannot_change():
     assert off["same_as"] == "default" and off["white_iou"] == 0.6 and "same_as" not in carried[0]
     assert carried_rows(older, seg.replace(crop_cells="centre", tta=True), "d", [field, field], None) == []
     assert carried_rows(older, seg, "d", [field, crop], None) == []
+
+
+def test_the_crop_rule_picture_says_why_it_is_missing_without_allidb2(monkeypatch, capsys):
+    """Chapter 8's live picture of the crop rule needs ALL-IDB2; without it the chapter still runs."""
+    from bloodseg.paper import domains as dom
+    monkeypatch.setattr(dom, "allidb2_dir", lambda: None)
+    assert dom.plot_crop_rule(object()) is None
+    assert "ALL-IDB2 not found" in capsys.readouterr().out
+
+
+def test_the_crop_rule_picture_shows_the_cut_neighbour_gone():
+    from bloodseg.domains import allidb2_dir
+    from bloodseg.paper import domains as dom
+    from bloodseg.segmenter import Segmenter, shipped_checkpoint
+    if allidb2_dir() is None:
+        pytest.skip("ALL-IDB2 not found ($BLOODSEG_ALLIDB2 or ../shared/data/allidb2)")
+    fig = dom.plot_crop_rule(Segmenter.load(shipped_checkpoint(), device="cpu"), names=("Im007_1",))
+    titles = [ax.get_title() for ax in fig.axes]
+    ious = [float(t.split("IoU ")[1].split(" %")[0]) for t in titles]
+    assert "'all'" in titles[0] and "'centre'" in titles[1] and ious[1] > ious[0] + 10
+    with pytest.raises(DataError, match="no ALL-IDB2 choosing crop named"):
+        dom.plot_crop_rule(None, names=("Im002_1",))
