@@ -110,7 +110,11 @@ def pooled_bootstrap(cms, n_boot: int = N_BOOT, seed: int = 0, level: float = LE
     rng = np.random.default_rng(seed)
     ws = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot).astype(np.float64)
     wi = rng.multinomial(i, np.full(i, 1.0 / i), size=n_boot).astype(np.float64)
-    per_seed = 100 * pooled_scores(np.einsum("msikl,bi->bmskl", m, wi))[key]          # boot x models x seeds
+    # the images' matrices summed with each resample's weights: one matrix product (the counts and
+    # weights are whole numbers, so the sums are exact in any order: the same as an einsum, faster)
+    n_models, _, _, c, _ = m.shape
+    summed = (wi @ m.transpose(2, 0, 1, 3, 4).reshape(i, -1)).reshape(n_boot, n_models, s, c, c)
+    per_seed = 100 * pooled_scores(summed)[key]                                        # boot x models x seeds
     boot = np.einsum("bms,bs->bm", np.nan_to_num(per_seed), ws) / s
     value = (100 * pooled_scores(m.sum(axis=2))[key]).mean(axis=1)
     diff = boot - boot[:, :1]
