@@ -13,6 +13,10 @@ TRYIT_CV_VERSION := 4.10.0-release.1
 TRYIT_CV_SHA := 00ef9ced104d7ad89063513691b2d37b8e5f8075ff30f360d271745a580fed7e
 TRYIT_VENDOR := $(VENV)/tryit_vendor
 TRYIT_PINS := $(TRYIT_VENDOR)/.pins-ort-$(TRYIT_ORT_VERSION)-cv-$(TRYIT_CV_VERSION)
+# matplotlib's font cache lives in the venv, not in ~/.cache/matplotlib: a shared cache written by
+# another checkout's venv can miss matplotlib's own fonts (e.g. when that venv was deleted while it
+# was built), and the "findfont" messages it then prints on stderr fail the book build (-W).
+export MPLCONFIGDIR := $(abspath $(VENV))/mplconfig
 
 .PHONY: setup book test test-fast notebooks clean
 
