@@ -277,7 +277,7 @@ def _batch_segmenter(args) -> Segmenter:
             raise BloodsegError("--exact runs the trained pipeline at its fixed input_scale on the photographs' "
                                 "own colours; drop --scale auto / --colour background")
         seg = seg.replace(scale="fixed", colour="none")
-    if getattr(args, "crop_cells", None) is not None:
+    if args.crop_cells is not None:
         seg = seg.replace(crop_cells=args.crop_cells)
     if args.colour is not None:
         if args.colour == "background" and seg.background is None:

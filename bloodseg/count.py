@@ -43,7 +43,7 @@ from scipy import ndimage
 from .classes import RED_CELL, WHITE_CELL
 from .errors import DataError
 from .io import write_bytes
-from .postprocess import fill_small_holes
+from .postprocess import fill_small_holes, touches_border
 
 
 __all__ = ["estimate_red_radius", "split_touching", "label_white_cells", "count_cells",
@@ -86,14 +86,6 @@ def estimate_red_radius(red: np.ndarray, default: float | None = None) -> float:
     return float(np.median(peaks)) if peaks.size else fallback
 
 
-def _touches_border(labels: np.ndarray, n: int) -> np.ndarray:
-    edge = np.zeros(n + 1, bool)
-    for strip in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        edge[np.unique(strip)] = True
-    edge[0] = False
-    return edge
-
-
 def _keep_mostly_visible(labels: np.ndarray, n: int, min_area: float, typical: float | None,
                          border_share: float = 0.5, fallback: float | None = None) -> tuple[np.ndarray, int]:
     """Drop segments below ``min_area`` and border segments below ``border_share * typical``
@@ -102,7 +94,7 @@ def _keep_mostly_visible(labels: np.ndarray, n: int, min_area: float, typical: f
     if n == 0:
         return labels, 0
     areas = np.bincount(labels.ravel(), minlength=n + 1).astype(float)
-    edge = _touches_border(labels, n)
+    edge = touches_border(labels, n)
     keep = areas >= min_area
     keep[0] = False
     if typical is None:

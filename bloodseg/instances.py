@@ -23,9 +23,10 @@ import numpy as np
 from scipy import ndimage
 
 from .classes import RED_CELL, WHITE_CELL
-from .count import _touches_border, count_cells
+from .count import count_cells
 from .errors import BloodsegError, DataError
 from .io import _decode, _read_bytes, write_bytes, write_image
+from .postprocess import touches_border
 
 __all__ = ["instances", "write_instances", "read_instances", "write_probabilities", "read_probabilities",
            "INSTANCE_COLUMNS"]
@@ -90,7 +91,7 @@ def instances(mask, probs=None, pixel_size_um=None, red_radius=None) -> tuple[np
     ys, xs = np.indices(labels.shape)
     cx = np.bincount(flat, weights=xs.ravel(), minlength=n + 1)
     cy = np.bincount(flat, weights=ys.ravel(), minlength=n + 1)
-    border = _touches_border(labels, n)
+    border = touches_border(labels, n)
     boxes = ndimage.find_objects(labels, max_label=n)
     mean_prob = {}
     if p is not None:

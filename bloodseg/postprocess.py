@@ -26,7 +26,7 @@ from scipy import ndimage
 from .classes import WHITE_CELL
 from .errors import BloodsegError
 
-__all__ = ["clean_white_cells", "keep_crop_cell", "check_postprocess", "min_area_at", "POSTPROCESS_KEYS"]
+__all__ = ["clean_white_cells", "keep_crop_cell", "touches_border", "check_postprocess", "min_area_at", "POSTPROCESS_KEYS"]
 
 POSTPROCESS_KEYS = ("white_min_area", "fill_white_holes")
 _EIGHT = np.ones((3, 3), bool)
@@ -117,12 +117,20 @@ def keep_crop_cell(mask: np.ndarray) -> np.ndarray:
     near = np.asarray(ndimage.minimum(d2, labels, index))
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     own = int(np.lexsort((index, -areas, near))[0]) + 1
-    cut = np.zeros(n + 1, bool)
-    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        cut[edge] = True
-    cut[0] = cut[own] = False
+    cut = touches_border(labels, n)
+    cut[own] = False
     out[cut[labels]] = 0
     return out
+
+
+def touches_border(labels: np.ndarray, n: int) -> np.ndarray:
+    """``bool[n + 1]``: whether label ``i`` of ``labels`` (0..n, 0 the background) has a pixel on the
+    image border (False for the background)."""
+    edge = np.zeros(n + 1, bool)
+    for strip in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        edge[np.unique(strip)] = True
+    edge[0] = False
+    return edge
 
 
 def fill_small_holes(binary: np.ndarray, max_area: int) -> np.ndarray:

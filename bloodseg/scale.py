@@ -42,7 +42,7 @@ CROP_FACTORS = (1.0, 1.4, 2.0)
 
 
 def is_crop(image_bgr: np.ndarray) -> bool:
-    """Whether a photograph is a crop (shorter side below :data:`CROP_SIDE` px), not a whole field."""
+    """Whether a photograph (or its mask) is a crop (shorter side below :data:`CROP_SIDE` px), not a whole field."""
     return min(image_bgr.shape[:2]) < CROP_SIDE
 
 #: Typical red-cell diameter (network pixels) of the shipped checkpoint's training photographs: the

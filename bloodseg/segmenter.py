@@ -37,7 +37,7 @@ from .distributed import default_device
 from .errors import BloodsegError, CheckpointError
 from .infer import predict_image, predict_probabilities
 from .postprocess import check_postprocess, clean_white_cells, keep_crop_cell, min_area_at
-from .scale import CROP_FACTORS, CROP_SIDE, auto_scale, is_crop
+from .scale import CROP_FACTORS, auto_scale, is_crop
 from .stain import check_background, match_background
 
 #: The use settings a Segmenter stores in its checkpoint under ``"segmenter"``.
@@ -314,7 +314,7 @@ class Segmenter:
 
     def _crop_rule(self, mask: np.ndarray, postprocess) -> np.ndarray:
         """``mask`` after the crop rule (``crop_cells``): only on a crop, never on the raw argmax."""
-        if self.crop_cells == "all" or postprocess is False or min(mask.shape) >= CROP_SIDE:
+        if self.crop_cells == "all" or postprocess is False or not is_crop(mask):
             return mask
         return keep_crop_cell(mask)
 

@@ -37,7 +37,7 @@ from ..domains import allidb2_dir, load_allidb2
 from ..errors import DataError
 from ..io import Sample, load_folder
 from ..scale import CROP_SIDE, is_crop
-from ..scoring import evaluate_photos, pooled_iou_ci, white_counts
+from ..scoring import evaluate_photos, pooled_iou_ci, white_counts, white_scores
 from ..stain import background_colour, match_background
 from ..synthetic import make_smear
 from .records import load_record, provenance, write_record
@@ -248,12 +248,12 @@ def plot_crop_rule(seg, names=("Im113_1", "Im007_1", "Im091_1")):
     for j, name in enumerate(names):
         s = crops[name]
         for i, rule in enumerate(("all", "centre")):
-            pred = seg.replace(crop_cells=rule).segment(s.image).mask == WHITE_CELL
-            truth = s.mask == WHITE_CELL
+            mask = seg.replace(crop_cells=rule).segment(s.image).mask
+            pred, truth = mask == WHITE_CELL, s.mask == WHITE_CELL
             shown = s.image[..., ::-1].astype(np.float32)
             shown[pred & ~truth] = 0.45 * shown[pred & ~truth] + [140, 0, 0]
             shown[~pred & truth] = 0.45 * shown[~pred & truth] + [0, 0, 140]
-            iou = (pred & truth).sum() / max((pred | truth).sum(), 1)
+            iou = white_scores(*white_counts(mask, s.mask))["iou"]
             ax = axes[i][j]
             ax.imshow(shown.clip(0, 255).astype(np.uint8))
             ax.set_title(f"{name}, crop_cells={rule!r}\nwhite-cell IoU {100 * iou:.1f} %", fontsize=8)

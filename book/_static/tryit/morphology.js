@@ -188,7 +188,7 @@ export function reconstruct(marker, limit, width, height) {
 }
 
 /** True when any pixel of `labels` on the image border carries label i: a Uint8Array 0..n
- *  (bloodseg.count._touches_border). */
+ *  (bloodseg.postprocess.touches_border). */
 export function touchesBorder(labels, width, height, n) {
   const edge = new Uint8Array(n + 1);
   for (let x = 0; x < width; x++) { edge[labels[x]] = 1; edge[labels[(height - 1) * width + x]] = 1; }
